@@ -1,0 +1,1 @@
+//! ext4 written in pure Rust on any vmvol block image.

@@ -1,0 +1,1 @@
+//! Storage pools for vmvol.
