@@ -15,3 +15,5 @@ mod io;
 pub use control::{Control, ProgressFn};
 pub use error::{Error, Result};
 pub use io::BlockIo;
+mod probe;
+pub use probe::{detect_format, virtual_size, Format, QCOW2_MAGIC};
