@@ -1,0 +1,184 @@
+//! `vmvol fs …`: ext4 on images.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+
+use vmvol::format::{BackingPolicy, BlockIo, Image, OpenOptions};
+use vmvol::fs::{self as vfs, Journal, MkfsOptions};
+
+use super::{human, report, AnyResult, Output, OutputArg};
+
+#[derive(Subcommand)]
+pub enum FsCmd {
+    /// Make an ext4 filesystem on an image.
+    Mkfs {
+        image: PathBuf,
+        #[command(flatten)]
+        opts: MkfsArgs,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Fill an image's new ext4 filesystem from a directory or a tar archive (plain or gzip).
+    Populate {
+        image: PathBuf,
+        /// Directory or tar archive.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        opts: MkfsArgs,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Show the byte ranges the image's ext4 filesystem does not use.
+    Free {
+        image: PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct MkfsArgs {
+    /// Block size: 1024, 2048 or 4096.
+    #[arg(short = 'b', long, default_value_t = 4096)]
+    block_size: u32,
+    /// Volume label.
+    #[arg(short = 'L', long)]
+    label: Option<String>,
+    /// Filesystem UUID (random by default).
+    #[arg(short = 'U', long)]
+    uuid: Option<String>,
+    /// Bytes per inode.
+    #[arg(short = 'i', long, default_value_t = 16384)]
+    inode_ratio: u32,
+    /// Reserved blocks percentage.
+    #[arg(short = 'm', long, default_value_t = 5.0)]
+    reserved_percent: f64,
+    /// No journal.
+    #[arg(long)]
+    no_journal: bool,
+    /// Root directory owner as UID:GID.
+    #[arg(long)]
+    root_owner: Option<String>,
+}
+
+impl MkfsArgs {
+    fn options(&self) -> AnyResult<MkfsOptions> {
+        let mut o = MkfsOptions {
+            block_size: self.block_size,
+            inode_ratio: self.inode_ratio,
+            reserved_percent: self.reserved_percent,
+            label: self.label.clone().unwrap_or_default(),
+            ..MkfsOptions::default()
+        };
+        if let Some(u) = &self.uuid {
+            o.uuid = Some(u.parse().map_err(|e| format!("--uuid {u:?}: {e}"))?);
+        }
+        if self.no_journal {
+            o.journal = Journal::None;
+        }
+        if let Some(owner) = &self.root_owner {
+            let (u, g) = owner
+                .split_once(':')
+                .ok_or_else(|| format!("--root-owner {owner:?}: expected UID:GID"))?;
+            o.root_uid = u.parse().map_err(|e| format!("--root-owner uid {u:?}: {e}"))?;
+            o.root_gid = g.parse().map_err(|e| format!("--root-owner gid {g:?}: {e}"))?;
+        }
+        Ok(o)
+    }
+}
+
+fn open_rw(image: &Path) -> AnyResult<Image> {
+    let opts = OpenOptions::new()
+        .read_only(false)
+        .policy(BackingPolicy::image_dir(image));
+    Ok(Image::open(image, &opts)?)
+}
+
+/// Make ext4 with default options (used by `image create --ext4`).
+pub fn mkfs_on(img: &Image, label: Option<String>, out: Output) -> AnyResult<()> {
+    let opts = MkfsOptions {
+        label: label.unwrap_or_default(),
+        ..MkfsOptions::default()
+    };
+    let r = vfs::mkfs(img, &opts)?;
+    img.flush()?;
+    report(out, &r, |r| {
+        println!(
+            "Formatting '{}' ext4: {} blocks of {} bytes, {} groups, UUID {}",
+            img.path().display(),
+            r.blocks_count,
+            r.block_size,
+            r.groups,
+            r.uuid
+        );
+    })
+}
+
+/// The byte ranges an image's ext4 does not use, for `image compact`; empty
+/// (compact keeps everything) when the image holds no ext4 we can read.
+pub fn unused_ranges(image: &Path, opts: &OpenOptions) -> Vec<(u64, u64)> {
+    let Ok(img) = Image::open(image, opts) else {
+        return Vec::new();
+    };
+    match vfs::free_map(&img) {
+        Ok(m) => m.ranges.iter().map(|r| (r.offset, r.len)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+pub fn run(cmd: FsCmd) -> AnyResult<()> {
+    match cmd {
+        FsCmd::Mkfs { image, opts, out } => {
+            let img = open_rw(&image)?;
+            let r = vfs::mkfs(&img, &opts.options()?)?;
+            img.flush()?;
+            report(out.output, &r, |r| {
+                println!(
+                    "{}: ext4, {} blocks of {} bytes, {} groups, UUID {}",
+                    image.display(),
+                    r.blocks_count,
+                    r.block_size,
+                    r.groups,
+                    r.uuid
+                );
+            })?;
+        }
+        FsCmd::Populate {
+            image,
+            from,
+            opts,
+            out,
+        } => {
+            let img = open_rw(&image)?;
+            let (ctl, bar) = super::progress_control("populating");
+            let r = vfs::populate_from_path(&img, &from, &opts.options()?, &vfs::PopulateLimits::default(), &ctl)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            img.flush()?;
+            report(out.output, &r, |r| {
+                println!("{}: populated from {}: {:?}", image.display(), from.display(), r);
+            })?;
+        }
+        FsCmd::Free { image, out } => {
+            let opts = OpenOptions::new()
+                .read_only(true)
+                .policy(BackingPolicy::image_dir(&image));
+            let img = Image::open(&image, &opts)?;
+            let m = vfs::free_map(&img)?;
+            report(out.output, &m, |m| {
+                println!(
+                    "{}: {} free of {} in {} ranges (block size {})",
+                    image.display(),
+                    human(m.free_bytes),
+                    human(m.fs_bytes),
+                    m.ranges.len(),
+                    m.block_size
+                );
+            })?;
+        }
+    }
+    Ok(())
+}
