@@ -40,8 +40,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     img.read_at(&mut head, 0)?;
     let mut mid = [0u8; 27];
     img.read_at(&mut mid, 512 << 20)?;
-    println!("read from the template: {:?}", String::from_utf8_lossy(&head));
-    println!("read from the overlay:  {:?}", String::from_utf8_lossy(&mid));
+    println!(
+        "read from the template: {:?}",
+        String::from_utf8_lossy(&head)
+    );
+    println!(
+        "read from the overlay:  {:?}",
+        String::from_utf8_lossy(&mid)
+    );
     drop(img);
 
     let info = format::info(&disk, &opts)?;

@@ -350,7 +350,8 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             let size = match (size, &backing) {
                 (Some(s), _) => s,
                 (None, Some(b)) => {
-                    let bf = backing_format.ok_or("-b needs -F FORMAT: backing formats are never probed")?;
+                    let bf = backing_format
+                        .ok_or("-b needs -F FORMAT: backing formats are never probed")?;
                     let base = file.parent().unwrap_or(Path::new(".")).join(b);
                     format::virtual_size(&base, bf)?
                 }
@@ -385,7 +386,10 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
                     return Err(e);
                 }
             } else if out.output == Output::Json {
-                let info = format::info(&file, &OpenOptions::new().policy(BackingPolicy::image_dir(&file)))?;
+                let info = format::info(
+                    &file,
+                    &OpenOptions::new().policy(BackingPolicy::image_dir(&file)),
+                )?;
                 report(out.output, &info, |_| {})?;
             } else {
                 println!("Formatting '{}', fmt={fmt} size={size}", file.display());
@@ -396,7 +400,11 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             report(out.output, &info, |i| {
                 println!("image: {}", i.filename);
                 println!("file format: {}", i.format);
-                println!("virtual size: {} ({} bytes)", human(i.virtual_size), i.virtual_size);
+                println!(
+                    "virtual size: {} ({} bytes)",
+                    human(i.virtual_size),
+                    i.virtual_size
+                );
                 println!("disk size: {}", human(i.actual_size));
                 if let Some(c) = i.cluster_size {
                     println!("cluster_size: {c}");
@@ -440,7 +448,10 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             let len = max_length.unwrap_or(size - start).min(size - start);
             let map = img.map(start, len)?;
             report(out.output, &map, |m| {
-                println!("{:<20}{:<20}{:<8}{:<6}{:<6}", "Offset", "Length", "Depth", "Data", "Zero");
+                println!(
+                    "{:<20}{:<20}{:<8}{:<6}{:<6}",
+                    "Offset", "Length", "Depth", "Data", "Zero"
+                );
                 for e in m {
                     println!(
                         "{:<#20x}{:<#20x}{:<8}{:<6}{:<6}",
@@ -484,9 +495,7 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             let img = Image::open(&file, &chain.open_options(&file, false))?;
             let cur = format::BlockIo::size(&img);
             let new = match size.strip_prefix('+') {
-                Some(d) => cur
-                    .checked_add(parse_size(d)?)
-                    .ok_or("size overflows")?,
+                Some(d) => cur.checked_add(parse_size(d)?).ok_or("size overflows")?,
                 None if size.starts_with('-') => {
                     return Err(format!("{}: shrinking is not supported", file.display()).into())
                 }

@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
-use vmvol::format::{BackingPolicy, BlockIo, Image, OpenOptions};
-use vmvol::fs::{self as vfs, Journal, MkfsOptions};
+use vmvol::format::{
+    BackingPolicy, BlockIo, Control, Format, Image, OpenOptions, Prealloc, Qcow2CreateOptions,
+    Qcow2Image, RawImage,
+};
+use vmvol::fs::{self as vfs, Journal, MkfsOptions, PopulateOptions, PopulateReport, Source};
 
 use super::{human, report, AnyResult, Output, OutputArg};
 
@@ -19,12 +22,27 @@ pub enum FsCmd {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Fill an image's new ext4 filesystem from a directory or a tar archive (plain or gzip).
+    /// Make ext4 holding a directory tree or a tar archive (plain or gzip).
+    ///
+    /// A missing IMAGE is created (format from -f, size from --size or from the
+    /// content with headroom); an existing one is reformatted.
     Populate {
         image: PathBuf,
         /// Directory or tar archive.
         #[arg(long)]
         from: PathBuf,
+        /// Format of an image to create.
+        #[arg(short = 'f', long = "format", default_value = "raw")]
+        format: Format,
+        /// Size of an image to create (default: computed from the content).
+        #[arg(long, value_parser = super::parse_size)]
+        size: Option<u64>,
+        /// Largest total of file data accepted from the source.
+        #[arg(long, value_parser = super::parse_size)]
+        max_bytes: Option<u64>,
+        /// Largest number of entries accepted from the source.
+        #[arg(long)]
+        max_entries: Option<u64>,
         #[command(flatten)]
         opts: MkfsArgs,
         #[command(flatten)]
@@ -82,8 +100,12 @@ impl MkfsArgs {
             let (u, g) = owner
                 .split_once(':')
                 .ok_or_else(|| format!("--root-owner {owner:?}: expected UID:GID"))?;
-            o.root_uid = u.parse().map_err(|e| format!("--root-owner uid {u:?}: {e}"))?;
-            o.root_gid = g.parse().map_err(|e| format!("--root-owner gid {g:?}: {e}"))?;
+            o.root_uid = u
+                .parse()
+                .map_err(|e| format!("--root-owner uid {u:?}: {e}"))?;
+            o.root_gid = g
+                .parse()
+                .map_err(|e| format!("--root-owner gid {g:?}: {e}"))?;
         }
         Ok(o)
     }
@@ -148,18 +170,72 @@ pub fn run(cmd: FsCmd) -> AnyResult<()> {
         FsCmd::Populate {
             image,
             from,
+            format,
+            size,
+            max_bytes,
+            max_entries,
             opts,
             out,
         } => {
-            let img = open_rw(&image)?;
-            let (ctl, bar) = super::progress_control("populating");
-            let r = vfs::populate_from_path(&img, &from, &opts.options()?, &vfs::PopulateLimits::default(), &ctl)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
+            let source = if from.is_dir() {
+                Source::Dir(from.clone())
+            } else {
+                Source::Tar(from.clone())
+            };
+            let mut popts = PopulateOptions {
+                mkfs: opts.options()?,
+                ..PopulateOptions::default()
+            };
+            if let Some(b) = max_bytes {
+                popts.limits.max_total_bytes = b;
             }
-            img.flush()?;
+            if let Some(n) = max_entries {
+                popts.limits.max_entries = n;
+            }
+            let created = !image.exists();
+            if created {
+                let size = match size {
+                    Some(s) => s,
+                    None => vfs::required_size(&source, &popts)?,
+                };
+                match format {
+                    Format::Raw => {
+                        RawImage::create(&image, size, Prealloc::Off, &Control::new())?;
+                    }
+                    Format::Qcow2 => Qcow2Image::create(&image, &Qcow2CreateOptions::new(size))?,
+                }
+            }
+            let result = (|| -> AnyResult<PopulateReport> {
+                let img = open_rw(&image)?;
+                let (ctl, bar) = super::progress_control("populating");
+                let r = vfs::populate(&img, &source, &popts, &ctl)?;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                img.flush()?;
+                Ok(r)
+            })();
+            let r = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    if created {
+                        let _ = std::fs::remove_file(&image);
+                    }
+                    return Err(e);
+                }
+            };
             report(out.output, &r, |r| {
-                println!("{}: populated from {}: {:?}", image.display(), from.display(), r);
+                println!(
+                    "{}: ext4 from {}: {} files, {} directories, {} symlinks, {} hard links, {} special, {} of data",
+                    image.display(),
+                    from.display(),
+                    r.files,
+                    r.directories,
+                    r.symlinks,
+                    r.hard_links,
+                    r.specials,
+                    human(r.data_bytes)
+                );
             })?;
         }
         FsCmd::Free { image, out } => {

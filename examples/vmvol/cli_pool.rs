@@ -95,7 +95,12 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
                 cfg = reg.activate(&name, wait)?;
             }
             report(out.output, &cfg, |c| {
-                println!("Pool {} defined at {} ({:?})", c.name, c.path.display(), c.state);
+                println!(
+                    "Pool {} defined at {} ({:?})",
+                    c.name,
+                    c.path.display(),
+                    c.state
+                );
             })?;
         }
         PoolCmd::List { out } => {
@@ -125,7 +130,11 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
                 println!("Path:        {}", d.config.path.display());
                 println!("State:       {:?}", d.config.state);
                 println!("Capacity:    {}", human(d.capacity));
-                println!("Limit:       {} (overcommit {})", human(d.limit), d.config.overcommit_ratio);
+                println!(
+                    "Limit:       {} (overcommit {})",
+                    human(d.limit),
+                    d.config.overcommit_ratio
+                );
                 println!("Allocation:  {}", human(d.allocation));
                 println!("Physical:    {}", human(d.physical));
                 println!("Available:   {}", human(d.available));

@@ -43,7 +43,9 @@ impl std::str::FromStr for Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            other => Err(format!("unknown image format {other:?} (expected raw or qcow2)")),
+            other => Err(format!(
+                "unknown image format {other:?} (expected raw or qcow2)"
+            )),
         }
     }
 }

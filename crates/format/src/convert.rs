@@ -1,0 +1,853 @@
+//! `convert`: copy an image to a new raw or qcow2 file, flattening its
+//! backing chain or keeping it, sparse, with progress and cancellation.
+//!
+//! The output is built in a temporary file next to the destination and
+//! renamed into place only when complete, so a cancelled or failed copy
+//! leaves nothing behind. Memory stays bounded (a few MiB of buffers plus one
+//! allocation map window) whatever the image size.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::qcow2meta::{is_zero, thread_count, write_items, Item};
+use crate::{
+    BlockIo, ClusterCompressor, Compression, Control, Error, Format, Image, OpenOptions, Qcow2Meta,
+    Qcow2Writer, Qcow2WriterOptions, Result,
+};
+
+/// What to do with the source's backing chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackingMode {
+    /// Copy what the whole chain shows; the output has no backing file.
+    #[default]
+    Flatten,
+    /// Copy only the clusters the top image allocates; the output names the
+    /// same backing file (qcow2 output only).
+    Keep,
+}
+
+/// Options of [`convert`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvertOptions {
+    /// Output format.
+    pub format: Format,
+    /// Cluster size of qcow2 output (default 64 KiB).
+    pub cluster_size: u64,
+    /// Compress qcow2 output clusters.
+    pub compress: Option<Compression>,
+    /// Flatten the chain or keep the backing file.
+    pub backing: BackingMode,
+    /// Do not write unallocated and all-zero clusters (default `true`).
+    pub sparse: bool,
+    /// Compression threads; 0 = all cores.
+    pub threads: usize,
+    /// fsync the output before renaming it into place (default `true`).
+    /// Without it a copy costs what `qemu-img convert` costs (it does not
+    /// flush by default), but a crash soon after may leave an incomplete file
+    /// under the final name.
+    pub durable: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            format: Format::Qcow2,
+            cluster_size: 64 << 10,
+            compress: None,
+            backing: BackingMode::Flatten,
+            sparse: true,
+            threads: 0,
+            durable: true,
+        }
+    }
+}
+
+/// How the bytes were copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMethod {
+    /// A reflink (FICLONE): the file system shares the blocks.
+    Reflink,
+    /// `copy_file_range` over the source's data extents.
+    CopyFileRange,
+    /// Read through the source image and write the output format.
+    Stream,
+}
+
+/// What [`convert`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvertReport {
+    /// The output file.
+    pub output: PathBuf,
+    /// Output format.
+    pub format: Format,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Guest bytes read from the source (data only).
+    pub bytes_read: u64,
+    /// Host bytes the output occupies.
+    pub bytes_allocated: u64,
+    /// How the data was copied.
+    pub method: CopyMethod,
+    /// Backing file recorded in the output (with [`BackingMode::Keep`]).
+    pub backing_file: Option<String>,
+}
+
+/// Size of one read from the source.
+const CHUNK: u64 = 4 << 20;
+/// Bytes of clusters collected before a parallel compression round.
+const BATCH: u64 = 16 << 20;
+/// Guest bytes mapped at a time.
+const MAP_WINDOW: u64 = 1 << 30;
+
+/// Copy the image at `src` (opened per `src_opts`, read-only) to a new file
+/// `dst`, which must not exist.
+///
+/// Raw to raw copies try a reflink first, then `copy_file_range` over the
+/// data extents (holes stay holes). Everything else streams through the
+/// source image; qcow2 output is laid out fresh by [`Qcow2Writer`]. With
+/// [`BackingMode::Keep`] the output records the source's backing file: by
+/// the same name when `dst` is in the source's directory, else by its
+/// absolute path. Cancellation through `control` returns
+/// [`Error::Cancelled`] and leaves no output.
+pub fn convert(
+    src: &Path,
+    src_opts: &OpenOptions,
+    dst: &Path,
+    opts: &ConvertOptions,
+    control: &Control,
+) -> Result<ConvertReport> {
+    if dst.symlink_metadata().is_ok() {
+        return Err(Error::Exists {
+            path: dst.to_path_buf(),
+        });
+    }
+    if opts.compress.is_some() && opts.format != Format::Qcow2 {
+        return Err(Error::InvalidArgument {
+            path: dst.to_path_buf(),
+            reason: "compression needs qcow2 output".into(),
+        });
+    }
+    let mut o = src_opts.clone();
+    o.read_only = true;
+    let img = Image::open(src, &o)?;
+    let backing = match opts.backing {
+        BackingMode::Flatten => None,
+        BackingMode::Keep => kept_backing(&img, src, dst)?,
+    };
+    if backing.is_some() && opts.format == Format::Raw {
+        return Err(Error::InvalidArgument {
+            path: dst.to_path_buf(),
+            reason: "a raw image cannot record a backing file (use flatten)".into(),
+        });
+    }
+    let temp = Temp::new(dst)?;
+    let size = img.size();
+    let (method, bytes_read) = match (img.format(), opts.format) {
+        (Format::Raw, Format::Raw) => raw_to_raw(src, &temp, size, opts.sparse, control)?,
+        (_, Format::Raw) => (
+            CopyMethod::Stream,
+            stream_to_raw(&img, &temp, opts.sparse, control)?,
+        ),
+        (_, Format::Qcow2) => (
+            CopyMethod::Stream,
+            stream_to_qcow2(&img, &temp, opts, backing.clone(), control)?,
+        ),
+    };
+    control.check(dst, "convert")?;
+    let bytes_allocated = temp.finish(dst, 0o644, opts.durable)?;
+    control.report(size, size);
+    Ok(ConvertReport {
+        output: dst.to_path_buf(),
+        format: opts.format,
+        virtual_size: size,
+        bytes_read,
+        bytes_allocated,
+        method,
+        backing_file: backing.map(|b| b.0),
+    })
+}
+
+/// The backing file the output should record for [`BackingMode::Keep`].
+fn kept_backing(img: &Image, src: &Path, dst: &Path) -> Result<Option<(String, Format)>> {
+    if img.format() != Format::Qcow2 {
+        return Ok(None);
+    }
+    let meta = Qcow2Meta::open(src, false)?;
+    let h = meta.header();
+    let Some(name) = h.backing_file.clone() else {
+        return Ok(None);
+    };
+    let format: Format = match h.backing_format.as_deref() {
+        Some(f) => f.parse().map_err(|reason| Error::BackingRefused {
+            path: src.to_path_buf(),
+            backing: name.clone(),
+            reason,
+        })?,
+        None => {
+            return Err(Error::BackingRefused {
+                path: src.to_path_buf(),
+                backing: name,
+                reason: "no backing format recorded".into(),
+            })
+        }
+    };
+    if Path::new(&name).is_absolute() {
+        return Ok(Some((name, format)));
+    }
+    let src_dir = parent_dir(src)
+        .canonicalize()
+        .map_err(|e| Error::io(src, "resolve directory", e))?;
+    let dst_dir = parent_dir(dst)
+        .canonicalize()
+        .map_err(|e| Error::io(dst, "resolve directory", e))?;
+    if src_dir == dst_dir {
+        Ok(Some((name, format)))
+    } else {
+        Ok(Some((src_dir.join(&name).display().to_string(), format)))
+    }
+}
+
+pub(crate) fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A temporary file next to the final destination, removed unless finished.
+pub(crate) struct Temp {
+    pub(crate) file: File,
+    path: tempfile::TempPath,
+}
+
+impl Temp {
+    pub(crate) fn new(dst: &Path) -> Result<Temp> {
+        let name = dst
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let t = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".vmvol-tmp")
+            .tempfile_in(parent_dir(dst))
+            .map_err(|e| Error::io(dst, "create temporary file", e))?;
+        let (file, path) = t.into_parts();
+        Ok(Temp { file, path })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// fsync, set `mode`, rename to `dst` (refusing to replace when `mode`
+    /// asks for a fresh file: `replace == false`), fsync the directory.
+    /// Returns the allocated bytes of the result.
+    fn finish_inner(self, dst: &Path, mode: u32, replace: bool, sync: bool) -> Result<u64> {
+        if sync {
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(&*self.path, "fsync", e))?;
+        }
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(&*self.path, "chmod", e))?;
+        let allocated = allocated_bytes(&self.file, dst)?;
+        drop(self.file);
+        if replace {
+            self.path
+                .persist(dst)
+                .map_err(|e| Error::io(dst, "rename into place", e.error))?;
+        } else {
+            self.path.persist_noclobber(dst).map_err(|e| {
+                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::Exists {
+                        path: dst.to_path_buf(),
+                    }
+                } else {
+                    Error::io(dst, "rename into place", e.error)
+                }
+            })?;
+        }
+        if sync {
+            let dir =
+                File::open(parent_dir(dst)).map_err(|e| Error::io(dst, "open directory", e))?;
+            dir.sync_all()
+                .map_err(|e| Error::io(dst, "fsync directory", e))?;
+        }
+        Ok(allocated)
+    }
+
+    /// Rename to `dst`, which must not exist.
+    pub(crate) fn finish(self, dst: &Path, mode: u32, sync: bool) -> Result<u64> {
+        self.finish_inner(dst, mode, false, sync)
+    }
+
+    /// Rename over `dst` (always durable: it replaces a file that was).
+    pub(crate) fn finish_replace(self, dst: &Path, mode: u32) -> Result<u64> {
+        self.finish_inner(dst, mode, true, true)
+    }
+}
+
+/// Host bytes a file occupies.
+pub(crate) fn allocated_bytes(f: &File, path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().map_err(|e| Error::io(path, "stat", e))?;
+    Ok(m.blocks() * 512)
+}
+
+fn raw_to_raw(
+    src: &Path,
+    temp: &Temp,
+    size: u64,
+    sparse: bool,
+    control: &Control,
+) -> Result<(CopyMethod, u64)> {
+    let s = File::open(src).map_err(|e| Error::io(src, "open", e))?;
+    let tp = temp.path().to_path_buf();
+    // SAFETY: both descriptors are open for the duration of the call; FICLONE
+    // takes the source descriptor as its integer argument and touches no memory.
+    let rc = unsafe { libc::ioctl(temp.file.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) };
+    if rc == 0 {
+        return Ok((CopyMethod::Reflink, size));
+    }
+    temp.file
+        .set_len(size)
+        .map_err(|e| Error::io(&tp, "set length", e))?;
+    if !sparse && size > 0 {
+        let len = libc::off_t::try_from(size).map_err(|_| Error::InvalidArgument {
+            path: tp.clone(),
+            reason: "size too large".into(),
+        })?;
+        // SAFETY: plain syscall on an open descriptor, no memory passed.
+        let r = unsafe { libc::fallocate(temp.file.as_raw_fd(), 0, 0, len) };
+        if r != 0 {
+            return Err(Error::io(&tp, "fallocate", std::io::Error::last_os_error()));
+        }
+    }
+    // Two workers take pieces of the data extents in turn: the copy is
+    // memory-bound, and one core alone does not saturate it.
+    struct Cursor {
+        pos: u64,
+        extent: Option<(u64, u64)>,
+    }
+    let cursor = std::sync::Mutex::new(Cursor {
+        pos: 0,
+        extent: None,
+    });
+    let use_cfr = AtomicBool::new(true);
+    let copied = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let next_piece = || -> Result<Option<(u64, u64)>> {
+        let mut c = cursor.lock().map_err(|_| Error::InvalidArgument {
+            path: tp.clone(),
+            reason: "copy worker panicked".into(),
+        })?;
+        loop {
+            if let Some((off, end)) = c.extent {
+                if off < end {
+                    let n = (end - off).min(PIECE);
+                    c.extent = Some((off + n, end));
+                    return Ok(Some((off, n)));
+                }
+                c.pos = end;
+                c.extent = None;
+            }
+            if c.pos >= size {
+                return Ok(None);
+            }
+            match next_data(&s, src, c.pos, size)? {
+                Some(e) => c.extent = Some(e),
+                None => {
+                    c.pos = size;
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let work = || -> Result<()> {
+        let mut buf = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            control.check(&tp, "convert")?;
+            let Some((off, n)) = next_piece()? else {
+                return Ok(());
+            };
+            if use_cfr.load(Ordering::Relaxed) {
+                match copy_range(&s, &temp.file, off, n) {
+                    Ok(()) => {}
+                    Err(e) if cfr_unsupported(&e) => use_cfr.store(false, Ordering::Relaxed),
+                    Err(e) => return Err(Error::io(&tp, "copy_file_range", e)),
+                }
+            }
+            if !use_cfr.load(Ordering::Relaxed) {
+                buf.resize(CHUNK as usize, 0);
+                let mut o = off;
+                while o < off + n {
+                    let k = (off + n - o).min(CHUNK) as usize;
+                    let b = buf.get_mut(..k).unwrap_or_default();
+                    s.read_exact_at(b, o)
+                        .map_err(|e| Error::io(src, "read", e))?;
+                    if !(sparse && is_zero(b)) {
+                        temp.file
+                            .write_all_at(b, o)
+                            .map_err(|e| Error::io(&tp, "write", e))?;
+                    }
+                    o += k as u64;
+                }
+            }
+            let done = copied.fetch_add(n, Ordering::Relaxed) + n;
+            control.report(done, size);
+        }
+        Ok(())
+    };
+    let workers = thread_count(0).clamp(1, 2);
+    let results: Vec<Result<()>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                sc.spawn(|| {
+                    let r = work();
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument {
+                        path: tp.clone(),
+                        reason: "copy worker panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    let method = if use_cfr.load(Ordering::Relaxed) {
+        CopyMethod::CopyFileRange
+    } else {
+        CopyMethod::Stream
+    };
+    Ok((method, copied.load(Ordering::Relaxed)))
+}
+
+/// Largest piece one copy worker takes at a time.
+const PIECE: u64 = 16 << 20;
+
+fn cfr_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+    )
+}
+
+/// Copy `len` bytes at `off` from `s` to the same offset of `d` with
+/// `copy_file_range`.
+fn copy_range(s: &File, d: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let mut in_off =
+        libc::loff_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut out_off = in_off;
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+        // SAFETY: the offsets are valid pointers to locals; both descriptors are open.
+        let r = unsafe {
+            libc::copy_file_range(
+                s.as_raw_fd(),
+                &mut in_off,
+                d.as_raw_fd(),
+                &mut out_off,
+                n,
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            // Source shorter than expected: the rest reads as a hole.
+            break;
+        }
+        left = left.saturating_sub(r as u64);
+    }
+    Ok(())
+}
+
+/// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE).
+fn next_data(f: &File, path: &Path, pos: u64, size: u64) -> Result<Option<(u64, u64)>> {
+    let fd = f.as_raw_fd();
+    let p = libc::off_t::try_from(pos).map_err(|_| Error::InvalidArgument {
+        path: path.to_path_buf(),
+        reason: "offset too large".into(),
+    })?;
+    // SAFETY: plain syscall on an open descriptor.
+    let start = unsafe { libc::lseek(fd, p, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        // No SEEK_DATA support: treat everything as data.
+        return Ok(Some((pos, size)));
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    let start = start as u64;
+    let end = if end < 0 {
+        size
+    } else {
+        (end as u64).min(size)
+    };
+    if start >= size {
+        return Ok(None);
+    }
+    Ok(Some((start, end.max(start))))
+}
+
+/// How one range of the source is to be copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Nothing to write (unallocated, or zeros with nothing below).
+    Nothing,
+    /// Zeros that must hide a backing file.
+    Zero,
+    /// Data to read and write.
+    Data,
+}
+
+fn classify(e: &crate::MapExtent, keep: bool) -> Class {
+    if keep {
+        if e.depth != 0 || !e.present {
+            Class::Nothing
+        } else if e.zero {
+            Class::Zero
+        } else {
+            Class::Data
+        }
+    } else if e.present && !e.zero {
+        Class::Data
+    } else {
+        Class::Nothing
+    }
+}
+
+/// A piece of work the reading thread hands to the writing thread.
+enum Work {
+    /// `count` guest units from `first` need nothing written (sparse).
+    Nothing { first: u64, count: u64 },
+    /// `count` guest units from `first` read as zeros that must hide a
+    /// backing file.
+    Zero { first: u64, count: u64 },
+    /// Consecutive units from `first`, as read from the source.
+    Data { first: u64, buf: Vec<u8> },
+}
+
+/// Walk the source's allocation map in units of `unit` bytes and read the
+/// data runs (at most [`CHUNK`] bytes each), sending them in order. Runs in
+/// its own thread so reading overlaps writing; stops when the receiver is
+/// gone (cancellation or a write error).
+fn produce(
+    img: &Image,
+    unit: u64,
+    keep: bool,
+    tx: &std::sync::mpsc::SyncSender<Result<Work>>,
+    spare: &std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let size = img.size();
+    let send = |w: Result<Work>| tx.send(w).is_ok();
+    let mut win = 0u64;
+    while win < size {
+        let wlen = (size - win).min(MAP_WINDOW);
+        let extents = match img.map(win, wlen) {
+            Ok(e) => e,
+            Err(e) => {
+                send(Err(e));
+                return;
+            }
+        };
+        let first = win / unit;
+        let n = wlen.div_ceil(unit) as usize;
+        // Per unit: bit0 nothing, bit1 zero, bit2 data.
+        let mut flags = vec![0u8; n];
+        for e in &extents {
+            let bit = match classify(e, keep) {
+                Class::Nothing => 1u8,
+                Class::Zero => 2,
+                Class::Data => 4,
+            };
+            let s = e.start.max(win);
+            let end = e.start.saturating_add(e.length).min(win + wlen);
+            if end <= s {
+                continue;
+            }
+            for c in (s / unit)..=((end - 1) / unit) {
+                if let Some(f) = flags.get_mut((c - first) as usize) {
+                    *f |= bit;
+                }
+            }
+        }
+        let class_of = |f: u8| -> Class {
+            // Mixed zero-and-unallocated units must be read (the backing
+            // shows through part of them).
+            if f & 4 != 0 || (f & 2 != 0 && f & 1 != 0) {
+                Class::Data
+            } else if f & 2 != 0 {
+                Class::Zero
+            } else {
+                Class::Nothing
+            }
+        };
+        let mut i = 0usize;
+        while i < n {
+            let class = flags.get(i).copied().map_or(Class::Nothing, class_of);
+            let mut j = i + 1;
+            while j < n
+                && flags.get(j).copied().map(class_of) == Some(class)
+                && (class != Class::Data || (j - i) as u64 * unit < CHUNK)
+            {
+                j += 1;
+            }
+            let g = first + i as u64;
+            let count = (j - i) as u64;
+            let ok = match class {
+                Class::Nothing => send(Ok(Work::Nothing { first: g, count })),
+                Class::Zero => send(Ok(Work::Zero { first: g, count })),
+                Class::Data => {
+                    let off = g * unit;
+                    let end = ((first + j as u64) * unit).min(size);
+                    let mut buf = spare.try_recv().unwrap_or_default();
+                    buf.resize((end - off) as usize, 0);
+                    match img.read_at(&mut buf, off) {
+                        Ok(()) => send(Ok(Work::Data { first: g, buf })),
+                        Err(e) => {
+                            send(Err(e));
+                            false
+                        }
+                    }
+                }
+            };
+            if !ok {
+                return;
+            }
+            i = j;
+        }
+        win += wlen;
+    }
+}
+
+/// Run `produce` in a thread and hand each piece of work to `consume`, in
+/// order. Returns the data bytes read.
+fn pipeline(
+    img: &Image,
+    unit: u64,
+    keep: bool,
+    mut consume: impl FnMut(Work, &std::sync::mpsc::SyncSender<Vec<u8>>) -> Result<()>,
+) -> Result<u64> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Work>>(3);
+    let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    std::thread::scope(|s| {
+        s.spawn(move || produce(img, unit, keep, &tx, &spare_rx));
+        let rx = rx;
+        let mut read = 0u64;
+        let mut run = || -> Result<u64> {
+            for w in rx.iter() {
+                let w = w?;
+                if let Work::Data { buf, .. } = &w {
+                    read += buf.len() as u64;
+                }
+                consume(w, &spare_tx)?;
+            }
+            Ok(read)
+        };
+        let result = run();
+        // Dropping the receiver stops a producer blocked on a full channel,
+        // so the scope can join it.
+        drop(rx);
+        result
+    })
+}
+
+fn stream_to_raw(img: &Image, temp: &Temp, sparse: bool, control: &Control) -> Result<u64> {
+    let size = img.size();
+    let tp = temp.path().to_path_buf();
+    temp.file
+        .set_len(size)
+        .map_err(|e| Error::io(&tp, "set length", e))?;
+    const UNIT: u64 = 64 << 10;
+    let read = pipeline(img, UNIT, false, |w, spare| {
+        let Work::Data { first, buf } = w else {
+            return Ok(());
+        };
+        control.check(&tp, "convert")?;
+        let off = first * UNIT;
+        let n = buf.len();
+        // Skip all-zero units so the output stays sparse; write the
+        // non-zero runs with one call each.
+        let mut k = 0usize;
+        let mut run: Option<usize> = None;
+        loop {
+            let m = (n - k).min(UNIT as usize);
+            let zero = k == n || (sparse && is_zero(buf.get(k..k + m).unwrap_or_default()));
+            if zero {
+                if let Some(a) = run.take() {
+                    temp.file
+                        .write_all_at(buf.get(a..k).unwrap_or_default(), off + a as u64)
+                        .map_err(|e| Error::io(&tp, "write", e))?;
+                }
+            } else if run.is_none() {
+                run = Some(k);
+            }
+            if k == n {
+                break;
+            }
+            k += m;
+        }
+        control.report(off + n as u64, size);
+        let _ = spare.try_send(buf);
+        Ok(())
+    })?;
+    if !sparse && size > 0 {
+        let len = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
+        // SAFETY: plain syscall on an open descriptor; mode 0 only allocates
+        // and keeps existing data.
+        let r = unsafe { libc::fallocate(temp.file.as_raw_fd(), 0, 0, len) };
+        if r != 0 {
+            return Err(Error::io(&tp, "fallocate", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(read)
+}
+
+fn stream_to_qcow2(
+    img: &Image,
+    temp: &Temp,
+    opts: &ConvertOptions,
+    backing: Option<(String, Format)>,
+    control: &Control,
+) -> Result<u64> {
+    let size = img.size();
+    let tp = temp.path().to_path_buf();
+    let keep = backing.is_some();
+    let file = temp
+        .file
+        .try_clone()
+        .map_err(|e| Error::io(&tp, "dup", e))?;
+    let mut w = Qcow2Writer::new(
+        file,
+        &tp,
+        &Qcow2WriterOptions {
+            size,
+            cluster_size: opts.cluster_size,
+            compression: opts.compress.unwrap_or(Compression::Zlib),
+            backing,
+        },
+    )?;
+    let cs = w.cluster_size();
+    let mut compressors: Vec<ClusterCompressor> = match opts.compress {
+        Some(k) => (0..thread_count(opts.threads))
+            .map(|_| ClusterCompressor::new(k, cs as usize))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut items: Vec<Item> = Vec::new();
+    let mut pending = 0u64;
+    let read = pipeline(img, cs, keep, |work, spare| {
+        let zeros = |first: u64, count: u64, items: &mut Vec<Item>, pending: &mut u64| {
+            for g in first..first + count {
+                if opts.sparse {
+                    items.push(Item::Zero(g));
+                } else {
+                    items.push(Item::Data(g, vec![0u8; cluster_len(g, cs, size)]));
+                    *pending += cs;
+                }
+            }
+        };
+        let done = match work {
+            Work::Nothing { first, count } => {
+                if !opts.sparse && !keep {
+                    zeros(first, count, &mut items, &mut pending);
+                }
+                (first + count) * cs
+            }
+            Work::Zero { first, count } => {
+                zeros(first, count, &mut items, &mut pending);
+                (first + count) * cs
+            }
+            Work::Data { first, buf } => {
+                let n = buf.len();
+                pending += n as u64;
+                if compressors.is_empty() {
+                    // Uncompressed: write maximal runs of non-zero clusters
+                    // straight from the read buffer.
+                    write_items(&mut w, &mut items, &mut compressors)?;
+                    let pieces = n.div_ceil(cs as usize);
+                    let mut run_start: Option<usize> = None;
+                    for (k, piece) in buf.chunks(cs as usize).enumerate() {
+                        let zero = opts.sparse && is_zero(piece);
+                        if !zero && run_start.is_none() {
+                            run_start = Some(k);
+                        }
+                        if zero || k + 1 == pieces {
+                            if let Some(a) = run_start.take() {
+                                let b = if zero { k } else { k + 1 };
+                                let from = a * cs as usize;
+                                let to = (b * cs as usize).min(n);
+                                w.write_run(
+                                    first + a as u64,
+                                    buf.get(from..to).unwrap_or_default(),
+                                )?;
+                            }
+                        }
+                        if zero && keep {
+                            w.write_zero(first + k as u64)?;
+                        }
+                    }
+                } else {
+                    for (k, piece) in buf.chunks(cs as usize).enumerate() {
+                        let g = first + k as u64;
+                        if opts.sparse && is_zero(piece) {
+                            if keep {
+                                items.push(Item::Zero(g));
+                            }
+                        } else {
+                            items.push(Item::Data(g, piece.to_vec()));
+                        }
+                    }
+                }
+                let done = first * cs + n as u64;
+                let _ = spare.try_send(buf);
+                done
+            }
+        };
+        if pending >= BATCH || items.len() >= 65536 {
+            control.check(&tp, "convert")?;
+            write_items(&mut w, &mut items, &mut compressors)?;
+            pending = 0;
+            control.report(done.min(size), size);
+        }
+        Ok(())
+    })?;
+    control.check(&tp, "convert")?;
+    write_items(&mut w, &mut items, &mut compressors)?;
+    w.finish_with(opts.durable)?;
+    Ok(read)
+}
+
+fn cluster_len(g: u64, cs: u64, size: u64) -> usize {
+    (size.saturating_sub(g * cs)).min(cs) as usize
+}

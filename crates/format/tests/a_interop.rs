@@ -1,0 +1,278 @@
+//! Interop: images made by qemu-img (compressed zlib/zstd, 512 B and 2 MiB
+//! clusters, a 3-deep chain, an internal snapshot) read correctly through
+//! vmvol, and writing to them keeps `qemu-img check` clean and snapshots
+//! intact.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod a_common;
+
+use std::path::{Path, PathBuf};
+
+use a_common::*;
+use vmvol_format::{BackingPolicy, BlockIo, Image, OpenOptions};
+
+const MIB: usize = 1 << 20;
+
+/// A raw source with data, zeros and holes, 8 MiB.
+fn source(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut data = vec![0u8; 8 * MIB];
+    // Compressible text-like data, random data and zero runs.
+    for (i, chunk) in data.chunks_mut(256 << 10).enumerate() {
+        match i % 4 {
+            0 => chunk.copy_from_slice(&pattern(i as u64, chunk.len())),
+            1 => {
+                for (j, b) in chunk.iter_mut().enumerate() {
+                    *b = b"vmvol compressible "[j % 19];
+                }
+            }
+            2 => {}
+            _ => chunk[..1000].copy_from_slice(&pattern(i as u64 + 50, 1000)),
+        }
+    }
+    let p = dir.join("src.raw");
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+fn opts(dir: &Path) -> OpenOptions {
+    OpenOptions::new().policy(BackingPolicy::within([dir]))
+}
+
+fn read_all(img: &Image) -> Vec<u8> {
+    let mut buf = vec![0u8; img.size() as usize];
+    // Read in odd-sized pieces to cross cluster boundaries.
+    let mut off = 0usize;
+    let mut step = 12_345usize;
+    while off < buf.len() {
+        let n = step.min(buf.len() - off);
+        img.read_at(&mut buf[off..off + n], off as u64).unwrap();
+        off += n;
+        step = step * 7 % 300_001 + 1;
+    }
+    buf
+}
+
+/// Partial and whole-cluster overwrites, zeroes and discards over whatever the
+/// image holds (compressed clusters included); returns the new model.
+fn scribble(img: &Image, mut model: Vec<u8>) -> Vec<u8> {
+    let size = model.len() as u64;
+    let writes: &[(u64, usize)] = &[
+        (100, 5000),
+        (65536, 65536),
+        (300_000, 200_000),
+        (size - 7000, 7000),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let d = pattern(900 + i as u64, len);
+        img.write_at(&d, off).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&d);
+    }
+    img.write_zeroes(1_000_000, 70_000).unwrap();
+    model[1_000_000..1_070_000].fill(0);
+    img.discard(2_000_000, 300_000).unwrap();
+    model[2_000_000..2_300_000].fill(0);
+    img.flush().unwrap();
+    model
+}
+
+/// Read, compare, scribble, then let qemu-img check and compare.
+fn roundtrip(dir: &Path, img_path: &Path, want: &[u8]) {
+    let img = Image::open(img_path, &opts(dir)).unwrap();
+    assert!(
+        read_all(&img) == want,
+        "{} reads differently",
+        img_path.display()
+    );
+    let model = scribble(&img, want.to_vec());
+    assert!(read_all(&img) == model);
+    drop(img);
+    assert_check_clean(img_path);
+    let m = dir.join("model.raw");
+    std::fs::write(&m, &model).unwrap();
+    assert_compare(img_path, "qcow2", &m);
+}
+
+#[test]
+fn zlib_compressed_image() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, data) = source(dir.path());
+    let img = dir.path().join("z.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    roundtrip(dir.path(), &img, &data);
+}
+
+#[test]
+fn zstd_compressed_image() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, data) = source(dir.path());
+    let img = dir.path().join("zs.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        src.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    roundtrip(dir.path(), &img, &data);
+}
+
+#[test]
+fn small_and_large_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, data) = source(dir.path());
+    for cs in ["512", "2M"] {
+        let img = dir.path().join(format!("c{cs}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        roundtrip(dir.path(), &img, &data);
+    }
+}
+
+#[test]
+fn three_deep_chain() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _) = source(dir.path());
+    let d = dir.path();
+    // base.raw <- l1.qcow2 <- l2.qcow2 (in a subdirectory, relative name) <- top.qcow2
+    std::fs::rename(&src, d.join("base.raw")).unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        d.join("l1.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io(
+        "qcow2",
+        &d.join("l1.qcow2"),
+        &["write -P 0x11 1M 300k", "write -z 3M 64k"],
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "../l1.qcow2",
+        "-F",
+        "qcow2",
+        d.join("sub/l2.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io(
+        "qcow2",
+        &d.join("sub/l2.qcow2"),
+        &["write -P 0x22 1100k 10k", "discard 0 64k"],
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "sub/l2.qcow2",
+        "-F",
+        "qcow2",
+        d.join("top.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io("qcow2", &d.join("top.qcow2"), &["write -P 0x33 5M 1k"]);
+    let flat = d.join("flat.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        d.join("top.qcow2").to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    let want = std::fs::read(&flat).unwrap();
+    let img = Image::open(&d.join("top.qcow2"), &opts(d)).unwrap();
+    assert_eq!(img.as_qcow2().unwrap().backing_chain().len(), 3);
+    drop(img);
+    roundtrip(d, &d.join("top.qcow2"), &want);
+    // The backing files were not touched.
+    assert_check_clean(&d.join("l1.qcow2"));
+    assert_check_clean(&d.join("sub/l2.qcow2"));
+}
+
+#[test]
+fn internal_snapshot_survives_writes() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, data) = source(dir.path());
+    let img = dir.path().join("s.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    qemu_img(&["snapshot", "-c", "snap1", img.to_str().unwrap()]);
+    // After the snapshot, qemu changes a little so the active layer differs.
+    qemu_io("qcow2", &img, &["write -P 0x44 4M 64k"]);
+    let mut active = data.clone();
+    active[4 * MIB..4 * MIB + 65536].fill(0x44);
+    roundtrip(dir.path(), &img, &active);
+    let list =
+        String::from_utf8(qemu_img(&["snapshot", "-l", img.to_str().unwrap()]).stdout).unwrap();
+    assert!(list.contains("snap1"), "snapshot list lost snap1: {list}");
+    let snap = dir.path().join("snap.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snapshot.name=snap1",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        snap.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&snap).unwrap() == data,
+        "snapshot data changed"
+    );
+}

@@ -1,0 +1,808 @@
+//! The pool: config, in-memory index of entries kept in step with the disk,
+//! accounting, reservations, staging and records.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::backend::{
+    BackendGuard, Change, JournalCursor, JournalRead, PoolBackend, Recovered, ReservationInfo,
+    ScannedEntry, StagingArea,
+};
+use crate::error::{Error, Result};
+use crate::local::LocalBackend;
+use crate::lock::{LockMode, Wait};
+use crate::name::validate_name;
+use crate::record::{encode, Damaged, Entry, EntryKind, ImageSummary, Listed, Record, RecordType};
+
+/// Whether the pool accepts volume work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolState {
+    /// Volume work allowed.
+    Active,
+    /// All volume work refused with [`Error::Inactive`].
+    Inactive,
+}
+
+/// What the pool's capacity is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum CapacityPolicy {
+    /// The size of the filesystem holding the pool (`statvfs`).
+    Filesystem,
+    /// A fixed quota.
+    Quota {
+        /// Capacity in bytes.
+        bytes: u64,
+    },
+}
+
+/// A pool's persisted configuration (`pool.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolConfig {
+    /// Pool name (see [`validate_name`]).
+    pub name: String,
+    /// Pool UUID, fixed at define time.
+    pub uuid: Uuid,
+    /// The pool's directory.
+    pub path: PathBuf,
+    /// Where the capacity figure comes from.
+    pub capacity: CapacityPolicy,
+    /// Thin provisioning: the sum of virtual sizes may reach
+    /// `overcommit_ratio × capacity`; 1.0 = no overcommit.
+    pub overcommit_ratio: f64,
+    /// Active or inactive.
+    pub state: PoolState,
+}
+
+impl RecordType for PoolConfig {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+/// All figures of a pool, serialisable (`vmvol pool info --output json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolDescription {
+    /// The config.
+    pub config: PoolConfig,
+    /// Capacity in bytes: the quota, or the filesystem's size.
+    pub capacity: u64,
+    /// Allocation limit: `capacity × overcommit_ratio`.
+    pub limit: u64,
+    /// Sum of virtual sizes of all images plus open reservations.
+    pub allocation: u64,
+    /// Sum of virtual sizes of all images.
+    pub virtual_size: u64,
+    /// Bytes held by open reservations.
+    pub reserved: u64,
+    /// Number of open reservations.
+    pub reservations: usize,
+    /// `limit − allocation` (0 when overcommitted).
+    pub available: u64,
+    /// Host bytes allocated by every file and directory of the pool
+    /// (what `du -sB1` reports). Entries' share is as of their last scan
+    /// (open, refresh, or a change through the API).
+    pub physical: u64,
+    /// Size of the filesystem holding the pool.
+    pub fs_total: u64,
+    /// Bytes free on that filesystem for unprivileged users (`f_bavail`).
+    pub fs_available: u64,
+    /// Number of volumes (damaged ones included).
+    pub volumes: usize,
+    /// Number of templates (damaged ones included).
+    pub templates: usize,
+    /// Number of snapshots (damaged ones included).
+    pub snapshots: usize,
+    /// Entries whose record is missing or unusable.
+    pub damaged: usize,
+    /// What recovery removed at this handle's open or last refresh.
+    pub recovered: Vec<Recovered>,
+}
+
+/// `capacity × ratio`, saturating; exact for ratio 1.0.
+pub fn allocation_limit(capacity: u64, ratio: f64) -> u64 {
+    if ratio == 1.0 {
+        return capacity;
+    }
+    let l = capacity as f64 * ratio;
+    if l.is_nan() || l <= 0.0 {
+        0
+    } else if l >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        l.floor() as u64
+    }
+}
+
+/// One entry as the index holds it.
+#[derive(Debug, Clone)]
+struct Slot {
+    dir: PathBuf,
+    record_path: PathBuf,
+    record: std::result::Result<Arc<Vec<u8>>, String>,
+    image: Option<ImageSummary>,
+    virt: u64,
+    physical: u64,
+}
+
+impl Slot {
+    fn from_scan(id: &str, s: ScannedEntry) -> Slot {
+        let record = match validate_name(id) {
+            Err(e) => Err(format!("invalid entry directory name: {e}")),
+            Ok(()) => s.record.and_then(|bytes| {
+                // Check the envelope now, so damage is counted without
+                // knowing the record type; `list` checks the payload.
+                Record::<serde::de::IgnoredAny>::parse_envelope(&bytes)?;
+                Ok(Arc::new(bytes))
+            }),
+        };
+        Slot {
+            virt: s.image.as_ref().and_then(|i| i.virtual_size).unwrap_or(0),
+            dir: s.dir,
+            record_path: s.record_path,
+            record,
+            image: s.image,
+            physical: s.physical,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Index {
+    cursor: JournalCursor,
+    config: PoolConfig,
+    kinds: [BTreeMap<String, Slot>; 3],
+    virt: u64,
+    physical: u64,
+}
+
+impl Index {
+    fn set(&mut self, kind: EntryKind, id: &str, slot: Option<Slot>) {
+        let map = &mut self.kinds[kind.idx()];
+        let old = match slot {
+            Some(s) => {
+                self.virt = self.virt.saturating_add(s.virt);
+                self.physical = self.physical.saturating_add(s.physical);
+                map.insert(id.to_string(), s)
+            }
+            None => map.remove(id),
+        };
+        if let Some(o) = old {
+            self.virt = self.virt.saturating_sub(o.virt);
+            self.physical = self.physical.saturating_sub(o.physical);
+        }
+    }
+
+    fn slot(&self, kind: EntryKind, id: &str) -> Option<&Slot> {
+        self.kinds[kind.idx()].get(id)
+    }
+
+    fn require_active(&self, op: &'static str) -> Result<()> {
+        match self.config.state {
+            PoolState::Active => Ok(()),
+            PoolState::Inactive => Err(Error::Inactive {
+                pool: self.config.name.clone(),
+                op,
+            }),
+        }
+    }
+
+    fn damaged(&self) -> usize {
+        self.kinds
+            .iter()
+            .flat_map(|m| m.values())
+            .filter(|s| s.record.is_err())
+            .count()
+    }
+}
+
+struct Inner {
+    backend: Arc<dyn PoolBackend>,
+    index: Mutex<Index>,
+    recovered: Mutex<Vec<Recovered>>,
+}
+
+/// A handle on an open pool. Cheap to clone; `Send + Sync`: threads may
+/// share one handle or open their own, and several processes may open the
+/// same pool — the pool lock and the change journal keep them consistent.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+    wait: Wait,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("location", &self.inner.backend.location())
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// Bytes set aside in a pool; released when dropped (or when the owning
+/// process dies).
+pub struct Reservation {
+    info: ReservationInfo,
+    _guard: BackendGuard,
+}
+
+impl Reservation {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.info.bytes
+    }
+    /// The reservation's id.
+    pub fn id(&self) -> Uuid {
+        self.info.id
+    }
+    /// What the caller said it is for.
+    pub fn purpose(&self) -> &str {
+        &self.info.purpose
+    }
+    /// Releases the bytes now (same as dropping).
+    pub fn release(self) {}
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+/// A private directory in the pool's staging area where an entry is built
+/// before [`Pool::commit`] moves it into place. Dropped uncommitted, it is
+/// removed; if its process dies, the next open or refresh removes it.
+pub struct Staging {
+    backend: Arc<dyn PoolBackend>,
+    area: Option<StagingArea>,
+}
+
+impl Staging {
+    /// The directory to build in (put the image at
+    /// `path().join(image_file_name(format))`).
+    pub fn path(&self) -> &Path {
+        match &self.area {
+            Some(a) => &a.path,
+            None => Path::new(""),
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(a) = self.area.take() {
+            // Remove while still holding the liveness guard.
+            self.backend.discard_staging(&a.path);
+            drop(a.guard);
+        }
+    }
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staging")
+            .field("path", &self.path())
+            .finish()
+    }
+}
+
+/// The image file name of an entry in `format`: `data.raw` or `data.qcow2`.
+pub fn image_file_name(format: vmvol_format::Format) -> &'static str {
+    match format {
+        vmvol_format::Format::Raw => "data.raw",
+        vmvol_format::Format::Qcow2 => "data.qcow2",
+    }
+}
+
+fn read_config(backend: &dyn PoolBackend) -> Result<PoolConfig> {
+    let bytes = backend.read_config()?;
+    let path = backend.location().join(crate::local::CONFIG_FILE);
+    Record::<PoolConfig>::parse(&bytes)
+        .map(|r| r.data)
+        .map_err(|reason| Error::Damaged { path, reason })
+}
+
+fn lock_index(m: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    // A poisoned index is still structurally sound (every update is a
+    // single insert/remove), so keep going rather than panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    /// Opens the pool in directory `dir`: recovers from crashed operations
+    /// (see [`Pool::recovered`]) and scans every entry. `wait` is the lock
+    /// policy of this handle for every operation.
+    pub fn open(dir: impl AsRef<Path>, wait: Wait) -> Result<Pool> {
+        let b = LocalBackend::open(dir.as_ref())?;
+        Pool::with_backend(Arc::new(b), wait)
+    }
+
+    /// Opens a pool on any backend.
+    pub fn with_backend(backend: Arc<dyn PoolBackend>, wait: Wait) -> Result<Pool> {
+        let _g = backend.lock(LockMode::Exclusive, wait, "open pool")?;
+        let (index, recovered) = Self::load(&*backend)?;
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                backend,
+                index: Mutex::new(index),
+                recovered: Mutex::new(recovered),
+            }),
+            wait,
+        })
+    }
+
+    /// Under the exclusive lock: recovery + full scan.
+    fn load(backend: &dyn PoolBackend) -> Result<(Index, Vec<Recovered>)> {
+        let mut recovered = backend.recover()?;
+        let config = read_config(backend)?;
+        let cursor = match backend.journal_read(JournalCursor::default())? {
+            JournalRead::Reset(c) | JournalRead::Changes(_, c) => c,
+        };
+        let mut index = Index {
+            cursor,
+            config,
+            kinds: Default::default(),
+            virt: 0,
+            physical: 0,
+        };
+        let mut touched = Vec::new();
+        for kind in EntryKind::ALL {
+            for id in backend.list_ids(kind)? {
+                if let Some(s) = backend.scan_entry(kind, &id, true)? {
+                    if !s.removed.is_empty() {
+                        touched.push(Change::Entry(kind, id.clone()));
+                    }
+                    recovered.extend(s.removed.iter().map(|p| Recovered {
+                        path: p.clone(),
+                        what: "half-written record temp file".into(),
+                    }));
+                    index.set(kind, &id, Some(Slot::from_scan(&id, s)));
+                }
+            }
+        }
+        // Other live handles count those temp files' blocks; tell them.
+        for c in &touched {
+            index.cursor = backend.journal_append(c)?;
+        }
+        Ok((index, recovered))
+    }
+
+    /// The same pool with another lock policy for the returned handle.
+    pub fn with_wait(&self, wait: Wait) -> Pool {
+        Pool {
+            inner: Arc::clone(&self.inner),
+            wait,
+        }
+    }
+
+    /// The backend's location (the pool directory).
+    pub fn path(&self) -> &Path {
+        self.inner.backend.location()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn PoolBackend> {
+        &self.inner.backend
+    }
+
+    /// What recovery removed at open (or the last [`Pool::refresh`]).
+    pub fn recovered(&self) -> Vec<Recovered> {
+        self.inner
+            .recovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The pool's config, brought up to date with other processes.
+    pub fn config(&self) -> Result<PoolConfig> {
+        self.with_lock(LockMode::Shared, "read pool config", |_, idx| {
+            Ok(idx.config.clone())
+        })
+    }
+
+    /// Runs `f` under the pool lock with the index synced to the disk.
+    fn with_lock<R>(
+        &self,
+        mode: LockMode,
+        op: &'static str,
+        f: impl FnOnce(&Self, &mut Index) -> Result<R>,
+    ) -> Result<R> {
+        let _g = self.inner.backend.lock(mode, self.wait, op)?;
+        let mut idx = lock_index(&self.inner.index);
+        self.sync(&mut idx)?;
+        f(self, &mut idx)
+    }
+
+    /// Applies what other handles announced since our cursor.
+    fn sync(&self, idx: &mut Index) -> Result<()> {
+        let b = &*self.inner.backend;
+        match b.journal_read(idx.cursor)? {
+            JournalRead::Changes(changes, cursor) => {
+                let mut seen = HashSet::new();
+                for c in changes {
+                    if !seen.insert(c.clone()) {
+                        continue;
+                    }
+                    match c {
+                        Change::Config => idx.config = read_config(b)?,
+                        Change::Entry(kind, id) => self.rescan(idx, kind, &id)?,
+                    }
+                }
+                idx.cursor = cursor;
+            }
+            JournalRead::Reset(cursor) => {
+                idx.config = read_config(b)?;
+                for kind in EntryKind::ALL {
+                    let ids = b.list_ids(kind)?;
+                    let mut fresh = BTreeMap::new();
+                    for id in ids {
+                        if let Some(s) = b.scan_entry(kind, &id, false)? {
+                            fresh.insert(id.clone(), Slot::from_scan(&id, s));
+                        }
+                    }
+                    idx.kinds[kind.idx()] = fresh;
+                }
+                idx.virt = idx
+                    .kinds
+                    .iter()
+                    .flat_map(|m| m.values())
+                    .fold(0u64, |a, s| a.saturating_add(s.virt));
+                idx.physical = idx
+                    .kinds
+                    .iter()
+                    .flat_map(|m| m.values())
+                    .fold(0u64, |a, s| a.saturating_add(s.physical));
+                idx.cursor = cursor;
+            }
+        }
+        Ok(())
+    }
+
+    fn rescan(&self, idx: &mut Index, kind: EntryKind, id: &str) -> Result<()> {
+        let s = self.inner.backend.scan_entry(kind, id, false)?;
+        idx.set(kind, id, s.map(|s| Slot::from_scan(id, s)));
+        Ok(())
+    }
+
+    /// Announces a change (exclusive lock held, index synced).
+    fn announce(&self, idx: &mut Index, change: &Change) -> Result<()> {
+        idx.cursor = self.inner.backend.journal_append(change)?;
+        Ok(())
+    }
+
+    fn describe_locked(&self, idx: &Index) -> Result<PoolDescription> {
+        let b = &*self.inner.backend;
+        let fs = b.fs_stats()?;
+        let capacity = match idx.config.capacity {
+            CapacityPolicy::Filesystem => fs.total,
+            CapacityPolicy::Quota { bytes } => bytes,
+        };
+        let live = b.live_reservations(false)?;
+        let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
+        let limit = allocation_limit(capacity, idx.config.overcommit_ratio);
+        let allocation = idx.virt.saturating_add(reserved);
+        Ok(PoolDescription {
+            config: idx.config.clone(),
+            capacity,
+            limit,
+            allocation,
+            virtual_size: idx.virt,
+            reserved,
+            reservations: live.len(),
+            available: limit.saturating_sub(allocation),
+            physical: b.base_physical()?.saturating_add(idx.physical),
+            fs_total: fs.total,
+            fs_available: fs.available,
+            volumes: idx.kinds[0].len(),
+            templates: idx.kinds[1].len(),
+            snapshots: idx.kinds[2].len(),
+            damaged: idx.damaged(),
+            recovered: self.recovered(),
+        })
+    }
+
+    /// All figures, brought up to date with other processes' changes.
+    pub fn describe(&self) -> Result<PoolDescription> {
+        self.with_lock(LockMode::Shared, "describe pool", |p, idx| {
+            p.describe_locked(idx)
+        })
+    }
+
+    /// Recovery plus a full rescan of every entry (exclusive lock), then
+    /// [`Pool::describe`]'s figures.
+    pub fn refresh(&self) -> Result<PoolDescription> {
+        let b = &*self.inner.backend;
+        let _g = b.lock(LockMode::Exclusive, self.wait, "refresh pool")?;
+        let (fresh, recovered) = Self::load(b)?;
+        *self
+            .inner
+            .recovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = recovered;
+        let mut idx = lock_index(&self.inner.index);
+        *idx = fresh;
+        self.describe_locked(&idx)
+    }
+
+    fn set_state(&self, state: PoolState, op: &'static str) -> Result<PoolConfig> {
+        self.with_lock(LockMode::Exclusive, op, |p, idx| {
+            let mut cfg = idx.config.clone();
+            cfg.state = state;
+            let path = p.path().join(crate::local::CONFIG_FILE);
+            let bytes = Record::new(cfg.clone()).to_bytes(&path)?;
+            p.announce(idx, &Change::Config)?;
+            p.inner.backend.write_config(&bytes)?;
+            idx.config = cfg.clone();
+            Ok(cfg)
+        })
+    }
+
+    /// Marks the pool active (volume work allowed). Idempotent.
+    pub fn activate(&self) -> Result<PoolConfig> {
+        self.set_state(PoolState::Active, "activate pool")
+    }
+
+    /// Marks the pool inactive (volume work refused). Idempotent.
+    pub fn deactivate(&self) -> Result<PoolConfig> {
+        self.set_state(PoolState::Inactive, "deactivate pool")
+    }
+
+    /// Reserves `bytes` before work that grows the pool. Fails with
+    /// [`Error::InsufficientSpace`] (needed and available bytes) when
+    /// allocation + `bytes` would exceed `capacity × overcommit_ratio`.
+    /// Holds across threads and processes; a dead process's reservations
+    /// are released by the kernel dropping its lock.
+    pub fn reserve(&self, bytes: u64, purpose: &str) -> Result<Reservation> {
+        self.with_lock(LockMode::Exclusive, "reserve", |p, idx| {
+            idx.require_active("reserve")?;
+            let b = &*p.inner.backend;
+            let capacity = match idx.config.capacity {
+                CapacityPolicy::Filesystem => b.fs_stats()?.total,
+                CapacityPolicy::Quota { bytes } => bytes,
+            };
+            let live = b.live_reservations(true)?;
+            let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
+            let limit = allocation_limit(capacity, idx.config.overcommit_ratio);
+            let allocation = idx.virt.saturating_add(reserved);
+            let available = limit.saturating_sub(allocation);
+            if bytes > available {
+                return Err(Error::InsufficientSpace {
+                    pool: idx.config.name.clone(),
+                    needed: bytes,
+                    available,
+                    limit,
+                    allocation,
+                });
+            }
+            let info = ReservationInfo {
+                id: Uuid::new_v4(),
+                bytes,
+                purpose: purpose.to_string(),
+                pid: std::process::id(),
+            };
+            let guard = b.create_reservation(&info)?;
+            Ok(Reservation {
+                info,
+                _guard: guard,
+            })
+        })
+    }
+
+    /// A fresh staging directory to build an entry in.
+    pub fn stage(&self) -> Result<Staging> {
+        self.with_lock(LockMode::Shared, "stage", |p, idx| {
+            idx.require_active("stage")?;
+            let area = p.inner.backend.create_staging()?;
+            Ok(Staging {
+                backend: Arc::clone(&p.inner.backend),
+                area: Some(area),
+            })
+        })
+    }
+
+    /// Writes `data`'s record into `staging` and moves it into place as
+    /// entry `kind/id` (atomically: the entry appears complete or not at all).
+    pub fn commit<T: RecordType>(
+        &self,
+        mut staging: Staging,
+        kind: EntryKind,
+        id: &str,
+        data: &T,
+    ) -> Result<()> {
+        validate_name(id)?;
+        self.with_lock(LockMode::Exclusive, "commit entry", |p, idx| {
+            idx.require_active("commit entry")?;
+            if idx.slot(kind, id).is_some() {
+                return Err(Error::EntryExists {
+                    pool: idx.config.name.clone(),
+                    kind,
+                    id: id.to_string(),
+                });
+            }
+            let b = &*p.inner.backend;
+            let bytes = encode(data, T::SCHEMA_VERSION, &b.entry_dir(kind, id))?;
+            let Some(area) = staging.area.as_ref() else {
+                return Err(Error::io(
+                    b.location(),
+                    "commit entry",
+                    std::io::ErrorKind::InvalidInput.into(),
+                ));
+            };
+            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+            let r = b.commit_staging(&area.path, kind, id, &bytes);
+            if r.is_ok() {
+                // Moved: nothing left to discard; the guard's lock goes with it.
+                staging.area = None;
+            }
+            p.rescan(idx, kind, id)?;
+            r
+        })
+    }
+
+    fn existing<'a>(idx: &'a Index, kind: EntryKind, id: &str) -> Result<&'a Slot> {
+        idx.slot(kind, id).ok_or_else(|| Error::EntryNotFound {
+            pool: idx.config.name.clone(),
+            kind,
+            id: id.to_string(),
+        })
+    }
+
+    /// Atomically replaces the record of existing entry `kind/id`.
+    pub fn write_record<T: RecordType>(&self, kind: EntryKind, id: &str, data: &T) -> Result<()> {
+        self.with_lock(LockMode::Exclusive, "write record", |p, idx| {
+            idx.require_active("write record")?;
+            let path = Self::existing(idx, kind, id)?.record_path.clone();
+            let bytes = encode(data, T::SCHEMA_VERSION, &path)?;
+            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+            let r = p.inner.backend.write_record(kind, id, &bytes);
+            p.rescan(idx, kind, id)?;
+            r
+        })
+    }
+
+    /// Re-reads entry `kind/id` after its image changed in place (e.g. grown)
+    /// and tells other processes.
+    pub fn rescan_entry(&self, kind: EntryKind, id: &str) -> Result<()> {
+        self.with_lock(LockMode::Exclusive, "rescan entry", |p, idx| {
+            Self::existing(idx, kind, id)?;
+            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+            p.rescan(idx, kind, id)
+        })
+    }
+
+    /// Removes entry `kind/id` and everything in its directory. The caller
+    /// (the volume layer) checks its own rules (attachments, dependents) first.
+    pub fn remove(&self, kind: EntryKind, id: &str) -> Result<()> {
+        self.with_lock(LockMode::Exclusive, "remove entry", |p, idx| {
+            idx.require_active("remove entry")?;
+            Self::existing(idx, kind, id)?;
+            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+            let r = p.inner.backend.remove_entry(kind, id);
+            p.rescan(idx, kind, id)?;
+            r
+        })
+    }
+
+    fn to_listed<T: RecordType>(kind: EntryKind, id: &str, s: &Slot) -> Listed<T> {
+        let parsed = match &s.record {
+            Ok(bytes) => Record::<T>::parse(bytes),
+            Err(reason) => Err(reason.clone()),
+        };
+        match parsed {
+            Ok(record) => Listed::Ok(Entry {
+                kind,
+                id: id.to_string(),
+                dir: s.dir.clone(),
+                record,
+                image: s.image.clone(),
+                physical: s.physical,
+            }),
+            Err(reason) => Listed::Damaged(Damaged {
+                kind,
+                id: id.to_string(),
+                path: s.record_path.clone(),
+                reason,
+            }),
+        }
+    }
+
+    /// Entry `kind/id`; [`Error::Damaged`] (path, reason) if its record is
+    /// unusable.
+    pub fn get<T: RecordType>(&self, kind: EntryKind, id: &str) -> Result<Entry<T>> {
+        self.with_lock(LockMode::Shared, "get entry", |_, idx| {
+            idx.require_active("get entry")?;
+            let s = Self::existing(idx, kind, id)?;
+            match Self::to_listed::<T>(kind, id, s) {
+                Listed::Ok(e) => Ok(e),
+                Listed::Damaged(d) => Err(Error::Damaged {
+                    path: d.path,
+                    reason: d.reason,
+                }),
+            }
+        })
+    }
+
+    /// Whether entry `kind/id` exists (damaged or not).
+    pub fn contains(&self, kind: EntryKind, id: &str) -> Result<bool> {
+        self.with_lock(LockMode::Shared, "look up entry", |_, idx| {
+            Ok(idx.slot(kind, id).is_some())
+        })
+    }
+
+    /// Entries of `kind` sorted by id whose record satisfies `filter(id,
+    /// data)`, plus every damaged entry (a damaged record cannot be
+    /// filtered, and is never hidden).
+    pub fn list<T: RecordType>(
+        &self,
+        kind: EntryKind,
+        filter: impl Fn(&str, &T) -> bool,
+    ) -> Result<Vec<Listed<T>>> {
+        self.with_lock(LockMode::Shared, "list entries", |_, idx| {
+            idx.require_active("list entries")?;
+            let mut out = Vec::new();
+            for (id, s) in &idx.kinds[kind.idx()] {
+                let parsed = match &s.record {
+                    Ok(bytes) => Record::<T>::parse(bytes),
+                    Err(reason) => Err(reason.clone()),
+                };
+                match parsed {
+                    Ok(record) => {
+                        if filter(id, &record.data) {
+                            out.push(Listed::Ok(Entry {
+                                kind,
+                                id: id.clone(),
+                                dir: s.dir.clone(),
+                                record,
+                                image: s.image.clone(),
+                                physical: s.physical,
+                            }));
+                        }
+                    }
+                    Err(reason) => out.push(Listed::Damaged(Damaged {
+                        kind,
+                        id: id.clone(),
+                        path: s.record_path.clone(),
+                        reason,
+                    })),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The directory of entry `kind/id` (whether or not it exists).
+    pub fn entry_dir(&self, kind: EntryKind, id: &str) -> PathBuf {
+        self.inner.backend.entry_dir(kind, id)
+    }
+
+    /// Undefine support: under the exclusive lock, refuses with
+    /// [`Error::NotEmpty`] unless the pool holds nothing, else removes the
+    /// layout (and the directory if `remove_dir`).
+    pub(crate) fn destroy_if_empty(&self, remove_dir: bool) -> Result<()> {
+        let b = &*self.inner.backend;
+        let _g = b.lock(LockMode::Exclusive, self.wait, "undefine pool")?;
+        let (idx, _) = Self::load(b)?;
+        let staging = b.live_staging()?;
+        let reservations = b.live_reservations(true)?.len();
+        let (v, t, s) = (idx.kinds[0].len(), idx.kinds[1].len(), idx.kinds[2].len());
+        if v + t + s + staging + reservations > 0 {
+            return Err(Error::NotEmpty {
+                pool: idx.config.name.clone(),
+                volumes: v,
+                templates: t,
+                snapshots: s,
+                staging,
+                reservations,
+                damaged: idx.damaged(),
+            });
+        }
+        b.destroy(remove_dir)
+    }
+}

@@ -1,0 +1,273 @@
+//! Generic records: the envelope every persisted record carries, the entry
+//! kinds a pool holds, and the crash-safe write.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What the upper layer stores in a pool. Each kind has its own directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// `volumes/<id>/volume.json` + image.
+    Volume,
+    /// `templates/<id>/template.json` + image.
+    Template,
+    /// `snapshots/<id>/snapshot.json` + image.
+    Snapshot,
+}
+
+impl EntryKind {
+    /// All kinds, in layout order.
+    pub const ALL: [EntryKind; 3] = [EntryKind::Volume, EntryKind::Template, EntryKind::Snapshot];
+
+    /// The kind's directory inside the pool (`volumes`, ...).
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            EntryKind::Volume => "volumes",
+            EntryKind::Template => "templates",
+            EntryKind::Snapshot => "snapshots",
+        }
+    }
+
+    /// The record's file name inside an entry directory (`volume.json`, ...).
+    pub fn record_file(self) -> &'static str {
+        match self {
+            EntryKind::Volume => "volume.json",
+            EntryKind::Template => "template.json",
+            EntryKind::Snapshot => "snapshot.json",
+        }
+    }
+
+    /// Singular lower-case name (`volume`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Volume => "volume",
+            EntryKind::Template => "template",
+            EntryKind::Snapshot => "snapshot",
+        }
+    }
+
+    /// Index into per-kind arrays.
+    pub(crate) fn idx(self) -> usize {
+        match self {
+            EntryKind::Volume => 0,
+            EntryKind::Template => 1,
+            EntryKind::Snapshot => 2,
+        }
+    }
+
+    /// Parses [`EntryKind::as_str`] output.
+    pub(crate) fn from_str_opt(s: &str) -> Option<EntryKind> {
+        EntryKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A type the upper layer persists as a record.
+///
+/// The pool does not know what a volume is; it only needs to know the
+/// record's current schema version, which goes into the envelope so a future
+/// version can migrate (or refuse) old records.
+pub trait RecordType: Serialize + DeserializeOwned {
+    /// Schema version written with new records. Records carrying a higher
+    /// version are reported as damaged (written by a newer vmvol).
+    const SCHEMA_VERSION: u32;
+}
+
+impl RecordType for serde_json::Value {
+    /// `Value` accepts any version, so readers that migrate can see all.
+    const SCHEMA_VERSION: u32 = u32::MAX;
+}
+
+/// The envelope of every persisted record: `{"schema_version": N, "data": ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record<T> {
+    /// Version of `data`'s schema.
+    pub schema_version: u32,
+    /// The payload.
+    pub data: T,
+}
+
+impl<T: RecordType> Record<T> {
+    /// Wraps `data` with the type's current schema version.
+    pub fn new(data: T) -> Record<T> {
+        Record {
+            schema_version: T::SCHEMA_VERSION,
+            data,
+        }
+    }
+
+    /// Serialises to pretty JSON with a trailing newline (`path` is where
+    /// it is going, for the error message).
+    pub fn to_bytes(&self, path: &Path) -> Result<Vec<u8>> {
+        encode(&self.data, self.schema_version, path)
+    }
+
+    /// Parses bytes read from `path`; the error is the reason a listing shows.
+    pub fn parse(bytes: &[u8]) -> std::result::Result<Record<T>, String> {
+        if bytes.is_empty() {
+            return Err("empty file (truncated record)".to_string());
+        }
+        let rec: Record<T> =
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+        if rec.schema_version > T::SCHEMA_VERSION {
+            return Err(format!(
+                "schema version {} is newer than the supported {}",
+                rec.schema_version,
+                T::SCHEMA_VERSION
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// Reads and parses a record file.
+    pub fn read(path: &Path) -> Result<Record<T>> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read record", e))?;
+        Record::parse(&bytes).map_err(|reason| Error::Damaged {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+}
+
+impl Record<serde::de::IgnoredAny> {
+    /// Checks that `bytes` hold an envelope (any payload, any version).
+    pub(crate) fn parse_envelope(bytes: &[u8]) -> std::result::Result<(), String> {
+        if bytes.is_empty() {
+            return Err("empty file (truncated record)".to_string());
+        }
+        serde_json::from_slice::<Record<serde::de::IgnoredAny>>(bytes)
+            .map(|_| ())
+            .map_err(|e| format!("invalid JSON: {e}"))
+    }
+}
+
+/// Serialises `data` in the envelope with `schema_version`.
+pub(crate) fn encode<T: Serialize>(data: &T, schema_version: u32, path: &Path) -> Result<Vec<u8>> {
+    let env = Record {
+        schema_version,
+        data,
+    };
+    let mut v = serde_json::to_vec_pretty(&env).map_err(|source| Error::Serialize {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    v.push(b'\n');
+    Ok(v)
+}
+
+/// Prefix of temporary files made by [`write_atomic`]; recovery removes them.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// Writes `bytes` to `path` so that a crash at any instant leaves either the
+/// old file or the new one, never a mix: temp file in the same directory,
+/// write, fsync, rename over `path`, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().ok_or_else(|| {
+        Error::io(
+            path,
+            "write record",
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    let fname = path.file_name().ok_or_else(|| {
+        Error::io(
+            path,
+            "write record",
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(TEMP_PREFIX);
+    tmp_name.push(fname);
+    tmp_name.push(format!(".{}", uuid::Uuid::new_v4().simple()));
+    let tmp = dir.join(tmp_name);
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, "create temp record", e))?;
+        f.write_all(bytes)
+            .map_err(|e| Error::io(&tmp, "write temp record", e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(&tmp, "fsync temp record", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename record into place", e))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res?;
+    fsync_dir(dir)
+}
+
+/// fsyncs a directory so a rename or create inside it is durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "fsync directory", e))
+}
+
+/// An entry whose record could be read and parsed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry<T> {
+    /// Kind of entry.
+    pub kind: EntryKind,
+    /// Its id (directory name).
+    pub id: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The record.
+    pub record: Record<T>,
+    /// The image found next to the record, if any.
+    pub image: Option<ImageSummary>,
+    /// Host bytes allocated by the entry's files (`du` of its directory).
+    pub physical: u64,
+}
+
+/// An entry whose record is missing or unusable. Listings always include it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Damaged {
+    /// Kind of entry.
+    pub kind: EntryKind,
+    /// Its id (directory name).
+    pub id: String,
+    /// The record file (or the entry directory when the problem is the entry itself).
+    pub path: PathBuf,
+    /// Why it is unusable.
+    pub reason: String,
+}
+
+/// One row of a listing: a good entry or a damaged one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Listed<T> {
+    /// Record parsed.
+    Ok(Entry<T>),
+    /// Record missing or unusable, with path and reason.
+    Damaged(Damaged),
+}
+
+/// The image file of an entry (`data.raw` or `data.qcow2`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageSummary {
+    /// Path of the image.
+    pub path: PathBuf,
+    /// Its format, from the file name (never probed).
+    pub format: vmvol_format::Format,
+    /// Virtual size from the header (raw: file length); `None` when the
+    /// header could not be read, see `error`.
+    pub virtual_size: Option<u64>,
+    /// Why the virtual size is unknown.
+    pub error: Option<String>,
+}

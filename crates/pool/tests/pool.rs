@@ -1,0 +1,955 @@
+//! Acceptance tests of vmvol-pool: accounting against statvfs/du, thin
+//! provisioning, races between threads and processes, SIGKILL crash safety,
+//! damaged records and bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmvol_pool::*;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Vol {
+    name: String,
+    tag: u64,
+}
+impl RecordType for Vol {
+    const SCHEMA_VERSION: u32 = 2;
+}
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn quota(bytes: u64, ratio: f64) -> PoolSpec {
+    PoolSpec {
+        path: None,
+        capacity: CapacityPolicy::Quota { bytes },
+        overcommit_ratio: ratio,
+    }
+}
+
+/// A registry in a fresh temp dir with one active pool.
+fn setup(spec: PoolSpec) -> (tempfile::TempDir, Registry, Pool) {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(t.path().join("root")).unwrap();
+    reg.define("p", &spec).unwrap();
+    reg.activate("p", Wait::Block).unwrap();
+    let pool = reg.open_pool("p", Wait::Block).unwrap();
+    (t, reg, pool)
+}
+
+/// Creates a raw volume of `size` virtual bytes, writing `data` at 0.
+fn make_raw(pool: &Pool, id: &str, size: u64, data: &[u8]) {
+    let g = pool.reserve(size, "test").unwrap();
+    let st = pool.stage().unwrap();
+    let p = st.path().join(image_file_name(vmvol_format::Format::Raw));
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(data).unwrap();
+    f.set_len(size).unwrap();
+    let vol = Vol {
+        name: id.into(),
+        tag: 0,
+    };
+    pool.commit(st, EntryKind::Volume, id, &vol).unwrap();
+    drop(g);
+}
+
+fn du(path: &Path) -> u64 {
+    let out = Command::new("du").arg("-sB1").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+#[test]
+fn quota_pool_figures_match_du_and_headers() {
+    let (_t, _reg, pool) = setup(quota(10 * GIB, 1.0));
+    make_raw(&pool, "a", 100 * MIB, &[7u8; 300_000]);
+    make_raw(&pool, "b", 2 * GIB, b"hello");
+    let mut expect_virtual = 100 * MIB + 2 * GIB;
+    if have("qemu-img") {
+        let g = pool.reserve(512 * MIB, "qcow2").unwrap();
+        let st = pool.stage().unwrap();
+        let img = st.path().join("data.qcow2");
+        let ok = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("512M")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        pool.commit(
+            st,
+            EntryKind::Template,
+            "q",
+            &Vol {
+                name: "q".into(),
+                tag: 1,
+            },
+        )
+        .unwrap();
+        drop(g);
+        expect_virtual += 512 * MIB;
+    } else {
+        eprintln!("qemu-img missing: qcow2 accounting not checked");
+    }
+    let d = pool.refresh().unwrap();
+    assert_eq!(d.capacity, 10 * GIB);
+    assert_eq!(d.limit, 10 * GIB);
+    assert_eq!(d.virtual_size, expect_virtual);
+    assert_eq!(d.allocation, expect_virtual);
+    assert_eq!(d.reserved, 0);
+    assert_eq!(d.available, 10 * GIB - expect_virtual);
+    assert_eq!(d.physical, du(pool.path()), "physical must equal du -sB1");
+    // While a reservation is open it counts in allocation.
+    let g = pool.reserve(GIB, "open").unwrap();
+    let d2 = pool.describe().unwrap();
+    assert_eq!(d2.reserved, GIB);
+    assert_eq!(d2.allocation, expect_virtual + GIB);
+    drop(g);
+    assert_eq!(pool.describe().unwrap().reserved, 0);
+    // The description is serialisable and round-trips.
+    let j = serde_json::to_string(&d).unwrap();
+    let back: PoolDescription = serde_json::from_str(&j).unwrap();
+    assert_eq!(back, d);
+}
+
+#[test]
+fn filesystem_pool_figures_match_statvfs() {
+    let (_t, _reg, pool) = setup(PoolSpec::default());
+    make_raw(&pool, "a", 10 * MIB, &[1u8; 8192]);
+    let d = pool.refresh().unwrap();
+    // stat -f: %S fundamental block size, %b total blocks, %a blocks free to non-root.
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%S %b %a"])
+        .arg(pool.path())
+        .output()
+        .unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(d.capacity, v[0] * v[1]);
+    assert_eq!(d.fs_total, v[0] * v[1]);
+    // Other processes write to this filesystem meanwhile: allow some drift.
+    let avail = v[0] * v[2];
+    assert!(
+        d.fs_available.abs_diff(avail) < 256 * MIB,
+        "{} vs {avail}",
+        d.fs_available
+    );
+    assert_eq!(d.limit, d.capacity);
+    assert_eq!(d.allocation, 10 * MIB);
+    assert_eq!(d.physical, du(pool.path()));
+}
+
+#[test]
+fn thin_provisioning_ratio_one_refuses_ratio_two_allows() {
+    for (ratio, ok) in [(1.0, false), (2.0, true)] {
+        let (_t, _reg, pool) = setup(quota(GIB, ratio));
+        make_raw(&pool, "big", 768 * MIB, b"");
+        match pool.reserve(512 * MIB, "second") {
+            Ok(g) => {
+                assert!(ok, "ratio {ratio} must refuse");
+                assert_eq!(g.bytes(), 512 * MIB);
+                assert_eq!(pool.describe().unwrap().available, 2 * GIB - 1280 * MIB);
+            }
+            Err(Error::InsufficientSpace {
+                needed, available, ..
+            }) => {
+                assert!(!ok, "ratio {ratio} must allow");
+                assert_eq!(needed, 512 * MIB);
+                assert_eq!(available, 256 * MIB);
+                let msg = pool.reserve(512 * MIB, "x").unwrap_err().to_string();
+                assert!(
+                    msg.contains("536870912") && msg.contains("268435456"),
+                    "{msg}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Reserves `chunk`-byte pieces until refused `tries` times; returns the
+/// guards held and checks every refusal.
+fn grab(pool: &Pool, chunk: u64, tries: usize) -> Vec<Reservation> {
+    let mut held = Vec::new();
+    let mut refused = 0;
+    while refused < tries {
+        match pool.reserve(chunk, "race") {
+            Ok(g) => held.push(g),
+            Err(Error::InsufficientSpace {
+                needed, available, ..
+            }) => {
+                assert_eq!(needed, chunk);
+                assert!(available < needed);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    held
+}
+
+#[test]
+fn eight_threads_race_never_overcommit() {
+    let limit = 1000 * MIB;
+    let (_t, _reg, pool) = setup(quota(limit, 1.0));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let b = Arc::clone(&barrier);
+            // Half share a handle, half open their own.
+            let p = if i % 2 == 0 {
+                pool.clone()
+            } else {
+                Pool::open(pool.path(), Wait::Block).unwrap()
+            };
+            let chunk = (7 + i as u64 * 3) * MIB;
+            std::thread::spawn(move || {
+                b.wait();
+                let held = grab(&p, chunk, 3);
+                let sum: u64 = held.iter().map(|g| g.bytes()).sum();
+                b.wait(); // everyone holds their grants now
+                (sum, held)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let total: u64 = results.iter().map(|r| r.0).sum();
+    assert!(total <= limit, "granted {total} > {limit}");
+    // Every thread was refused, so what is left is smaller than the largest chunk.
+    assert!(limit - total < 28 * MIB, "granted only {total}");
+    assert_eq!(pool.describe().unwrap().reserved, total);
+    drop(results);
+    assert_eq!(pool.describe().unwrap().reserved, 0);
+}
+
+const CHILD_ENV: &str = "VMVOL_POOL_TEST_CHILD";
+const POOL_ENV: &str = "VMVOL_POOL_TEST_DIR";
+
+fn spawn_child(role: &str, pool_dir: &Path, arg: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, role)
+        .env(POOL_ENV, pool_dir)
+        .env("VMVOL_POOL_TEST_ARG", arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Not a test of its own: the entry point of child processes spawned by the
+/// tests below (selected by environment variables). Without them it returns.
+#[test]
+fn child_role() {
+    let Ok(role) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(std::env::var(POOL_ENV).unwrap());
+    let arg = std::env::var("VMVOL_POOL_TEST_ARG").unwrap_or_default();
+    let pool = Pool::open(&dir, Wait::Block).unwrap();
+    let mut out = std::io::stdout();
+    match role.as_str() {
+        "race" => {
+            let chunk: u64 = arg.parse().unwrap();
+            writeln!(out, "READY").unwrap();
+            out.flush().unwrap();
+            // Start together: the parent writes a line to everyone.
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).unwrap();
+            let held = grab(&pool, chunk, 3);
+            let sum: u64 = held.iter().map(|g| g.bytes()).sum();
+            writeln!(out, "GRANTED {sum}").unwrap();
+            out.flush().unwrap();
+            // Hold until the parent closes stdin.
+            let _ = std::io::stdin().read_line(&mut line);
+            drop(held);
+        }
+        "hold" => {
+            let g = pool.reserve(arg.parse().unwrap(), "held by child").unwrap();
+            let st = pool.stage().unwrap();
+            std::fs::write(st.path().join("data.raw"), b"in flight").unwrap();
+            writeln!(out, "HELD").unwrap();
+            out.flush().unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+            drop((g, st));
+        }
+        "crash" => crash_worker(&pool, arg.parse().unwrap(), &mut out),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// Tight loop of everything that writes: reservations, staging files,
+/// commits, record rewrites, removals.
+fn crash_worker(pool: &Pool, seed: u64, out: &mut std::io::Stdout) {
+    writeln!(out, "READY").unwrap();
+    out.flush().unwrap();
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    loop {
+        let id = format!("v{}", next() % 24);
+        let r = next() % 4;
+        if r == 0 && pool.contains(EntryKind::Volume, &id).unwrap() {
+            pool.remove(EntryKind::Volume, &id).unwrap();
+        } else if r == 1 && pool.contains(EntryKind::Volume, &id).unwrap() {
+            let v = Vol {
+                name: "x".repeat((next() % 2000) as usize),
+                tag: next(),
+            };
+            pool.write_record(EntryKind::Volume, &id, &v).unwrap();
+        } else if !pool.contains(EntryKind::Volume, &id).unwrap() {
+            let size = (1 + next() % 8) * MIB;
+            let g = pool.reserve(size, "crash").unwrap();
+            let st = pool.stage().unwrap();
+            let mut f = std::fs::File::create(st.path().join("data.raw")).unwrap();
+            f.write_all(&vec![0xabu8; (next() % 65536) as usize])
+                .unwrap();
+            f.set_len(size).unwrap();
+            drop(f);
+            pool.commit(
+                st,
+                EntryKind::Volume,
+                &id,
+                &Vol {
+                    name: id.clone(),
+                    tag: 0,
+                },
+            )
+            .unwrap();
+            drop(g);
+        }
+    }
+}
+
+fn read_line_with(child: &mut BufReader<std::process::ChildStdout>, prefix: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = child.read_line(&mut line).unwrap();
+        assert!(n > 0, "child ended before printing {prefix}");
+        // libtest prints "test child_role ... " on the same line first.
+        if let Some((_, rest)) = line.trim_end().split_once(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+#[test]
+fn four_processes_race_never_overcommit() {
+    let limit = 600 * MIB;
+    let (_t, _reg, pool) = setup(quota(limit, 1.0));
+    let mut kids: Vec<_> = (0..4)
+        .map(|i| spawn_child("race", pool.path(), &((5 + 2 * i) * MIB).to_string()))
+        .collect();
+    let mut outs: Vec<_> = kids
+        .iter_mut()
+        .map(|k| BufReader::new(k.stdout.take().unwrap()))
+        .collect();
+    for o in &mut outs {
+        read_line_with(o, "READY");
+    }
+    for k in &mut kids {
+        writeln!(k.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+    let total: u64 = outs
+        .iter_mut()
+        .map(|o| read_line_with(o, "GRANTED").parse::<u64>().unwrap())
+        .sum();
+    assert!(total <= limit, "granted {total} > {limit}");
+    assert!(limit - total < 11 * MIB, "granted only {total}");
+    assert_eq!(pool.describe().unwrap().reserved, total);
+    for k in &mut kids {
+        drop(k.stdin.take());
+    }
+    for k in &mut kids {
+        assert!(k.wait().unwrap().success());
+    }
+    assert_eq!(pool.describe().unwrap().reserved, 0);
+}
+
+#[test]
+fn dead_process_reservation_and_staging_are_released() {
+    let (_t, reg, pool) = setup(quota(GIB, 1.0));
+    let mut kid = spawn_child("hold", pool.path(), &(800 * MIB).to_string());
+    let mut out = BufReader::new(kid.stdout.take().unwrap());
+    read_line_with(&mut out, "HELD");
+    // Live: counted, refused beyond it, and undefine refused.
+    assert_eq!(pool.describe().unwrap().reserved, 800 * MIB);
+    assert!(matches!(
+        pool.reserve(300 * MIB, "x"),
+        Err(Error::InsufficientSpace { available, .. }) if available == 224 * MIB
+    ));
+    // A fresh open must not remove the live child's staging area.
+    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    assert!(other.recovered().is_empty(), "{:?}", other.recovered());
+    match reg.undefine("p", Wait::Block) {
+        Err(Error::NotEmpty {
+            staging,
+            reservations,
+            ..
+        }) => assert_eq!((staging, reservations), (1, 1)),
+        r => panic!("{r:?}"),
+    }
+    kid.kill().unwrap();
+    kid.wait().unwrap();
+    // Nobody cleaned up by hand: the next reader sees the bytes released.
+    assert_eq!(pool.describe().unwrap().reserved, 0);
+    pool.reserve(900 * MIB, "after death").unwrap();
+    let reopened = Pool::open(pool.path(), Wait::Block).unwrap();
+    let rec = reopened.recovered();
+    assert!(
+        rec.iter().any(|r| r.what.contains("staging")),
+        "staging leftover not reported: {rec:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(pool.path().join(STAGING_DIR))
+            .unwrap()
+            .count(),
+        0
+    );
+    reg.undefine("p", Wait::Block).unwrap();
+}
+
+/// Every file under `dir` whose name starts with the temp prefix.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sigkill_200_times_leaves_consistent_pool() {
+    let (_t, _reg, pool) = setup(quota(64 * GIB, 1.0));
+    let start = Instant::now();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut recovered_items = 0;
+    let mut saw_temp_or_staging = 0;
+    for i in 0..200 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut kid = spawn_child("crash", pool.path(), &seed.to_string());
+        let mut out = BufReader::new(kid.stdout.take().unwrap());
+        read_line_with(&mut out, "READY");
+        std::thread::sleep(Duration::from_micros(seed % 15_000));
+        kid.kill().unwrap();
+        kid.wait().unwrap();
+        let dir = pool.path();
+        let leftovers =
+            temp_files(dir).len() + std::fs::read_dir(dir.join(STAGING_DIR)).unwrap().count();
+        if leftovers > 0 {
+            saw_temp_or_staging += 1;
+        }
+        // Reopen: recovery runs.
+        let fresh = Pool::open(dir, Wait::Block).unwrap();
+        recovered_items += fresh.recovered().len();
+        assert!(temp_files(dir).is_empty(), "iteration {i}: temp files left");
+        assert_eq!(
+            std::fs::read_dir(dir.join(STAGING_DIR)).unwrap().count(),
+            0,
+            "iteration {i}: staging not clean"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.join(RESERVATIONS_DIR))
+                .unwrap()
+                .count(),
+            0,
+            "iteration {i}: dead reservations left"
+        );
+        // No record is half-written.
+        let listed = fresh.list::<Vol>(EntryKind::Volume, |_, _| true).unwrap();
+        for l in &listed {
+            if let Listed::Damaged(d) = l {
+                panic!("iteration {i}: damaged {d:?}");
+            }
+        }
+        // Figures equal a fresh rescan: the long-lived handle (kept up to
+        // date through the journal) agrees with the new one and with du.
+        let a = fresh.describe().unwrap();
+        let b = pool.describe().unwrap();
+        assert_eq!(a.virtual_size, b.virtual_size, "iteration {i}");
+        assert_eq!(a.volumes, b.volumes, "iteration {i}");
+        assert_eq!(a.physical, b.physical, "iteration {i}");
+        assert_eq!(a.reserved, 0);
+        let sum: u64 = listed
+            .iter()
+            .map(|l| match l {
+                Listed::Ok(e) => e.image.as_ref().and_then(|i| i.virtual_size).unwrap_or(0),
+                Listed::Damaged(_) => 0,
+            })
+            .sum();
+        assert_eq!(a.virtual_size, sum);
+        if i % 20 == 0 {
+            assert_eq!(a.physical, du(dir), "iteration {i}");
+        }
+    }
+    eprintln!(
+        "200 kills in {:?}: {saw_temp_or_staging} left temp/staging leftovers, {recovered_items} items recovered",
+        start.elapsed()
+    );
+    assert!(saw_temp_or_staging > 0, "no kill ever hit mid-operation");
+}
+
+#[test]
+fn damaged_records_are_listed_with_path_and_reason() {
+    let (_t, _reg, pool) = setup(quota(100 * GIB, 1.0));
+    for id in ["good1", "trunc", "garbage", "newer", "norecord", "good2"] {
+        make_raw(&pool, id, MIB, b"");
+    }
+    let vdir = pool.path().join("volumes");
+    let truncated = vdir.join("trunc/volume.json");
+    let full = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    std::fs::write(vdir.join("garbage/volume.json"), b"\x00\xffnot json").unwrap();
+    std::fs::write(
+        vdir.join("newer/volume.json"),
+        br#"{"schema_version": 99, "data": {"name": "n", "tag": 1}}"#,
+    )
+    .unwrap();
+    std::fs::remove_file(vdir.join("norecord/volume.json")).unwrap();
+    std::fs::create_dir(vdir.join("Bad Name")).unwrap();
+    for p in [pool.clone(), Pool::open(pool.path(), Wait::Block).unwrap()] {
+        // The first handle learns of the damage only on refresh (it was
+        // made behind the API's back); the second at open.
+        p.refresh().unwrap();
+        let l = p
+            .list::<Vol>(EntryKind::Volume, |_, v| v.name.starts_with("good"))
+            .unwrap();
+        let ok: Vec<_> = l
+            .iter()
+            .filter_map(|x| match x {
+                Listed::Ok(e) => Some(e.id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ok, ["good1", "good2"]);
+        let dmg: Vec<&Damaged> = l
+            .iter()
+            .filter_map(|x| match x {
+                Listed::Damaged(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        let find = |id: &str| {
+            dmg.iter()
+                .find(|d| d.id == id)
+                .unwrap_or_else(|| panic!("{id} missing"))
+        };
+        assert_eq!(find("trunc").path, truncated);
+        assert!(
+            find("trunc").reason.contains("EOF"),
+            "{}",
+            find("trunc").reason
+        );
+        assert!(find("garbage").reason.contains("invalid JSON"));
+        assert!(find("newer").reason.contains("schema version 99"));
+        assert!(find("norecord").reason.contains("missing"));
+        assert!(find("Bad Name")
+            .reason
+            .contains("invalid entry directory name"));
+        assert_eq!(dmg.len(), 5);
+        // The pool counts records that are not records at all; a newer
+        // schema is damage only in the eyes of an older reader.
+        assert_eq!(p.describe().unwrap().damaged, 4);
+        match p.get::<Vol>(EntryKind::Volume, "garbage") {
+            Err(Error::Damaged { path, reason }) => {
+                assert_eq!(path, vdir.join("garbage/volume.json"));
+                assert!(reason.contains("invalid JSON"));
+            }
+            r => panic!("{r:?}"),
+        }
+        // serde_json::Value reads any version.
+        assert!(p
+            .get::<serde_json::Value>(EntryKind::Volume, "newer")
+            .is_ok());
+    }
+}
+
+#[test]
+fn damaged_registry_records_do_not_hide_others() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(t.path()).unwrap();
+    for n in ["a", "b", "c"] {
+        reg.define(n, &quota(GIB, 1.0)).unwrap();
+    }
+    std::fs::write(t.path().join("registry/b.json"), b"{").unwrap();
+    std::fs::write(t.path().join("pools/c/pool.json"), b"").unwrap();
+    let l = reg.list().unwrap();
+    assert_eq!(l.len(), 3);
+    assert!(matches!(&l[0], PoolListing::Ok(c) if c.name == "a" && c.state == PoolState::Inactive));
+    match &l[1] {
+        PoolListing::Damaged { name, path, reason } => {
+            assert_eq!(name, "b");
+            assert_eq!(path, &t.path().join("registry/b.json"));
+            assert!(reason.contains("invalid JSON"), "{reason}");
+        }
+        x => panic!("{x:?}"),
+    }
+    match &l[2] {
+        PoolListing::Damaged { path, reason, .. } => {
+            assert_eq!(path, &t.path().join("pools/c/pool.json"));
+            assert!(reason.contains("empty"), "{reason}");
+        }
+        x => panic!("{x:?}"),
+    }
+    // A damaged registry record can still be undefined.
+    reg.undefine("b", Wait::Block).unwrap();
+    assert_eq!(reg.list().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_names_are_refused_with_the_rule() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(t.path()).unwrap();
+    let long = "a".repeat(64);
+    for (n, frag) in [
+        ("a/b", "'/'"),
+        ("..", "'.'"),
+        ("a\0b", "NUL"),
+        (long.as_str(), "63"),
+        ("", "empty"),
+    ] {
+        match reg.define(n, &PoolSpec::default()) {
+            Err(Error::InvalidName { rule, .. }) => assert!(rule.contains(frag), "{n:?}: {rule}"),
+            r => panic!("{n:?}: {r:?}"),
+        }
+    }
+    // Entry ids follow the same rule.
+    let (_t2, _reg2, pool) = setup(quota(GIB, 1.0));
+    let st = pool.stage().unwrap();
+    assert!(matches!(
+        pool.commit(
+            st,
+            EntryKind::Volume,
+            "../x",
+            &Vol {
+                name: "x".into(),
+                tag: 0
+            }
+        ),
+        Err(Error::InvalidName { .. })
+    ));
+    // Nothing escaped the pool.
+    assert_eq!(
+        std::fs::read_dir(pool.path().join(STAGING_DIR))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn bad_roots_and_specs_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let file = t.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        Registry::open(&file),
+        Err(Error::NotADirectory { .. })
+    ));
+    assert!(matches!(
+        Registry::open(file.join("sub")),
+        Err(Error::NotADirectory { .. })
+    ));
+    // Unwritable: /sys refuses mkdir even to root.
+    match Registry::open("/sys/vmvol-pool-test-root") {
+        Err(Error::Unwritable { path, .. }) => {
+            assert_eq!(path, Path::new("/sys/vmvol-pool-test-root"))
+        }
+        r => panic!("{r:?}"),
+    }
+    // Unwritable: a read-only filesystem, when we may mount one.
+    let ro = t.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&ro)
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if mounted {
+        let r = Registry::open(&ro);
+        let _ = Command::new("umount").arg(&ro).status();
+        assert!(matches!(r, Err(Error::Unwritable { .. })), "{r:?}");
+    } else {
+        eprintln!("cannot mount tmpfs here: read-only root case not checked");
+    }
+    // A pool path that is a file, or inside one.
+    let reg = Registry::open(t.path().join("root")).unwrap();
+    let spec = |p: &Path| PoolSpec {
+        path: Some(p.to_path_buf()),
+        ..PoolSpec::default()
+    };
+    assert!(matches!(
+        reg.define("f", &spec(&file)),
+        Err(Error::NotADirectory { .. })
+    ));
+    assert!(matches!(
+        reg.define("g", &spec(&file.join("x"))),
+        Err(Error::NotADirectory { .. })
+    ));
+    assert!(matches!(
+        reg.define("s", &spec(Path::new("/sys/vmvol-pool-test"))),
+        Err(Error::Unwritable { .. })
+    ));
+    // A non-empty directory that is not a pool.
+    assert!(matches!(
+        reg.define("h", &spec(t.path())),
+        Err(Error::PathInUse { .. })
+    ));
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1001.0] {
+        assert!(matches!(
+            reg.define("r", &quota(GIB, bad)),
+            Err(Error::InvalidSpec { .. })
+        ));
+    }
+    assert!(matches!(
+        reg.define("z", &quota(0, 1.0)),
+        Err(Error::InvalidSpec { .. })
+    ));
+    assert!(
+        reg.list().unwrap().is_empty(),
+        "failed defines left records"
+    );
+}
+
+#[test]
+fn define_twice_undefine_nonempty_and_inactive() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(t.path()).unwrap();
+    let cfg = reg.define("p", &quota(GIB, 1.5)).unwrap();
+    assert_eq!(cfg.state, PoolState::Inactive);
+    for sub in [
+        "pool.json",
+        "lock",
+        "journal",
+        "volumes",
+        "templates",
+        "snapshots",
+        "staging",
+    ] {
+        assert!(cfg.path.join(sub).exists(), "{sub}");
+    }
+    match reg.define("p", &quota(GIB, 1.0)) {
+        Err(Error::AlreadyDefined { name, path }) => {
+            assert_eq!(name, "p");
+            assert_eq!(path, cfg.path);
+        }
+        r => panic!("{r:?}"),
+    }
+    // Inactive pools refuse volume work.
+    let pool = reg.open_pool("p", Wait::Block).unwrap();
+    for r in [
+        pool.reserve(1, "x").map(|_| ()),
+        pool.stage().map(|_| ()),
+        pool.list::<Vol>(EntryKind::Volume, |_, _| true).map(|_| ()),
+    ] {
+        match r {
+            Err(e @ Error::Inactive { .. }) => assert!(e.to_string().contains("inactive")),
+            r => panic!("{r:?}"),
+        }
+    }
+    reg.activate("p", Wait::Block).unwrap();
+    // Another handle sees the change without reopening.
+    make_raw(&pool, "v", MIB, b"");
+    assert!(matches!(
+        pool.commit(
+            pool.stage().unwrap(),
+            EntryKind::Volume,
+            "v",
+            &Vol {
+                name: "v".into(),
+                tag: 0
+            }
+        ),
+        Err(Error::EntryExists { .. })
+    ));
+    match reg.undefine("p", Wait::Block) {
+        Err(e @ Error::NotEmpty { volumes: 1, .. }) => assert!(e.to_string().contains("1 volumes")),
+        r => panic!("{r:?}"),
+    }
+    pool.remove(EntryKind::Volume, "v").unwrap();
+    assert!(matches!(
+        pool.remove(EntryKind::Volume, "v"),
+        Err(Error::EntryNotFound { .. })
+    ));
+    reg.deactivate("p", Wait::Block).unwrap();
+    assert!(matches!(pool.reserve(1, "x"), Err(Error::Inactive { .. })));
+    reg.undefine("p", Wait::Block).unwrap();
+    assert!(
+        !cfg.path.exists(),
+        "define created the directory, undefine removes it"
+    );
+    assert!(matches!(reg.get("p"), Err(Error::PoolNotFound { .. })));
+    // A user-given empty directory is kept on undefine.
+    let own = t.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    reg.define(
+        "q",
+        &PoolSpec {
+            path: Some(own.clone()),
+            ..PoolSpec::default()
+        },
+    )
+    .unwrap();
+    reg.undefine("q", Wait::Block).unwrap();
+    assert!(own.exists() && std::fs::read_dir(&own).unwrap().count() == 0);
+}
+
+#[test]
+fn lock_wait_policies() {
+    let (_t, _reg, pool) = setup(quota(GIB, 1.0));
+    let lock = pool.path().join(LOCK_FILE);
+    let held = lock_file(&lock, LockMode::Exclusive, Wait::Block, "test").unwrap();
+    let ff = pool.with_wait(Wait::FailFast);
+    match ff.describe() {
+        Err(e @ Error::Busy { .. }) => assert!(e.to_string().contains("describe pool")),
+        r => panic!("{r:?}"),
+    }
+    let t0 = Instant::now();
+    let to = pool.with_wait(Wait::Timeout(Duration::from_millis(80)));
+    assert!(matches!(to.reserve(1, "x"), Err(Error::Busy { .. })));
+    assert!(t0.elapsed() >= Duration::from_millis(80));
+    // Blocking waits until the holder lets go.
+    let p2 = pool.clone();
+    let h = std::thread::spawn(move || {
+        let t = Instant::now();
+        p2.reserve(1, "x").unwrap();
+        t.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    drop(held);
+    assert!(h.join().unwrap() >= Duration::from_millis(90));
+    // Shared holders coexist; a shared holder blocks mutations only.
+    let s = lock_file(&lock, LockMode::Shared, Wait::Block, "test").unwrap();
+    ff.describe().unwrap();
+    assert!(matches!(ff.reserve(1, "x"), Err(Error::Busy { .. })));
+    drop(s);
+    ff.reserve(1, "x").unwrap();
+}
+
+#[test]
+fn records_are_rewritten_atomically_and_seen_by_other_handles() {
+    let (_t, _reg, pool) = setup(quota(GIB, 1.0));
+    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    make_raw(&pool, "v", 4 * MIB, b"");
+    let v = Vol {
+        name: "renamed".into(),
+        tag: 42,
+    };
+    pool.write_record(EntryKind::Volume, "v", &v).unwrap();
+    let e = other.get::<Vol>(EntryKind::Volume, "v").unwrap();
+    assert_eq!(e.record.data, v);
+    assert_eq!(e.record.schema_version, 2);
+    let img = e.image.unwrap();
+    assert_eq!(img.virtual_size, Some(4 * MIB));
+    assert_eq!(img.format, vmvol_format::Format::Raw);
+    // Grow the image in place; rescan_entry tells everyone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img.path)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    pool.rescan_entry(EntryKind::Volume, "v").unwrap();
+    assert_eq!(other.describe().unwrap().virtual_size, 8 * MIB);
+    // The on-disk form is the envelope.
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.dir.join("volume.json")).unwrap()).unwrap();
+    assert_eq!(raw["schema_version"], 2);
+    assert_eq!(raw["data"]["tag"], 42);
+    assert!(temp_files(pool.path()).is_empty());
+    // A staging area dropped uncommitted disappears.
+    let st = pool.stage().unwrap();
+    let p = st.path().to_path_buf();
+    std::fs::write(p.join("x"), b"y").unwrap();
+    drop(st);
+    assert!(!p.exists());
+}
+
+#[test]
+fn journal_damage_or_truncation_makes_handles_rescan() {
+    let (_t, _reg, pool) = setup(quota(GIB, 1.0));
+    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    make_raw(&pool, "a", MIB, b"");
+    assert_eq!(other.describe().unwrap().volumes, 1);
+    // Garbage appended (as after a power loss) and a change made behind
+    // the journal's back: the reader must not trust the journal and rescans.
+    make_raw(&pool, "b", 2 * MIB, b"");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(pool.path().join(JOURNAL_FILE))
+        .unwrap()
+        .write_all(b"\x00garbage\n")
+        .unwrap();
+    std::fs::create_dir(pool.path().join("volumes/c")).unwrap();
+    std::fs::write(
+        pool.path().join("volumes/c/volume.json"),
+        br#"{"schema_version":1,"data":{"name":"c","tag":0}}"#,
+    )
+    .unwrap();
+    let d = other.describe().unwrap();
+    assert_eq!((d.volumes, d.virtual_size), (3, 3 * MIB));
+    // A truncated journal (shorter than the cursor) also means rescan.
+    std::fs::write(pool.path().join(JOURNAL_FILE), b"").unwrap();
+    pool.remove(EntryKind::Volume, "c").unwrap();
+    std::fs::remove_dir_all(pool.path().join("volumes/b")).unwrap();
+    std::fs::write(pool.path().join(JOURNAL_FILE), b"").unwrap();
+    let d = other.describe().unwrap();
+    assert_eq!((d.volumes, d.virtual_size), (1, MIB));
+}
+
+mod names {
+    use proptest::prelude::*;
+
+    fn reference(n: &str) -> bool {
+        (1..=63).contains(&n.len())
+            && !n.starts_with('.')
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn validate_name_matches_the_rule(n in "[a-z0-9._/\\-A-Z\\x00 ]{0,70}") {
+            prop_assert_eq!(vmvol_pool::validate_name(&n).is_ok(), reference(&n));
+        }
+    }
+}
