@@ -202,6 +202,7 @@ fn bench_io(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(64 << 10));
     let mut off = 0u64;
     g.bench_function("seq_write_64k/raw", |b| {
+        settle();
         b.iter(|| {
             imgs.raw.write_all_at(&block, off).unwrap();
             off = (off + (64 << 10)) % GIB;
@@ -209,6 +210,7 @@ fn bench_io(c: &mut Criterion) {
     });
     let mut off = 0u64;
     g.bench_function("seq_write_64k/qcow2", |b| {
+        settle();
         b.iter(|| {
             imgs.qcow2.write_at(&block, off).unwrap();
             off = (off + (64 << 10)) % GIB;
@@ -217,6 +219,7 @@ fn bench_io(c: &mut Criterion) {
     let mut rbuf = vec![0u8; 64 << 10];
     let mut off = 0u64;
     g.bench_function("seq_read_64k/raw", |b| {
+        settle();
         b.iter(|| {
             imgs.raw.read_exact_at(&mut rbuf, off).unwrap();
             black_box(&rbuf);
@@ -225,6 +228,7 @@ fn bench_io(c: &mut Criterion) {
     });
     let mut off = 0u64;
     g.bench_function("seq_read_64k/qcow2", |b| {
+        settle();
         b.iter(|| {
             imgs.qcow2.read_at(&mut rbuf, off).unwrap();
             black_box(&rbuf);
@@ -238,6 +242,7 @@ fn bench_io(c: &mut Criterion) {
     let pages = GIB / 4096;
     let mut x = 99u64;
     g.bench_function("rand_read_4k/raw", |b| {
+        settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
             imgs.raw.read_exact_at(&mut sbuf, o).unwrap();
@@ -245,6 +250,7 @@ fn bench_io(c: &mut Criterion) {
         })
     });
     g.bench_function("rand_read_4k/qcow2", |b| {
+        settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
             imgs.qcow2.read_at(&mut sbuf, o).unwrap();
@@ -252,12 +258,14 @@ fn bench_io(c: &mut Criterion) {
         })
     });
     g.bench_function("rand_overwrite_4k/raw", |b| {
+        settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
             imgs.raw.write_all_at(&small, o).unwrap();
         })
     });
     g.bench_function("rand_overwrite_4k/qcow2", |b| {
+        settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
             imgs.qcow2.write_at(&small, o).unwrap();
@@ -272,6 +280,12 @@ fn bench_io(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// Write back dirty pages before a measurement, so that writeback of an
+/// earlier benchmark's data does not land in this one.
+fn settle() {
+    let _ = Command::new("sync").status();
 }
 
 fn alloc_writes(kind: &str, iters: u64, data: &[u8]) -> Duration {

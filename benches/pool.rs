@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, Criterion};
 use serde::{Deserialize, Serialize};
-use vmvol::pool::{CapacityPolicy, EntryKind, Pool, PoolSpec, Record, RecordType, Registry, Wait};
+use vmvol::pool::{
+    write_atomic, CapacityPolicy, EntryKind, Pool, PoolSpec, Record, RecordType, Registry, Wait,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Vol {

@@ -141,6 +141,15 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+    /// A pool method was called from inside a transaction on the same pool
+    /// (it would wait forever for the lock the transaction holds).
+    #[error("{}: {op}: called inside a transaction on the same pool; use the transaction's methods", .path.display())]
+    Reentrant {
+        /// The pool.
+        path: PathBuf,
+        /// The refused operation.
+        op: &'static str,
+    },
     /// An entry (volume, template, snapshot) does not exist.
     #[error("pool {pool}: {kind} {id}: not found")]
     EntryNotFound {

@@ -79,7 +79,7 @@ pub use lock::{lock_file, FileLock, LockMode, Wait};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use pool::{
     allocation_limit, image_file_name, CapacityPolicy, Pool, PoolConfig, PoolDescription,
-    PoolState, Reservation, Staging,
+    PoolState, PoolTxn, Reservation, Staging,
 };
 pub use record::{
     fsync_dir, write_atomic, Damaged, Entry, EntryKind, ImageSummary, Listed, Record, RecordType,

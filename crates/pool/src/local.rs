@@ -496,6 +496,25 @@ impl PoolBackend for LocalBackend {
 
     fn recover(&self) -> Result<Vec<Recovered>> {
         let mut out = Vec::new();
+        // A layout directory deleted by hand would make every later step
+        // fail; put it back (empty) and say so.
+        for sub in [
+            EntryKind::Volume.dir_name(),
+            EntryKind::Template.dir_name(),
+            EntryKind::Snapshot.dir_name(),
+            STAGING_DIR,
+            RESERVATIONS_DIR,
+        ] {
+            let p = self.dir.join(sub);
+            if !p.is_dir() {
+                std::fs::create_dir(&p)
+                    .map_err(|e| write_err(&p, "recreate layout directory", e))?;
+                out.push(Recovered {
+                    path: p,
+                    what: "missing layout directory recreated".into(),
+                });
+            }
+        }
         let sdir = self.staging_dir();
         let rd = std::fs::read_dir(&sdir).map_err(|e| Error::io(&sdir, "list staging", e))?;
         for de in rd {

@@ -102,6 +102,26 @@ pub struct PoolDescription {
     pub recovered: Vec<Recovered>,
 }
 
+/// Checks a capacity policy and overcommit ratio (finite, in (0, 1000];
+/// quota > 0).
+pub(crate) fn validate_policy(pool: &str, capacity: CapacityPolicy, ratio: f64) -> Result<()> {
+    let bad = |reason: String| {
+        Err(Error::InvalidSpec {
+            pool: pool.to_string(),
+            reason,
+        })
+    };
+    if !ratio.is_finite() || ratio <= 0.0 || ratio > 1000.0 {
+        return bad(format!(
+            "overcommit ratio {ratio} must be a finite number in (0, 1000]"
+        ));
+    }
+    if let CapacityPolicy::Quota { bytes: 0 } = capacity {
+        return bad("quota must be more than 0 bytes".into());
+    }
+    Ok(())
+}
+
 /// `capacity × ratio`, saturating; exact for ratio 1.0.
 pub fn allocation_limit(capacity: u64, ratio: f64) -> u64 {
     if ratio == 1.0 {
@@ -325,6 +345,7 @@ impl Pool {
 
     /// Opens a pool on any backend.
     pub fn with_backend(backend: Arc<dyn PoolBackend>, wait: Wait) -> Result<Pool> {
+        let _held = ReentryGuard::enter_path(backend.location(), "open pool")?;
         let _g = backend.lock(LockMode::Exclusive, wait, "open pool")?;
         let (index, recovered) = Self::load(&*backend)?;
         Ok(Pool {
@@ -402,9 +423,7 @@ impl Pool {
 
     /// The pool's config, brought up to date with other processes.
     pub fn config(&self) -> Result<PoolConfig> {
-        self.with_lock(LockMode::Shared, "read pool config", |_, idx| {
-            Ok(idx.config.clone())
-        })
+        self.with_lock(LockMode::Shared, "read pool config", |t| t.config())
     }
 
     /// Runs `f` under the pool lock with the index synced to the disk.
@@ -412,12 +431,32 @@ impl Pool {
         &self,
         mode: LockMode,
         op: &'static str,
-        f: impl FnOnce(&Self, &mut Index) -> Result<R>,
+        f: impl FnOnce(&mut PoolTxn<'_>) -> Result<R>,
     ) -> Result<R> {
+        let _held = ReentryGuard::enter(self, op)?;
         let _g = self.inner.backend.lock(mode, self.wait, op)?;
         let mut idx = lock_index(&self.inner.index);
         self.sync(&mut idx)?;
-        f(self, &mut idx)
+        f(&mut PoolTxn {
+            pool: self,
+            idx: &mut idx,
+        })
+    }
+
+    /// Runs `f` holding the pool's exclusive lock throughout, so a check and
+    /// the change it allows (e.g. "not attached" → remove) are atomic with
+    /// respect to every other thread and process.
+    ///
+    /// Inside `f` use only the [`PoolTxn`]'s methods: calling this pool's
+    /// own methods from `f` fails with [`Error::Reentrant`] (it would wait
+    /// for the lock `f` holds). To work on two pools at once, nest their
+    /// transactions in a fixed order (e.g. by UUID) to avoid deadlocks.
+    pub fn transaction<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut PoolTxn<'_>) -> Result<R>,
+    ) -> Result<R> {
+        self.with_lock(LockMode::Exclusive, op, f)
     }
 
     /// Applies what other handles announced since our cursor.
@@ -510,15 +549,14 @@ impl Pool {
 
     /// All figures, brought up to date with other processes' changes.
     pub fn describe(&self) -> Result<PoolDescription> {
-        self.with_lock(LockMode::Shared, "describe pool", |p, idx| {
-            p.describe_locked(idx)
-        })
+        self.with_lock(LockMode::Shared, "describe pool", |t| t.describe())
     }
 
     /// Recovery plus a full rescan of every entry (exclusive lock), then
     /// [`Pool::describe`]'s figures.
     pub fn refresh(&self) -> Result<PoolDescription> {
         let b = &*self.inner.backend;
+        let _held = ReentryGuard::enter(self, "refresh pool")?;
         let _g = b.lock(LockMode::Exclusive, self.wait, "refresh pool")?;
         let (fresh, recovered) = Self::load(b)?;
         *self
@@ -532,9 +570,37 @@ impl Pool {
     }
 
     fn set_state(&self, state: PoolState, op: &'static str) -> Result<PoolConfig> {
-        self.with_lock(LockMode::Exclusive, op, |p, idx| {
-            let mut cfg = idx.config.clone();
+        self.update_config(op, |cfg| {
             cfg.state = state;
+            Ok(())
+        })
+    }
+
+    /// Changes the capacity policy and overcommit ratio (like editing a
+    /// libvirt pool's definition). Shrinking below the current allocation is
+    /// allowed: the pool then reports 0 available and refuses reservations.
+    pub fn set_capacity(
+        &self,
+        capacity: CapacityPolicy,
+        overcommit_ratio: f64,
+    ) -> Result<PoolConfig> {
+        self.update_config("set pool capacity", |cfg| {
+            validate_policy(&cfg.name, capacity, overcommit_ratio)?;
+            cfg.capacity = capacity;
+            cfg.overcommit_ratio = overcommit_ratio;
+            Ok(())
+        })
+    }
+
+    fn update_config(
+        &self,
+        op: &'static str,
+        change: impl FnOnce(&mut PoolConfig) -> Result<()>,
+    ) -> Result<PoolConfig> {
+        self.with_lock(LockMode::Exclusive, op, |t| {
+            let (p, idx) = (t.pool, &mut *t.idx);
+            let mut cfg = idx.config.clone();
+            change(&mut cfg)?;
             let path = p.path().join(crate::local::CONFIG_FILE);
             let bytes = Record::new(cfg.clone()).to_bytes(&path)?;
             p.announce(idx, &Change::Config)?;
@@ -560,89 +626,27 @@ impl Pool {
     /// Holds across threads and processes; a dead process's reservations
     /// are released by the kernel dropping its lock.
     pub fn reserve(&self, bytes: u64, purpose: &str) -> Result<Reservation> {
-        self.with_lock(LockMode::Exclusive, "reserve", |p, idx| {
-            idx.require_active("reserve")?;
-            let b = &*p.inner.backend;
-            let capacity = match idx.config.capacity {
-                CapacityPolicy::Filesystem => b.fs_stats()?.total,
-                CapacityPolicy::Quota { bytes } => bytes,
-            };
-            let live = b.live_reservations(true)?;
-            let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
-            let limit = allocation_limit(capacity, idx.config.overcommit_ratio);
-            let allocation = idx.virt.saturating_add(reserved);
-            let available = limit.saturating_sub(allocation);
-            if bytes > available {
-                return Err(Error::InsufficientSpace {
-                    pool: idx.config.name.clone(),
-                    needed: bytes,
-                    available,
-                    limit,
-                    allocation,
-                });
-            }
-            let info = ReservationInfo {
-                id: Uuid::new_v4(),
-                bytes,
-                purpose: purpose.to_string(),
-                pid: std::process::id(),
-            };
-            let guard = b.create_reservation(&info)?;
-            Ok(Reservation {
-                info,
-                _guard: guard,
-            })
+        self.with_lock(LockMode::Exclusive, "reserve", |t| {
+            t.reserve(bytes, purpose)
         })
     }
 
     /// A fresh staging directory to build an entry in.
     pub fn stage(&self) -> Result<Staging> {
-        self.with_lock(LockMode::Shared, "stage", |p, idx| {
-            idx.require_active("stage")?;
-            let area = p.inner.backend.create_staging()?;
-            Ok(Staging {
-                backend: Arc::clone(&p.inner.backend),
-                area: Some(area),
-            })
-        })
+        self.with_lock(LockMode::Shared, "stage", |t| t.stage())
     }
 
     /// Writes `data`'s record into `staging` and moves it into place as
     /// entry `kind/id` (atomically: the entry appears complete or not at all).
     pub fn commit<T: RecordType>(
         &self,
-        mut staging: Staging,
+        staging: Staging,
         kind: EntryKind,
         id: &str,
         data: &T,
     ) -> Result<()> {
-        validate_name(id)?;
-        self.with_lock(LockMode::Exclusive, "commit entry", |p, idx| {
-            idx.require_active("commit entry")?;
-            if idx.slot(kind, id).is_some() {
-                return Err(Error::EntryExists {
-                    pool: idx.config.name.clone(),
-                    kind,
-                    id: id.to_string(),
-                });
-            }
-            let b = &*p.inner.backend;
-            let bytes = encode(data, T::SCHEMA_VERSION, &b.entry_dir(kind, id))?;
-            let Some(area) = staging.area.as_ref() else {
-                return Err(Error::io(
-                    b.location(),
-                    "commit entry",
-                    std::io::ErrorKind::InvalidInput.into(),
-                ));
-            };
-            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-            let r = b.commit_staging(&area.path, kind, id, &bytes);
-            if r.is_ok() {
-                // Moved: nothing left to discard; the guard's lock goes with it.
-                staging.area = None;
-            }
-            p.rescan(idx, kind, id)?;
-            r
+        self.with_lock(LockMode::Exclusive, "commit entry", |t| {
+            t.commit(staging, kind, id, data)
         })
     }
 
@@ -656,38 +660,23 @@ impl Pool {
 
     /// Atomically replaces the record of existing entry `kind/id`.
     pub fn write_record<T: RecordType>(&self, kind: EntryKind, id: &str, data: &T) -> Result<()> {
-        self.with_lock(LockMode::Exclusive, "write record", |p, idx| {
-            idx.require_active("write record")?;
-            let path = Self::existing(idx, kind, id)?.record_path.clone();
-            let bytes = encode(data, T::SCHEMA_VERSION, &path)?;
-            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-            let r = p.inner.backend.write_record(kind, id, &bytes);
-            p.rescan(idx, kind, id)?;
-            r
+        self.with_lock(LockMode::Exclusive, "write record", |t| {
+            t.write_record(kind, id, data)
         })
     }
 
     /// Re-reads entry `kind/id` after its image changed in place (e.g. grown)
     /// and tells other processes.
     pub fn rescan_entry(&self, kind: EntryKind, id: &str) -> Result<()> {
-        self.with_lock(LockMode::Exclusive, "rescan entry", |p, idx| {
-            Self::existing(idx, kind, id)?;
-            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-            p.rescan(idx, kind, id)
+        self.with_lock(LockMode::Exclusive, "rescan entry", |t| {
+            t.rescan_entry(kind, id)
         })
     }
 
     /// Removes entry `kind/id` and everything in its directory. The caller
     /// (the volume layer) checks its own rules (attachments, dependents) first.
     pub fn remove(&self, kind: EntryKind, id: &str) -> Result<()> {
-        self.with_lock(LockMode::Exclusive, "remove entry", |p, idx| {
-            idx.require_active("remove entry")?;
-            Self::existing(idx, kind, id)?;
-            p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-            let r = p.inner.backend.remove_entry(kind, id);
-            p.rescan(idx, kind, id)?;
-            r
-        })
+        self.with_lock(LockMode::Exclusive, "remove entry", |t| t.remove(kind, id))
     }
 
     fn to_listed<T: RecordType>(kind: EntryKind, id: &str, s: &Slot) -> Listed<T> {
@@ -716,24 +705,12 @@ impl Pool {
     /// Entry `kind/id`; [`Error::Damaged`] (path, reason) if its record is
     /// unusable.
     pub fn get<T: RecordType>(&self, kind: EntryKind, id: &str) -> Result<Entry<T>> {
-        self.with_lock(LockMode::Shared, "get entry", |_, idx| {
-            idx.require_active("get entry")?;
-            let s = Self::existing(idx, kind, id)?;
-            match Self::to_listed::<T>(kind, id, s) {
-                Listed::Ok(e) => Ok(e),
-                Listed::Damaged(d) => Err(Error::Damaged {
-                    path: d.path,
-                    reason: d.reason,
-                }),
-            }
-        })
+        self.with_lock(LockMode::Shared, "get entry", |t| t.get(kind, id))
     }
 
     /// Whether entry `kind/id` exists (damaged or not).
     pub fn contains(&self, kind: EntryKind, id: &str) -> Result<bool> {
-        self.with_lock(LockMode::Shared, "look up entry", |_, idx| {
-            Ok(idx.slot(kind, id).is_some())
-        })
+        self.with_lock(LockMode::Shared, "look up entry", |t| t.contains(kind, id))
     }
 
     /// Entries of `kind` sorted by id whose record satisfies `filter(id,
@@ -744,37 +721,7 @@ impl Pool {
         kind: EntryKind,
         filter: impl Fn(&str, &T) -> bool,
     ) -> Result<Vec<Listed<T>>> {
-        self.with_lock(LockMode::Shared, "list entries", |_, idx| {
-            idx.require_active("list entries")?;
-            let mut out = Vec::new();
-            for (id, s) in &idx.kinds[kind.idx()] {
-                let parsed = match &s.record {
-                    Ok(bytes) => Record::<T>::parse(bytes),
-                    Err(reason) => Err(reason.clone()),
-                };
-                match parsed {
-                    Ok(record) => {
-                        if filter(id, &record.data) {
-                            out.push(Listed::Ok(Entry {
-                                kind,
-                                id: id.clone(),
-                                dir: s.dir.clone(),
-                                record,
-                                image: s.image.clone(),
-                                physical: s.physical,
-                            }));
-                        }
-                    }
-                    Err(reason) => out.push(Listed::Damaged(Damaged {
-                        kind,
-                        id: id.clone(),
-                        path: s.record_path.clone(),
-                        reason,
-                    })),
-                }
-            }
-            Ok(out)
-        })
+        self.with_lock(LockMode::Shared, "list entries", |t| t.list(kind, filter))
     }
 
     /// The directory of entry `kind/id` (whether or not it exists).
@@ -787,6 +734,7 @@ impl Pool {
     /// layout (and the directory if `remove_dir`).
     pub(crate) fn destroy_if_empty(&self, remove_dir: bool) -> Result<()> {
         let b = &*self.inner.backend;
+        let _held = ReentryGuard::enter(self, "undefine pool")?;
         let _g = b.lock(LockMode::Exclusive, self.wait, "undefine pool")?;
         let (idx, _) = Self::load(b)?;
         let staging = b.live_staging()?;
@@ -804,5 +752,267 @@ impl Pool {
             });
         }
         b.destroy(remove_dir)
+    }
+}
+
+/// The pool under its lock, with the index in step with the disk: every
+/// operation of [`Pool`] is available here without re-taking the lock.
+/// Obtained from [`Pool::transaction`].
+pub struct PoolTxn<'a> {
+    pool: &'a Pool,
+    idx: &'a mut Index,
+}
+
+impl std::fmt::Debug for PoolTxn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolTxn").field("pool", self.pool).finish()
+    }
+}
+
+impl PoolTxn<'_> {
+    /// The pool's config, brought up to date with other processes.
+    pub fn config(&mut self) -> Result<PoolConfig> {
+        let idx = &mut *self.idx;
+        Ok(idx.config.clone())
+    }
+
+    /// All figures, brought up to date with other processes' changes.
+    pub fn describe(&mut self) -> Result<PoolDescription> {
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        p.describe_locked(idx)
+    }
+
+    /// Reserves `bytes` before work that grows the pool. Fails with
+    /// [`Error::InsufficientSpace`] (needed and available bytes) when
+    /// allocation + `bytes` would exceed `capacity × overcommit_ratio`.
+    /// Holds across threads and processes; a dead process's reservations
+    /// are released by the kernel dropping its lock.
+    pub fn reserve(&mut self, bytes: u64, purpose: &str) -> Result<Reservation> {
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("reserve")?;
+        let b = &*p.inner.backend;
+        let capacity = match idx.config.capacity {
+            CapacityPolicy::Filesystem => b.fs_stats()?.total,
+            CapacityPolicy::Quota { bytes } => bytes,
+        };
+        let live = b.live_reservations(true)?;
+        let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
+        let limit = allocation_limit(capacity, idx.config.overcommit_ratio);
+        let allocation = idx.virt.saturating_add(reserved);
+        let available = limit.saturating_sub(allocation);
+        if bytes > available {
+            return Err(Error::InsufficientSpace {
+                pool: idx.config.name.clone(),
+                needed: bytes,
+                available,
+                limit,
+                allocation,
+            });
+        }
+        let info = ReservationInfo {
+            id: Uuid::new_v4(),
+            bytes,
+            purpose: purpose.to_string(),
+            pid: std::process::id(),
+        };
+        let guard = b.create_reservation(&info)?;
+        Ok(Reservation {
+            info,
+            _guard: guard,
+        })
+    }
+
+    /// A fresh staging directory to build an entry in.
+    pub fn stage(&mut self) -> Result<Staging> {
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("stage")?;
+        let area = p.inner.backend.create_staging()?;
+        Ok(Staging {
+            backend: Arc::clone(&p.inner.backend),
+            area: Some(area),
+        })
+    }
+
+    /// Writes `data`'s record into `staging` and moves it into place as
+    /// entry `kind/id` (atomically: the entry appears complete or not at all).
+    pub fn commit<T: RecordType>(
+        &mut self,
+        staging: Staging,
+        kind: EntryKind,
+        id: &str,
+        data: &T,
+    ) -> Result<()> {
+        validate_name(id)?;
+        let p = self.pool;
+        let mut staging = staging;
+        let idx = &mut *self.idx;
+        idx.require_active("commit entry")?;
+        if idx.slot(kind, id).is_some() {
+            return Err(Error::EntryExists {
+                pool: idx.config.name.clone(),
+                kind,
+                id: id.to_string(),
+            });
+        }
+        let b = &*p.inner.backend;
+        let bytes = encode(data, T::SCHEMA_VERSION, &b.entry_dir(kind, id))?;
+        let Some(area) = staging.area.as_ref() else {
+            return Err(Error::io(
+                b.location(),
+                "commit entry",
+                std::io::ErrorKind::InvalidInput.into(),
+            ));
+        };
+        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+        let r = b.commit_staging(&area.path, kind, id, &bytes);
+        if r.is_ok() {
+            // Moved: nothing left to discard; the guard's lock goes with it.
+            staging.area = None;
+        }
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// Atomically replaces the record of existing entry `kind/id`.
+    pub fn write_record<T: RecordType>(
+        &mut self,
+        kind: EntryKind,
+        id: &str,
+        data: &T,
+    ) -> Result<()> {
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("write record")?;
+        let path = Pool::existing(idx, kind, id)?.record_path.clone();
+        let bytes = encode(data, T::SCHEMA_VERSION, &path)?;
+        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.write_record(kind, id, &bytes);
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// Re-reads entry `kind/id` after its image changed in place (e.g. grown)
+    /// and tells other processes.
+    pub fn rescan_entry(&mut self, kind: EntryKind, id: &str) -> Result<()> {
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        Pool::existing(idx, kind, id)?;
+        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+        p.rescan(idx, kind, id)
+    }
+
+    /// Removes entry `kind/id` and everything in its directory. The caller
+    /// (the volume layer) checks its own rules (attachments, dependents) first.
+    pub fn remove(&mut self, kind: EntryKind, id: &str) -> Result<()> {
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("remove entry")?;
+        Pool::existing(idx, kind, id)?;
+        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.remove_entry(kind, id);
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// Entry `kind/id`; [`Error::Damaged`] (path, reason) if its record is
+    /// unusable.
+    pub fn get<T: RecordType>(&mut self, kind: EntryKind, id: &str) -> Result<Entry<T>> {
+        let idx = &mut *self.idx;
+        idx.require_active("get entry")?;
+        let s = Pool::existing(idx, kind, id)?;
+        match Pool::to_listed::<T>(kind, id, s) {
+            Listed::Ok(e) => Ok(e),
+            Listed::Damaged(d) => Err(Error::Damaged {
+                path: d.path,
+                reason: d.reason,
+            }),
+        }
+    }
+
+    /// Whether entry `kind/id` exists (damaged or not).
+    pub fn contains(&mut self, kind: EntryKind, id: &str) -> Result<bool> {
+        let idx = &mut *self.idx;
+        Ok(idx.slot(kind, id).is_some())
+    }
+
+    /// Entries of `kind` sorted by id whose record satisfies `filter(id,
+    /// data)`, plus every damaged entry (a damaged record cannot be
+    /// filtered, and is never hidden).
+    pub fn list<T: RecordType>(
+        &mut self,
+        kind: EntryKind,
+        filter: impl Fn(&str, &T) -> bool,
+    ) -> Result<Vec<Listed<T>>> {
+        let idx = &mut *self.idx;
+        idx.require_active("list entries")?;
+        let mut out = Vec::new();
+        for (id, s) in &idx.kinds[kind.idx()] {
+            let parsed = match &s.record {
+                Ok(bytes) => Record::<T>::parse(bytes),
+                Err(reason) => Err(reason.clone()),
+            };
+            match parsed {
+                Ok(record) => {
+                    if filter(id, &record.data) {
+                        out.push(Listed::Ok(Entry {
+                            kind,
+                            id: id.clone(),
+                            dir: s.dir.clone(),
+                            record,
+                            image: s.image.clone(),
+                            physical: s.physical,
+                        }));
+                    }
+                }
+                Err(reason) => out.push(Listed::Damaged(Damaged {
+                    kind,
+                    id: id.clone(),
+                    path: s.record_path.clone(),
+                    reason,
+                })),
+            }
+        }
+        Ok(out)
+    }
+}
+
+thread_local! {
+    /// Pools (by location) whose lock this thread holds, to turn a
+    /// self-deadlock into an error; by location so that two handles opened
+    /// separately on one pool are caught too.
+    static HELD: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+struct ReentryGuard(PathBuf);
+
+impl ReentryGuard {
+    fn enter(pool: &Pool, op: &'static str) -> Result<ReentryGuard> {
+        Self::enter_path(pool.path(), op)
+    }
+
+    fn enter_path(path: &Path, op: &'static str) -> Result<ReentryGuard> {
+        let key = path.to_path_buf();
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.contains(&key) {
+                return Err(Error::Reentrant { path: key, op });
+            }
+            h.push(key.clone());
+            Ok(ReentryGuard(key))
+        })
+    }
+}
+
+impl Drop for ReentryGuard {
+    fn drop(&mut self) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(pos) = h.iter().rposition(|k| *k == self.0) {
+                h.remove(pos);
+            }
+        });
     }
 }

@@ -85,22 +85,7 @@ pub struct Registry {
 }
 
 fn validate_spec(name: &str, spec: &PoolSpec) -> Result<()> {
-    let bad = |reason: String| {
-        Err(Error::InvalidSpec {
-            pool: name.to_string(),
-            reason,
-        })
-    };
-    let r = spec.overcommit_ratio;
-    if !r.is_finite() || r <= 0.0 || r > 1000.0 {
-        return bad(format!(
-            "overcommit ratio {r} must be a finite number in (0, 1000]"
-        ));
-    }
-    if let CapacityPolicy::Quota { bytes: 0 } = spec.capacity {
-        return bad("quota must be more than 0 bytes".into());
-    }
-    Ok(())
+    crate::pool::validate_policy(name, spec.capacity, spec.overcommit_ratio)
 }
 
 impl Registry {

@@ -848,14 +848,14 @@ fn lock_wait_policies() {
     assert!(t0.elapsed() >= Duration::from_millis(80));
     // Blocking waits until the holder lets go.
     let p2 = pool.clone();
+    let t0 = Instant::now();
     let h = std::thread::spawn(move || {
-        let t = Instant::now();
         p2.reserve(1, "x").unwrap();
-        t.elapsed()
+        t0.elapsed()
     });
     std::thread::sleep(Duration::from_millis(100));
     drop(held);
-    assert!(h.join().unwrap() >= Duration::from_millis(90));
+    assert!(h.join().unwrap() >= Duration::from_millis(100));
     // Shared holders coexist; a shared holder blocks mutations only.
     let s = lock_file(&lock, LockMode::Shared, Wait::Block, "test").unwrap();
     ff.describe().unwrap();
@@ -952,4 +952,122 @@ mod names {
             prop_assert_eq!(vmvol_pool::validate_name(&n).is_ok(), reference(&n));
         }
     }
+}
+
+#[test]
+fn transaction_checks_and_changes_atomically() {
+    let (_t, _reg, pool) = setup(quota(GIB, 1.0));
+    make_raw(&pool, "v", MIB, b"");
+    // Check-then-change under one lock; several operations in one go.
+    let removed = pool
+        .transaction("detach and remove", |tx| {
+            let e = tx.get::<Vol>(EntryKind::Volume, "v")?;
+            assert_eq!(e.record.data.tag, 0);
+            tx.write_record(
+                EntryKind::Volume,
+                "v",
+                &Vol {
+                    name: "v".into(),
+                    tag: 9,
+                },
+            )?;
+            let r = tx.reserve(10 * MIB, "in txn")?;
+            assert_eq!(tx.describe()?.reserved, 10 * MIB);
+            drop(r);
+            tx.remove(EntryKind::Volume, "v")?;
+            Ok(tx.list::<Vol>(EntryKind::Volume, |_, _| true)?.is_empty())
+        })
+        .unwrap();
+    assert!(removed);
+    // Re-entering the same pool from inside is an error, not a deadlock.
+    let r = pool.transaction("outer", |_| pool.describe().map(|_| ()));
+    assert!(
+        matches!(
+            r,
+            Err(Error::Reentrant {
+                op: "describe pool",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // An error inside aborts with that error and releases the lock.
+    let r: Result<()> = pool.transaction("fails", |tx| {
+        tx.remove(EntryKind::Volume, "missing")?;
+        Ok(())
+    });
+    assert!(matches!(r, Err(Error::EntryNotFound { .. })));
+    pool.with_wait(Wait::FailFast).describe().unwrap();
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Pool>();
+    check::<Reservation>();
+    check::<Staging>();
+    check::<Registry>();
+    check::<Error>();
+}
+
+#[test]
+fn define_adopts_its_own_unregistered_pool_and_open_repairs_layout() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(t.path()).unwrap();
+    let cfg = reg.define("p", &quota(GIB, 1.0)).unwrap();
+    // As if define crashed after laying out the pool, before registering.
+    std::fs::remove_file(t.path().join("registry/p.json")).unwrap();
+    assert!(reg.list().unwrap().is_empty());
+    let again = reg.define("p", &quota(2 * GIB, 1.0)).unwrap();
+    assert_eq!(
+        again.uuid, cfg.uuid,
+        "the existing pool is adopted, not replaced"
+    );
+    // Another name may not take it over.
+    assert!(matches!(
+        reg.define(
+            "q",
+            &PoolSpec {
+                path: Some(cfg.path.clone()),
+                ..PoolSpec::default()
+            }
+        ),
+        Err(Error::PathInUse { .. })
+    ));
+    // A layout directory removed by hand comes back at open, reported.
+    std::fs::remove_dir(cfg.path.join(STAGING_DIR)).unwrap();
+    let pool = reg.open_pool("p", Wait::Block).unwrap();
+    assert!(pool
+        .recovered()
+        .iter()
+        .any(|r| r.path == cfg.path.join(STAGING_DIR) && r.what.contains("recreated")));
+}
+
+#[test]
+fn capacity_can_be_changed_and_other_handles_follow() {
+    let (_t, _reg, pool) = setup(quota(GIB, 1.0));
+    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    make_raw(&pool, "v", 768 * MIB, b"");
+    assert!(other.reserve(512 * MIB, "x").is_err());
+    pool.set_capacity(CapacityPolicy::Quota { bytes: GIB }, 2.0)
+        .unwrap();
+    let g = other.reserve(512 * MIB, "x").unwrap();
+    assert_eq!(other.config().unwrap().overcommit_ratio, 2.0);
+    drop(g);
+    // Shrinking below the allocation: nothing available, nothing granted.
+    pool.set_capacity(CapacityPolicy::Quota { bytes: 512 * MIB }, 1.0)
+        .unwrap();
+    assert_eq!(other.describe().unwrap().available, 0);
+    assert!(matches!(
+        other.reserve(1, "x"),
+        Err(Error::InsufficientSpace { available: 0, .. })
+    ));
+    assert!(matches!(
+        pool.set_capacity(CapacityPolicy::Quota { bytes: 0 }, 1.0),
+        Err(Error::InvalidSpec { .. })
+    ));
+    assert!(matches!(
+        pool.set_capacity(CapacityPolicy::Filesystem, f64::NAN),
+        Err(Error::InvalidSpec { .. })
+    ));
 }
