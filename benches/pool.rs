@@ -4,7 +4,7 @@
 //! - open, including recovery and the rescan of every entry (target < 1 s);
 //! - list with a filter that keeps 1 % of the entries (target < 20 ms);
 //! - reserve + record rewrite (fsync'ed temp file, rename, directory fsync)
-//!   + release (target < 2 ms), next to the bare crash-safe write alone
+//!   and release (target < 2 ms), next to the bare crash-safe write alone
 //!   (the floor this disk sets: two fsyncs).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 

@@ -185,7 +185,7 @@ impl Counter<'_> {
             }
             let l2_off = e & L1E_OFFSET_MASK;
             self.inc(l2_off, self.cs, &format!("{what} L2 table {i}"));
-            if l2_off % self.cs != 0 {
+            if !l2_off.is_multiple_of(self.cs) {
                 self.corrupt(format!(
                     "{what} L2 table {i} offset {l2_off:#x} is not cluster aligned"
                 ));
@@ -222,7 +222,7 @@ impl Counter<'_> {
                         }
                     }
                     L2Entry::Normal { offset, .. } | L2Entry::ZeroAllocated { offset, .. } => {
-                        if offset % self.cs != 0 {
+                        if !offset.is_multiple_of(self.cs) {
                             self.corrupt(format!(
                                 "{what} L2 table {i} entry {j}: data cluster offset {offset:#x} is not cluster aligned"
                             ));
@@ -384,7 +384,7 @@ fn run(meta: &Qcow2Meta, repair: RepairMode) -> Result<CheckReport> {
             c.corrupt(format!("refcount table entry {i} has reserved bits set"));
             continue;
         }
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             c.corrupt(format!(
                 "refcount block {i} offset {off:#x} is not cluster aligned"
             ));

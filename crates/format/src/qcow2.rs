@@ -229,7 +229,7 @@ impl VettedHeader {
                 "L1 table of {l1_size} entries exceeds the 32 MiB limit"
             )));
         }
-        if l1_offset % cluster_size != 0 {
+        if !l1_offset.is_multiple_of(cluster_size) {
             return Err(invalid(format!("L1 table offset {l1_offset:#x} unaligned")));
         }
         if l1_size > 0
@@ -258,7 +258,7 @@ impl VettedHeader {
                 "refcount table of {rt_clusters} clusters exceeds the 8 MiB limit"
             )));
         }
-        if rt_offset % cluster_size != 0
+        if !rt_offset.is_multiple_of(cluster_size)
             || rt_offset
                 .checked_add(rt_bytes)
                 .is_none_or(|end| end > file_len)
@@ -271,7 +271,7 @@ impl VettedHeader {
             return Err(invalid(format!("{nb_snapshots} snapshots is absurd")));
         }
         if nb_snapshots > 0
-            && (snapshots_offset % cluster_size != 0 || snapshots_offset >= file_len)
+            && (!snapshots_offset.is_multiple_of(cluster_size) || snapshots_offset >= file_len)
         {
             return Err(invalid(format!(
                 "snapshot table offset {snapshots_offset:#x} is invalid"
@@ -326,7 +326,7 @@ impl VettedHeader {
                 EXT_CRYPTO => return Err(unsupported("encryption (LUKS header)".into())),
                 EXT_DATA_FILE => return Err(unsupported("external data file".into())),
                 // Entries are 48 bytes; imago indexes into a short last entry.
-                EXT_FEATURE_TABLE if len % 48 != 0 => {
+                EXT_FEATURE_TABLE if !len.is_multiple_of(48) => {
                     return Err(invalid(format!(
                         "feature name table of {len} bytes is not a whole number of entries"
                     )));
@@ -425,7 +425,10 @@ impl VettedHeader {
         for (i, e) in rt.chunks_exact(8).enumerate() {
             let v = be64(e, 0);
             let off = v & !511;
-            if v & 511 != 0 || off % cs != 0 || (off != 0 && off.saturating_add(cs) > file_len) {
+            if v & 511 != 0
+                || !off.is_multiple_of(cs)
+                || (off != 0 && off.saturating_add(cs) > file_len)
+            {
                 return Err(invalid(format!(
                     "refcount table entry {i} ({v:#x}) is not a cluster inside the file"
                 )));
@@ -690,7 +693,7 @@ impl Qcow2Image {
         if new_size == cur {
             return Ok(());
         }
-        if new_size > MAX_VIRTUAL_SIZE || new_size % 512 != 0 {
+        if new_size > MAX_VIRTUAL_SIZE || !new_size.is_multiple_of(512) {
             // QEMU only knows whole 512-byte sectors and refuses other sizes.
             return Err(Error::InvalidArgument {
                 path: self.path.clone(),
@@ -1252,10 +1255,10 @@ impl Qcow2Image {
         let size = acc.size();
         let end = offset + len;
         let mut edges = vec![offset - offset % cs];
-        if end % cs != 0 {
+        if !end.is_multiple_of(cs) {
             edges.push(end - end % cs);
         }
-        if offset % cs == 0 {
+        if offset.is_multiple_of(cs) {
             edges.remove(0);
         }
         edges.dedup();

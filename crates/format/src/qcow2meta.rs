@@ -392,7 +392,7 @@ impl Qcow2Meta {
                 format!("L1 table of {entries} entries exceeds the 32 MiB limit"),
             ));
         }
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(invalid(
                 &self.path,
                 format!("L1 table offset {offset:#x} unaligned"),
@@ -410,7 +410,7 @@ impl Qcow2Meta {
     /// Read the raw entries of the L2 table at `offset`.
     pub fn read_l2(&self, offset: u64) -> Result<Vec<u64>> {
         let cs = self.cluster_size();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(invalid(
                 &self.path,
                 format!("L2 table offset {offset:#x} unaligned"),
@@ -433,7 +433,7 @@ impl Qcow2Meta {
                 ),
             ));
         }
-        if h.refcount_table_offset % self.cluster_size() != 0 {
+        if !h.refcount_table_offset.is_multiple_of(self.cluster_size()) {
             return Err(invalid(
                 &self.path,
                 format!(
@@ -454,7 +454,7 @@ impl Qcow2Meta {
     /// Read and decode the refcount block at `offset`.
     pub fn read_refcount_block(&self, offset: u64) -> Result<Vec<u64>> {
         let cs = self.cluster_size();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(invalid(
                 &self.path,
                 format!("refcount block offset {offset:#x} unaligned"),
@@ -518,7 +518,7 @@ impl Qcow2Meta {
                 ),
             ));
         }
-        if h.snapshots_offset % self.cluster_size() != 0 {
+        if !h.snapshots_offset.is_multiple_of(self.cluster_size()) {
             return Err(invalid(
                 &self.path,
                 format!("snapshot table offset {:#x} unaligned", h.snapshots_offset),
@@ -578,7 +578,7 @@ impl Qcow2Meta {
         match entry {
             L2Entry::Unallocated | L2Entry::Zero | L2Entry::ZeroAllocated { .. } => Ok(false),
             L2Entry::Normal { offset, .. } => {
-                if offset % cs != 0
+                if !offset.is_multiple_of(cs)
                     || offset.saturating_add(cs) > self.file_len.next_multiple_of(cs)
                 {
                     return Err(Error::Corrupt {
@@ -859,6 +859,9 @@ pub struct ClusterCompressor {
     out: Vec<u8>,
     /// Largest useful compressed size (less than a cluster).
     limit: usize,
+    /// Cluster size; shorter input is padded with zeros to it.
+    cluster_size: usize,
+    padded: Vec<u8>,
 }
 
 impl std::fmt::Debug for ClusterCompressor {
@@ -893,12 +896,29 @@ impl ClusterCompressor {
             // stored block does not fit the output, so never let it run out.
             out: vec![0u8; cluster_size + cluster_size / 8 + 1024],
             limit: cluster_size.saturating_sub(1),
+            cluster_size,
+            padded: Vec::new(),
         }
     }
 
-    /// Compress one cluster. Returns `None` when it does not shrink below a
-    /// cluster (QEMU then stores it uncompressed, and so do we).
+    /// Compress one cluster (a short one is padded with zeros to the
+    /// cluster size). Returns `None` when it does not shrink below a cluster
+    /// (QEMU then stores it uncompressed, and so do we).
     pub fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        if data.len() > self.cluster_size {
+            return None;
+        }
+        if data.len() < self.cluster_size {
+            // A reader inflates a whole cluster: the short last cluster of an
+            // image is compressed padded with zeros.
+            let mut padded = std::mem::take(&mut self.padded);
+            padded.clear();
+            padded.extend_from_slice(data);
+            padded.resize(self.cluster_size, 0);
+            let r = self.compress(&padded);
+            self.padded = padded;
+            return r;
+        }
         match self.kind {
             Compression::Zstd => {
                 let c = self.zstd.as_mut()?;
@@ -928,7 +948,8 @@ impl ClusterCompressor {
 /// What [`Qcow2Writer`] should make.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Qcow2WriterOptions {
-    /// Virtual size in bytes.
+    /// Virtual size in bytes (rounded up to a multiple of 512, as QEMU
+    /// only sees whole sectors).
     pub size: u64,
     /// Cluster size: a power of two from 512 B to 2 MiB.
     pub cluster_size: u64,
@@ -1003,6 +1024,11 @@ impl Qcow2Writer {
             )));
         }
         let cluster_bits = cs.trailing_zeros();
+        // QEMU sees qcow2 sizes in whole 512-byte sectors (rounding down), so
+        // round up as `qemu-img create` does: the tail reads as zeros.
+        let mut opts = opts.clone();
+        opts.size = opts.size.next_multiple_of(512);
+        let opts = &opts;
         let guest_clusters = opts.size.div_ceil(cs);
         let l2_entries = cs / 8;
         let l1_size = guest_clusters.div_ceil(l2_entries);
@@ -1281,13 +1307,13 @@ impl Qcow2Writer {
                 let t = self.append(tail)?;
                 let tail_len = tail.len() as u64;
                 let last = t + (tail_len - 1) / cs * cs;
-                self.open = (tail_len % cs != 0).then_some((last, tail_len % cs));
+                self.open = (!tail_len.is_multiple_of(cs)).then_some((last, tail_len % cs));
                 h + used
             }
             _ => {
                 let t = self.append(compressed)?;
                 let last = t + (len - 1) / cs * cs;
-                self.open = (len % cs != 0).then_some((last, len % cs));
+                self.open = (!len.is_multiple_of(cs)).then_some((last, len % cs));
                 t
             }
         };

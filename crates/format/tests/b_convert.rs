@@ -323,3 +323,52 @@ fn cancelled_convert_leaves_nothing() {
         assert!(left.is_empty(), "temp files left: {left:?}");
     }
 }
+
+#[test]
+fn odd_sizes_convert_and_compact() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    // Neither a multiple of 512 nor of the cluster size.
+    let raw = dir.join("odd.raw");
+    let size = (3u64 << 20) + 70_001;
+    raw_with(&raw, size, &[(0, text(5, size as usize))]);
+    for (name, comp) in [
+        ("odd.qcow2", None),
+        ("oddz.qcow2", Some(Compression::Zstd)),
+        ("oddl.qcow2", Some(Compression::Zlib)),
+    ] {
+        let out = dir.join(name);
+        let o = ConvertOptions {
+            compress: comp,
+            ..co(Format::Qcow2)
+        };
+        convert(&raw, &opts_in(dir), &out, &o, &Control::new()).unwrap();
+        assert_qemu_clean(&out);
+        assert_same(&raw, &out);
+        let back = dir.join(format!("{name}.raw"));
+        convert(
+            &out,
+            &opts_in(dir),
+            &back,
+            &co(Format::Raw),
+            &Control::new(),
+        )
+        .unwrap();
+        assert_same(&raw, &back);
+        let c = vmvol_format::compact(
+            &out,
+            &vmvol_format::CompactOptions {
+                compression: Some(Compression::Zstd),
+                ..Default::default()
+            },
+            &Control::new(),
+        )
+        .unwrap();
+        assert!(c.compressed_clusters > 0);
+        assert_qemu_clean(&out);
+        assert_same(&raw, &out);
+    }
+}

@@ -963,7 +963,7 @@ fn sb_checksum(sb: &mut [u8]) {
 fn set_bits(bm: &mut [u8], from: usize, to: usize) {
     let mut i = from;
     while i < to {
-        if i % 8 == 0 && i + 8 <= to {
+        if i.is_multiple_of(8) && i + 8 <= to {
             let end = (to / 8).min((i / 8).max(i / 8 + (to - i) / 8));
             if let Some(s) = bm.get_mut(i / 8..end) {
                 s.fill(0xFF);

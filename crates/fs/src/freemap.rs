@@ -706,7 +706,7 @@ impl Geometry {
         if g <= 1 || !self.sparse_super {
             return true;
         }
-        if g % 2 == 0 {
+        if g.is_multiple_of(2) {
             return false;
         }
         is_power_of(g, 3) || is_power_of(g, 5) || is_power_of(g, 7)
@@ -748,7 +748,7 @@ impl Geometry {
 
 /// Whether `n` is a power of `base` (`test_root` in the kernel).
 fn is_power_of(mut n: u64, base: u64) -> bool {
-    while n > 1 && n % base == 0 {
+    while n > 1 && n.is_multiple_of(base) {
         n /= base;
     }
     n == 1
@@ -977,7 +977,7 @@ fn set_bits(bitmap: &mut [u8], from: u64, to: u64) {
         let Some(b) = bitmap.get_mut(byte) else {
             return;
         };
-        if bit % 8 == 0 && to - bit >= 8 {
+        if bit.is_multiple_of(8) && to - bit >= 8 {
             *b = 0xFF;
             bit += 8;
         } else {
@@ -1127,7 +1127,7 @@ fn emit_free(bitmap: &[u8], nbits: u64, mut f: impl FnMut(u64, u64) -> Result<()
     while bit < nbits {
         let byte_idx = (bit / 8) as usize;
         // Fast path over whole 64-bit words that are all used or all free.
-        if bit % 64 == 0 && nbits - bit >= 64 {
+        if bit.is_multiple_of(64) && nbits - bit >= 64 {
             if let Some(word) = bitmap
                 .get(byte_idx..byte_idx + 8)
                 .and_then(|s| <[u8; 8]>::try_from(s).ok())
