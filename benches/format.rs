@@ -68,12 +68,16 @@ fn text(seed: u64, buf: &mut [u8]) {
     let mut pos = 0;
     while pos < buf.len() {
         let r = xorshift(&mut x);
-        let w = if r % 5 == 0 {
+        let w = if r.is_multiple_of(5) {
             format!("{} ", r % 100_000)
         } else {
             format!("{} ", WORDS[(r >> 8) as usize % WORDS.len()])
         };
-        let w = if r % 11 == 0 { format!("{w}\n") } else { w };
+        let w = if r.is_multiple_of(11) {
+            format!("{w}\n")
+        } else {
+            w
+        };
         let n = w.len().min(buf.len() - pos);
         buf[pos..pos + n].copy_from_slice(&w.as_bytes()[..n]);
         pos += n;

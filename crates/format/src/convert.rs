@@ -116,6 +116,29 @@ const MAP_WINDOW: u64 = 1 << 30;
 /// the same name when `dst` is in the source's directory, else by its
 /// absolute path. Cancellation through `control` returns
 /// [`Error::Cancelled`] and leaves no output.
+///
+/// ```
+/// use vmvol_format::{check, compact, convert, CompactOptions, Compression, ConvertOptions};
+/// use vmvol_format::{Control, OpenOptions, RepairMode};
+///
+/// let dir = tempfile::tempdir()?;
+/// let raw = dir.path().join("disk.raw");
+/// let mut bytes = vec![0u8; 4 << 20];
+/// bytes[..1 << 20].fill(7);
+/// std::fs::write(&raw, &bytes)?;
+///
+/// // raw -> qcow2 (sparse: the 3 MiB of zeros take no space).
+/// let q = dir.path().join("disk.qcow2");
+/// let report = convert(&raw, &OpenOptions::new(), &q, &ConvertOptions::default(), &Control::new())?;
+/// assert_eq!(report.virtual_size, 4 << 20);
+/// assert!(check(&q, RepairMode::None)?.is_clean());
+///
+/// // Compress it in place.
+/// let opts = CompactOptions { compression: Some(Compression::Zstd), ..Default::default() };
+/// let c = compact(&q, &opts, &Control::new())?;
+/// assert!(c.bytes_after < c.bytes_before);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn convert(
     src: &Path,
     src_opts: &OpenOptions,

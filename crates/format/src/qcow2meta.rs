@@ -199,6 +199,8 @@ pub enum L2Entry {
 impl L2Entry {
     /// Decode a raw (host-endian) L2 entry of an image with `cluster_bits`.
     pub fn decode(raw: u64, cluster_bits: u32) -> L2Entry {
+        // Valid images have 9..=21; clamping keeps the shifts below in range.
+        let cluster_bits = cluster_bits.clamp(9, 21);
         let copied = raw & OFLAG_COPIED != 0;
         if raw & OFLAG_COMPRESSED != 0 {
             // x = 62 - (cluster_bits - 8) offset bits, then the count of
@@ -1582,10 +1584,21 @@ mod tests {
             let mut out = vec![0u8; 65536];
             decompress_cluster(kind, &padded, &mut out).unwrap();
             assert_eq!(out, data);
-            let noise: Vec<u8> = (0..65536u64)
-                .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+            let mut x = 0x1234_5678_u64;
+            let noise: Vec<u8> = (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
                 .collect();
             assert!(c.compress(&noise).is_none());
+            // A short last cluster is compressed padded to a whole cluster.
+            let z = c.compress(&data[..1000]).unwrap();
+            decompress_cluster(kind, &z, &mut out).unwrap();
+            assert_eq!(&out[..1000], &data[..1000]);
+            assert!(out[1000..].iter().all(|&b| b == 0));
         }
     }
 
