@@ -106,7 +106,7 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
         PoolCmd::List { out } => {
             let list = reg.list()?;
             report(out.output, &list, |l| {
-                println!("{:<24}{:<10}{}", "Name", "State", "Path");
+                println!("{:<24}{:<10}Path", "Name", "State");
                 for p in l {
                     match p {
                         PoolListing::Ok(c) => println!(
