@@ -197,6 +197,8 @@ enum ImageCmd {
         preallocation: PreallocArg,
         #[command(flatten)]
         chain: ChainArgs,
+        #[command(flatten)]
+        out: OutputArg,
     },
     /// Copy an image to a new file, converting its format.
     Convert {
@@ -491,6 +493,7 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             size,
             preallocation,
             chain,
+            out,
         } => {
             let img = Image::open(&file, &chain.open_options(&file, false))?;
             let cur = format::BlockIo::size(&img);
@@ -512,7 +515,24 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
                 None => img.grow(new)?,
             }
             format::BlockIo::flush(&img)?;
-            println!("Image resized to {} ({new} bytes).", human(new));
+            #[derive(Serialize)]
+            struct Resized {
+                filename: PathBuf,
+                old_size: u64,
+                new_size: u64,
+            }
+            let r = Resized {
+                filename: file.clone(),
+                old_size: cur,
+                new_size: new,
+            };
+            report(out.output, &r, |r| {
+                println!(
+                    "Image resized to {} ({} bytes).",
+                    human(r.new_size),
+                    r.new_size
+                );
+            })?;
         }
         ImageCmd::Convert {
             chain,

@@ -317,3 +317,110 @@ fn ext4_create_free_and_compact() {
     ok(&bin, &["image", "compact", img_s]);
     qemu_ok(&["check", img_s]);
 }
+
+#[test]
+fn compact_drops_deleted_files_using_the_ext4_free_map() {
+    let Some(bin) = require(&["qemu-img", "e2fsck", "debugfs"]) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    // A tree with one file to keep and one big file to delete.
+    let tree = d.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let keep: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(tree.join("keep.bin"), &keep).unwrap();
+    let mut x = 7u64;
+    let big: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(tree.join("big.bin"), &big).unwrap();
+
+    ok(
+        &bin,
+        &[
+            "fs",
+            "populate",
+            &p("vol.raw"),
+            "--from",
+            tree.to_str().unwrap(),
+            "--size",
+            "64M",
+        ],
+    );
+    // Delete the big file behind the library's back, as a guest would.
+    let o = Command::new("debugfs")
+        .args(["-w", "-R", "rm /big.bin", &p("vol.raw")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Its blocks still hold data: qemu-img convert keeps them, and so does a
+    // compaction told not to read the filesystem.
+    ok(
+        &bin,
+        &[
+            "image",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &p("vol.raw"),
+            &p("a.qcow2"),
+        ],
+    );
+    std::fs::copy(p("a.qcow2"), p("b.qcow2")).unwrap();
+    let plain: serde_json::Value = serde_json::from_str(&ok(
+        &bin,
+        &[
+            "image",
+            "compact",
+            "--no-fs-free",
+            &p("a.qcow2"),
+            "--output",
+            "json",
+        ],
+    ))
+    .unwrap();
+    let aware: serde_json::Value = serde_json::from_str(&ok(
+        &bin,
+        &["image", "compact", &p("b.qcow2"), "--output", "json"],
+    ))
+    .unwrap();
+    let (plain_after, aware_after) = (
+        plain["bytes_after"].as_u64().unwrap(),
+        aware["bytes_after"].as_u64().unwrap(),
+    );
+    assert!(
+        plain_after > 24 << 20,
+        "without the map the deleted data stays: {plain_after}"
+    );
+    assert!(
+        aware_after < 8 << 20,
+        "with the map it is dropped: {aware_after}"
+    );
+
+    // The compacted filesystem is intact and the kept file reads back.
+    qemu_ok(&["check", &p("b.qcow2")]);
+    qemu_ok(&["convert", "-O", "raw", &p("b.qcow2"), &p("b.raw")]);
+    let o = Command::new("e2fsck")
+        .args(["-fn", &p("b.raw")])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = Command::new("debugfs")
+        .args(["-R", "cat /keep.bin", &p("b.raw")])
+        .output()
+        .unwrap();
+    assert_eq!(o.stdout, keep);
+}
