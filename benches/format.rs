@@ -7,9 +7,11 @@
 //!   (whole process timed), same source and target formats;
 //! - compressed compaction (zstd, all cores) against `qemu-img convert -c` (zlib).
 //!
-//! Before criterion runs, the peak RSS of a convert (ours, in a child process,
-//! and qemu-img's) is measured with `/usr/bin/time -v` and printed, with the
-//! compaction output sizes.
+//! The convert and compaction fixtures are built only when one of those
+//! benchmarks runs (criterion's filter decides), so `-- io_1GiB` starts at
+//! once. When they are built under `cargo bench`, the peak RSS of a convert
+//! (ours, in a child process, and qemu-img's) is first measured with
+//! `/usr/bin/time -v` and printed, with the compaction output sizes.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::fs::File;
@@ -17,7 +19,8 @@ use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
@@ -42,6 +45,9 @@ struct Fixtures {
 }
 
 static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+/// Whether to print the memory and size report when the fixtures are built.
+static REPORT: AtomicBool = AtomicBool::new(false);
+static REPORTED: Once = Once::new();
 
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;
@@ -89,67 +95,101 @@ fn qemu(args: &[&str]) {
     assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
 }
 
+/// The convert/compaction fixtures, built on first use; the first use also
+/// prints the memory and size report when it is wanted.
 fn fixtures() -> &'static Fixtures {
-    FIXTURES.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("vmvol-bench")
-            .tempdir_in(std::env::var_os("VMVOL_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))
-            .unwrap();
-        let raw2g = dir.path().join("src2g.raw");
-        let f = File::create(&raw2g).unwrap();
-        f.set_len(2 * GIB).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        for i in 0..1024u64 {
-            noise(i + 1, &mut buf);
-            f.write_all_at(&buf, i * (2 << 20)).unwrap();
+    let fx = FIXTURES.get_or_init(build_fixtures);
+    REPORTED.call_once(|| {
+        if REPORT.load(Ordering::Relaxed) {
+            report_memory_and_sizes(fx);
         }
-        f.sync_all().unwrap();
-        let qcow2g = dir.path().join("src2g.qcow2");
-        qemu(&["convert", "-f", "raw", "-O", "qcow2", raw2g.to_str().unwrap(), qcow2g.to_str().unwrap()]);
+    });
+    fx
+}
 
-        // Synthetic: 10% random, 10% zeros, 80% log-like text.
-        let craw = dir.path().join("synth.raw");
-        let f = File::create(&craw).unwrap();
-        let mut c = vec![0u8; CLUSTER as usize];
-        for g in 0..(256 << 20) / CLUSTER {
-            match g % 10 {
-                0 => noise(g + 7, &mut c),
-                1 => c.fill(0),
-                _ => text(g + 3, &mut c),
-            }
-            f.write_all_at(&c, g * CLUSTER).unwrap();
+fn build_fixtures() -> Fixtures {
+    let dir = tempfile::Builder::new()
+        .prefix("vmvol-bench")
+        .tempdir_in(std::env::var_os("VMVOL_BENCH_DIR").unwrap_or_else(|| "/tmp".into()))
+        .unwrap();
+    let raw2g = dir.path().join("src2g.raw");
+    let f = File::create(&raw2g).unwrap();
+    f.set_len(2 * GIB).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..1024u64 {
+        noise(i + 1, &mut buf);
+        f.write_all_at(&buf, i * (2 << 20)).unwrap();
+    }
+    f.sync_all().unwrap();
+    let qcow2g = dir.path().join("src2g.qcow2");
+    qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw2g.to_str().unwrap(),
+        qcow2g.to_str().unwrap(),
+    ]);
+
+    // Synthetic: 10% random, 10% zeros, 80% log-like text.
+    let craw = dir.path().join("synth.raw");
+    let f = File::create(&craw).unwrap();
+    let mut c = vec![0u8; CLUSTER as usize];
+    for g in 0..(256 << 20) / CLUSTER {
+        match g % 10 {
+            0 => noise(g + 7, &mut c),
+            1 => c.fill(0),
+            _ => text(g + 3, &mut c),
         }
-        drop(f);
-        let compact_synth = dir.path().join("synth.qcow2");
-        qemu(&["convert", "-f", "raw", "-O", "qcow2", craw.to_str().unwrap(), compact_synth.to_str().unwrap()]);
-        std::fs::remove_file(&craw).unwrap();
-        // Real content, as a root disk holds it: the first 256 MiB of a tar
-        // of this machine's /usr/lib, /usr/bin and /usr/share/doc.
-        let uraw = dir.path().join("usr.raw");
-        let tar = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "tar cf - /usr/lib/x86_64-linux-gnu /usr/bin /usr/share/doc 2>/dev/null | head -c {} > {}",
-                256 << 20,
-                uraw.display()
-            ))
-            .status()
-            .unwrap();
-        assert!(tar.success());
-        let f = std::fs::OpenOptions::new().write(true).open(&uraw).unwrap();
-        f.set_len(256 << 20).unwrap();
-        drop(f);
-        let compact_src = dir.path().join("usr.qcow2");
-        qemu(&["convert", "-f", "raw", "-O", "qcow2", uraw.to_str().unwrap(), compact_src.to_str().unwrap()]);
-        std::fs::remove_file(&uraw).unwrap();
-        Fixtures {
-            dir,
-            raw2g,
-            qcow2g,
-            compact_src,
-            compact_synth,
-        }
-    })
+        f.write_all_at(&c, g * CLUSTER).unwrap();
+    }
+    drop(f);
+    let compact_synth = dir.path().join("synth.qcow2");
+    qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        craw.to_str().unwrap(),
+        compact_synth.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&craw).unwrap();
+    // Real content, as a root disk holds it: the first 256 MiB of a tar
+    // of this machine's /usr/lib, /usr/bin and /usr/share/doc.
+    let uraw = dir.path().join("usr.raw");
+    let tar = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar cf - /usr/lib/x86_64-linux-gnu /usr/bin /usr/share/doc 2>/dev/null | head -c {} > {}",
+            256 << 20,
+            uraw.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let f = std::fs::OpenOptions::new().write(true).open(&uraw).unwrap();
+    f.set_len(256 << 20).unwrap();
+    drop(f);
+    let compact_src = dir.path().join("usr.qcow2");
+    qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        uraw.to_str().unwrap(),
+        compact_src.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&uraw).unwrap();
+    Fixtures {
+        dir,
+        raw2g,
+        qcow2g,
+        compact_src,
+        compact_synth,
+    }
 }
 
 fn open_opts(dir: &Path) -> OpenOptions {
@@ -196,7 +236,9 @@ fn io_images() -> IoImages {
 }
 
 fn bench_io(c: &mut Criterion) {
-    let imgs = io_images();
+    // Built by the first I/O benchmark that runs, not when none does.
+    let imgs_cell = OnceLock::new();
+    let imgs = || imgs_cell.get_or_init(io_images);
     let mut g = c.benchmark_group("io_1GiB");
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(300))
@@ -206,6 +248,7 @@ fn bench_io(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(64 << 10));
     let mut off = 0u64;
     g.bench_function("seq_write_64k/raw", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             imgs.raw.write_all_at(&block, off).unwrap();
@@ -214,6 +257,7 @@ fn bench_io(c: &mut Criterion) {
     });
     let mut off = 0u64;
     g.bench_function("seq_write_64k/qcow2", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             imgs.qcow2.write_at(&block, off).unwrap();
@@ -223,6 +267,7 @@ fn bench_io(c: &mut Criterion) {
     let mut rbuf = vec![0u8; 64 << 10];
     let mut off = 0u64;
     g.bench_function("seq_read_64k/raw", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             imgs.raw.read_exact_at(&mut rbuf, off).unwrap();
@@ -232,6 +277,7 @@ fn bench_io(c: &mut Criterion) {
     });
     let mut off = 0u64;
     g.bench_function("seq_read_64k/qcow2", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             imgs.qcow2.read_at(&mut rbuf, off).unwrap();
@@ -246,6 +292,7 @@ fn bench_io(c: &mut Criterion) {
     let pages = GIB / 4096;
     let mut x = 99u64;
     g.bench_function("rand_read_4k/raw", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
@@ -254,6 +301,7 @@ fn bench_io(c: &mut Criterion) {
         })
     });
     g.bench_function("rand_read_4k/qcow2", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
@@ -262,6 +310,7 @@ fn bench_io(c: &mut Criterion) {
         })
     });
     g.bench_function("rand_overwrite_4k/raw", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
@@ -269,6 +318,7 @@ fn bench_io(c: &mut Criterion) {
         })
     });
     g.bench_function("rand_overwrite_4k/qcow2", |b| {
+        let imgs = imgs();
         settle();
         b.iter(|| {
             let o = (xorshift(&mut x) % pages) * 4096;
@@ -335,23 +385,31 @@ fn run_qemu_convert(args: &[&str]) -> Duration {
     t.elapsed()
 }
 
+/// Where convert benchmarks write (inside the fixtures' directory).
+fn convert_dst(fx: &Fixtures) -> PathBuf {
+    fx.dir.path().join("out.img")
+}
+
 fn bench_convert(c: &mut Criterion) {
-    let fx = fixtures();
     let mut g = c.benchmark_group("convert_2GiB_1GiB_allocated");
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Bytes(GIB));
-    let dst = fx.dir.path().join("out.img");
+    type Src = fn(&'static Fixtures) -> &'static PathBuf;
+    let raw: Src = |fx| &fx.raw2g;
+    let qcow2: Src = |fx| &fx.qcow2g;
     let cases = [
-        ("raw_to_raw", &fx.raw2g, Format::Raw, Format::Raw),
-        ("raw_to_qcow2", &fx.raw2g, Format::Raw, Format::Qcow2),
-        ("qcow2_to_qcow2", &fx.qcow2g, Format::Qcow2, Format::Qcow2),
-        ("qcow2_to_raw", &fx.qcow2g, Format::Qcow2, Format::Raw),
+        ("raw_to_raw", raw, Format::Raw, Format::Raw),
+        ("raw_to_qcow2", raw, Format::Raw, Format::Qcow2),
+        ("qcow2_to_qcow2", qcow2, Format::Qcow2, Format::Qcow2),
+        ("qcow2_to_raw", qcow2, Format::Qcow2, Format::Raw),
     ];
     for (name, src, sf, df) in cases {
         g.bench_function(BenchmarkId::new(name, "vmvol"), |b| {
+            let fx = fixtures();
+            let (src, dst) = (src(fx), convert_dst(fx));
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -377,6 +435,8 @@ fn bench_convert(c: &mut Criterion) {
             })
         });
         g.bench_function(BenchmarkId::new(name, "qemu-img"), |b| {
+            let fx = fixtures();
+            let (src, dst) = (src(fx), convert_dst(fx));
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -397,6 +457,8 @@ fn bench_convert(c: &mut Criterion) {
     }
     // Durable copies: ours fsyncs before the rename, qemu-img flushes with -t writeback.
     g.bench_function(BenchmarkId::new("qcow2_to_qcow2_fsync", "vmvol"), |b| {
+        let fx = fixtures();
+        let dst = convert_dst(fx);
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -416,6 +478,8 @@ fn bench_convert(c: &mut Criterion) {
         })
     });
     g.bench_function(BenchmarkId::new("qcow2_to_qcow2_fsync", "qemu-img"), |b| {
+        let fx = fixtures();
+        let dst = convert_dst(fx);
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -433,7 +497,9 @@ fn bench_convert(c: &mut Criterion) {
             total
         })
     });
-    let _ = std::fs::remove_file(&dst);
+    if let Some(fx) = FIXTURES.get() {
+        let _ = std::fs::remove_file(convert_dst(fx));
+    }
     g.finish();
 }
 
@@ -445,7 +511,6 @@ fn compact_copy(fx: &Fixtures, src: &Path) -> PathBuf {
 }
 
 fn bench_compact(c: &mut Criterion) {
-    let fx = fixtures();
     let mut g = c.benchmark_group("compressed_compaction_256MiB");
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -453,6 +518,7 @@ fn bench_compact(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(20));
     g.throughput(Throughput::Bytes(256 << 20));
     g.bench_function("vmvol_compact_zstd_all_cores", |b| {
+        let fx = fixtures();
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -469,8 +535,9 @@ fn bench_compact(c: &mut Criterion) {
             total
         })
     });
-    let out = fx.dir.path().join("qemu-c.qcow2");
     g.bench_function("qemu-img_convert_-c_zlib", |b| {
+        let fx = fixtures();
+        let out = fx.dir.path().join("qemu-c.qcow2");
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -506,8 +573,7 @@ fn peak_rss(cmd: &mut Command) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn report_memory_and_sizes() {
-    let fx = fixtures();
+fn report_memory_and_sizes(fx: &Fixtures) {
     let exe = std::env::current_exe().unwrap();
     let dst = fx.dir.path().join("rss.img");
     let cases = [
@@ -617,10 +683,9 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().collect();
     // `cargo test --benches` runs benches once in test mode: skip the extra report there.
-    if args.iter().any(|a| a == "--bench") && std::env::var_os("VMVOL_BENCH_SKIP_REPORT").is_none()
-    {
-        report_memory_and_sizes();
-    }
+    let report = args.iter().any(|a| a == "--bench")
+        && std::env::var_os("VMVOL_BENCH_SKIP_REPORT").is_none();
+    REPORT.store(report, Ordering::Relaxed);
     benches();
     Criterion::default().configure_from_args().final_summary();
     if let Some(fx) = FIXTURES.get() {

@@ -25,6 +25,7 @@ pub use qcow2meta::{
 mod image;
 mod info;
 mod map;
+mod mapcache;
 mod policy;
 mod qcow2;
 mod raw;
