@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::map::{merge_extents, MapExtent};
 use crate::mapcache::MapCache;
 use crate::policy::BackingPolicy;
+use crate::qcow2meta::{be32, be64};
 use crate::raw::host_extent;
 use crate::{BlockIo, Error, Format, OpenOptions, Result, QCOW2_MAGIC};
 
@@ -111,22 +112,6 @@ pub(crate) struct VettedHeader {
     pub compression_type: u8,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_be_bytes(a)
 }
 
 impl VettedHeader {

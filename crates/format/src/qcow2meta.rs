@@ -262,7 +262,8 @@ fn invalid(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// Big-endian u32 at `at`; 0 where `b` is too short (callers bound-check first).
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     if let Some(s) = b.get(at..at + 4) {
         a.copy_from_slice(s);
@@ -270,7 +271,8 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(a)
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+/// Big-endian u64 at `at`; 0 where `b` is too short (callers bound-check first).
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     if let Some(s) = b.get(at..at + 8) {
         a.copy_from_slice(s);
