@@ -5,9 +5,9 @@
 //!
 //! | module | crate | what it owns |
 //! |---|---|---|
-//! | [`format`](crate::format) | `vmvol-format` | the [`BlockIo`] trait; raw and qcow2 images; backing chains; info, map, check, grow, convert, compact |
-//! | [`fs`](crate::fs) | `vmvol-fs` | ext4 written in pure Rust: mkfs, populate, free-space map |
-//! | [`pool`](crate::pool) | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
+//! | `format` | `vmvol-format` | the [`BlockIo`] trait; raw and qcow2 images; backing chains; info, map, check, grow, convert, compact |
+//! | `fs` | `vmvol-fs` | ext4 written in pure Rust: mkfs, populate, free-space map |
+//! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
 //!
