@@ -7,7 +7,7 @@
 //! opens a file by name and never probes a format.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -22,8 +22,12 @@ use serde::{Deserialize, Serialize};
 use crate::map::{merge_extents, MapExtent};
 use crate::mapcache::MapCache;
 use crate::policy::BackingPolicy;
-use crate::qcow2meta::{be32, be64};
-use crate::raw::host_extent;
+use crate::qcow2meta::{
+    be32, be64, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END,
+    EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2, L2E_OFFSET_MASK, MAX_L1_BYTES, MAX_REFTABLE_BYTES, OFLAG_COMPRESSED,
+};
+use crate::raw::{create_new, host_extent};
 use crate::{BlockIo, Error, Format, OpenOptions, Result, QCOW2_MAGIC};
 
 /// Smallest qcow2 cluster size (512 B).
@@ -33,31 +37,14 @@ pub const MAX_CLUSTER_SIZE: u64 = 2 << 20;
 /// Default qcow2 cluster size (64 KiB), as `qemu-img create` uses.
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
 
-/// Largest active L1 table we accept (QEMU's limit, 32 MiB).
-const MAX_L1_BYTES: u64 = 32 << 20;
-/// Largest refcount table we accept (QEMU's limit, 8 MiB).
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Largest virtual size we accept (4 EiB; QEMU allows a little under 8 EiB but
 /// no real image comes close, and the margin keeps offset arithmetic safe).
 const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
 
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTL2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
-
-const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
-const EXT_CRYPTO: u32 = 0x0537_be77;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
-
+const L2_COMPRESSED: u64 = OFLAG_COMPRESSED;
 /// Mask of the host offset in L1 and L2 entries.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_COMPRESSED: u64 = 1 << 62;
+const OFFSET_MASK: u64 = L2E_OFFSET_MASK;
 
 /// Options for creating a qcow2 image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -568,21 +555,7 @@ impl Qcow2Image {
                 reason: format!("virtual size {size} out of range"),
             });
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::Exists {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    Error::io(path, "create", e)
-                }
-            })?;
+        let file = create_new(path)?;
         let result = (|| {
             let st =
                 ImFile::from_open_file(file, StorageOpenOptions::new().write(true).filename(path))?;

@@ -31,24 +31,24 @@ pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 pub(crate) const OFLAG_ZERO: u64 = 1;
 
 /// Incompatible feature bits.
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTL2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
 
 /// Header extension types.
-const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
-const EXT_CRYPTO: u32 = 0x0537_be77;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub(crate) const EXT_END: u32 = 0;
+pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(crate) const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
+pub(crate) const EXT_CRYPTO: u32 = 0x0537_be77;
+pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// QEMU's limits, which we share so that we refuse what QEMU refuses and
 /// never allocate tables out of proportion to the file.
-const MAX_L1_BYTES: u64 = 32 << 20;
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;

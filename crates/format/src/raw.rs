@@ -52,21 +52,7 @@ impl RawImage {
     /// reported to `ctl` while preallocating, and cancelling through `ctl` removes
     /// the half-made file and returns [`Error::Cancelled`].
     pub fn create(path: &Path, size: u64, prealloc: Prealloc, ctl: &Control) -> Result<RawImage> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::Exists {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    Error::io(path, "create", e)
-                }
-            })?;
+        let file = create_new(path)?;
         let img = RawImage {
             file,
             path: path.to_path_buf(),
@@ -464,3 +450,23 @@ fn block_device_size(file: &File, path: &Path) -> Result<u64> {
 }
 
 use std::os::unix::fs::FileTypeExt;
+
+/// Create `path` for reading and writing, failing with [`Error::Exists`] if
+/// anything is there already (images are never overwritten by a create).
+pub(crate) fn create_new(path: &Path) -> Result<File> {
+    FsOpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::io(path, "create", e)
+            }
+        })
+}
