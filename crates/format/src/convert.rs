@@ -10,7 +10,6 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -354,24 +353,20 @@ fn raw_to_raw(
             return Err(Error::io(&tp, "fallocate", std::io::Error::last_os_error()));
         }
     }
-    // Two workers take pieces of the data extents in turn: the copy is
-    // memory-bound, and one core alone does not saturate it.
+    // One thread walks the data extents in pieces: the in-kernel copy is
+    // bound by the page cache, and two workers measured slower (they contend
+    // on the same inodes).
     struct Cursor {
         pos: u64,
         extent: Option<(u64, u64)>,
     }
-    let cursor = std::sync::Mutex::new(Cursor {
+    let mut c = Cursor {
         pos: 0,
         extent: None,
-    });
-    let use_cfr = AtomicBool::new(true);
-    let copied = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let next_piece = || -> Result<Option<(u64, u64)>> {
-        let mut c = cursor.lock().map_err(|_| Error::InvalidArgument {
-            path: tp.clone(),
-            reason: "copy worker panicked".into(),
-        })?;
+    };
+    let mut use_cfr = true;
+    let mut copied = 0u64;
+    let mut next_piece = || -> Result<Option<(u64, u64)>> {
         loop {
             if let Some((off, end)) = c.extent {
                 if off < end {
@@ -394,78 +389,47 @@ fn raw_to_raw(
             }
         }
     };
-    let work = || -> Result<()> {
-        let mut buf = Vec::new();
-        while !failed.load(Ordering::Relaxed) {
-            control.check(&tp, "convert")?;
-            let Some((off, n)) = next_piece()? else {
-                return Ok(());
-            };
-            if use_cfr.load(Ordering::Relaxed) {
-                match copy_range(&s, &temp.file, off, n) {
-                    Ok(()) => {}
-                    Err(e) if cfr_unsupported(&e) => use_cfr.store(false, Ordering::Relaxed),
-                    Err(e) => return Err(Error::io(&tp, "copy_file_range", e)),
-                }
+    let mut buf = Vec::new();
+    loop {
+        control.check(&tp, "convert")?;
+        let Some((off, n)) = next_piece()? else {
+            break;
+        };
+        if use_cfr {
+            match copy_range(&s, &temp.file, off, n) {
+                Ok(()) => {}
+                Err(e) if cfr_unsupported(&e) => use_cfr = false,
+                Err(e) => return Err(Error::io(&tp, "copy_file_range", e)),
             }
-            if !use_cfr.load(Ordering::Relaxed) {
-                buf.resize(CHUNK as usize, 0);
-                let mut o = off;
-                while o < off + n {
-                    let k = (off + n - o).min(CHUNK) as usize;
-                    let b = buf.get_mut(..k).unwrap_or_default();
-                    s.read_exact_at(b, o)
-                        .map_err(|e| Error::io(src, "read", e))?;
-                    if !(sparse && is_zero(b)) {
-                        temp.file
-                            .write_all_at(b, o)
-                            .map_err(|e| Error::io(&tp, "write", e))?;
-                    }
-                    o += k as u64;
-                }
-            }
-            let done = copied.fetch_add(n, Ordering::Relaxed) + n;
-            control.report(done, size);
         }
-        Ok(())
-    };
-    let workers = thread_count(0).clamp(1, 2);
-    let results: Vec<Result<()>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                sc.spawn(|| {
-                    let r = work();
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument {
-                        path: tp.clone(),
-                        reason: "copy worker panicked".into(),
-                    })
-                })
-            })
-            .collect()
-    });
-    for r in results {
-        r?;
+        if !use_cfr {
+            buf.resize(CHUNK as usize, 0);
+            let mut o = off;
+            while o < off + n {
+                let k = (off + n - o).min(CHUNK) as usize;
+                let b = buf.get_mut(..k).unwrap_or_default();
+                s.read_exact_at(b, o)
+                    .map_err(|e| Error::io(src, "read", e))?;
+                if !(sparse && is_zero(b)) {
+                    temp.file
+                        .write_all_at(b, o)
+                        .map_err(|e| Error::io(&tp, "write", e))?;
+                }
+                o += k as u64;
+            }
+        }
+        copied += n;
+        control.report(copied, size);
     }
-    let method = if use_cfr.load(Ordering::Relaxed) {
+    let method = if use_cfr {
         CopyMethod::CopyFileRange
     } else {
         CopyMethod::Stream
     };
-    Ok((method, copied.load(Ordering::Relaxed)))
+    Ok((method, copied))
 }
 
-/// Largest piece one copy worker takes at a time.
+/// Largest piece copied per call, so progress and cancellation are checked often.
 const PIECE: u64 = 16 << 20;
 
 fn cfr_unsupported(e: &std::io::Error) -> bool {
