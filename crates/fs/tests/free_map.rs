@@ -4,37 +4,15 @@
 //! file (per `debugfs`) may be reported free.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use support::{have, run_cmd as run};
 use vmvol_format::{Image, OpenOptions, RawImage};
 use vmvol_fs::{free_map, scan_free, Error, FreeMap, FreeRange};
-
-/// Whether `tool` can be run; prints why a test skips when not.
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: {tool} not installed");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// A sparse file of `size` bytes formatted by `prog` (mkfs.ext4, mkfs.ext2, ...).
 fn mkfs(dir: &Path, prog: &str, size: u64, args: &[&str]) -> PathBuf {

@@ -4,36 +4,15 @@
 //! never panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::process::Command;
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
+use support::{have, run_cmd as run};
 use vmvol_format::{BlockIo, RawImage};
 use vmvol_fs::{free_map, Error, FreeMap};
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: {tool} not installed");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// An image in memory, so each proptest case corrupts its own copy cheaply.
 struct Mem(Vec<u8>);

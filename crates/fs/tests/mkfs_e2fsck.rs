@@ -2,13 +2,13 @@
 //! journal matrix on raw and qcow2, dumpe2fs features, kernel mount, resize2fs.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod populate_support;
+mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
-use populate_support::{can_mount, e2fsck_clean, features, have, run, Mount};
+use support::{can_mount, e2fsck_clean, features, have, run, Mount};
 use vmvol_format::{
     BlockIo, Control, OpenOptions, Prealloc, Qcow2CreateOptions, Qcow2Image, RawImage,
 };

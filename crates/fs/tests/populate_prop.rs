@@ -2,7 +2,7 @@
 //! back byte for byte through ext4-view, and e2fsck -fn stays clean.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod populate_support;
+mod support;
 
 use std::collections::BTreeMap;
 
@@ -93,8 +93,8 @@ proptest! {
             let target = fs.read_link(abs.as_str()).unwrap();
             prop_assert_eq!(target.as_ref(), t.as_bytes());
         }
-        if populate_support::have("e2fsck") {
-            populate_support::e2fsck_clean(&img_path);
+        if support::have("e2fsck") {
+            support::e2fsck_clean(&img_path);
         }
     }
 }

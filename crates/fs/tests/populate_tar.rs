@@ -2,13 +2,13 @@
 //! hostile corpus, each refused with its reason and nothing left behind.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod populate_support;
+mod support;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use populate_support::{can_mount, debugfs, e2fsck_clean, have, run, Mount};
+use support::{can_mount, debugfs, e2fsck_clean, have, run, Mount};
 use vmvol_format::{Control, Prealloc, RawImage};
 use vmvol_fs::{
     populate, populate_tar, required_size, Error, PopulateLimits, PopulateOptions, Source,

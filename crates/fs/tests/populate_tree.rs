@@ -2,7 +2,7 @@
 //! ext4-view and the kernel; e2fsck -fn clean.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod populate_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use populate_support::{can_mount, debugfs, e2fsck_clean, have, Mount};
+use support::{can_mount, debugfs, e2fsck_clean, have, Mount};
 use vmvol_format::{Control, Prealloc, RawImage};
 use vmvol_fs::{populate, required_size, MkfsOptions, PopulateOptions, Source};
 
@@ -389,7 +389,7 @@ fn qcow2_one_kib_blocks_deep_extent_tree() {
     drop(img);
     assert_eq!(r.files, 501);
     let raw = dir.path().join("v.raw");
-    populate_support::run(
+    support::run(
         "qemu-img",
         &[
             "convert",

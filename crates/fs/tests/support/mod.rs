@@ -1,12 +1,33 @@
-//! Helpers shared by the mkfs/populate tests: external tools and loop mounts.
+//! Helpers shared by the fs tests: external tools and loop mounts.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Whether an external tool can be run.
+/// Whether an external tool can be run; says so when a test will skip.
 pub fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-V").output().is_ok()
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: {tool} not installed");
+    }
+    ok
+}
+
+/// Run a prepared command, return stdout; panics with its output on failure.
+pub fn run_cmd(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `e2fsck -fn` on an image; panics with its output unless clean.
