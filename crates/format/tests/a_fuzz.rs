@@ -3,13 +3,13 @@
 //! plain random bytes. Any panic fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod a_common;
 #[path = "../fuzz/fuzz_targets/body.rs"]
 mod body;
+mod common;
 
 use std::sync::OnceLock;
 
-use a_common::*;
+use common::*;
 use proptest::prelude::*;
 use vmvol_format::{BlockIo, OpenOptions, Qcow2CreateOptions, Qcow2Image};
 

@@ -2,14 +2,14 @@
 //! no panic and no large allocation (a counting allocator watches).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod a_common;
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use a_common::*;
+use common::*;
 use vmvol_format::{
     info, BackingPolicy, Error, Format, Image, OpenOptions, Qcow2CreateOptions, Qcow2Image,
 };

@@ -2,11 +2,11 @@
 //! images (made by us and by qemu-img).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod a_common;
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use a_common::*;
+use common::*;
 use vmvol_format::{
     info, BackingPolicy, BlockIo, Control, Format, Image, OpenOptions, Prealloc,
     Qcow2CreateOptions, Qcow2Image, RawImage,

@@ -4,11 +4,11 @@
 //! intact.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod a_common;
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use a_common::*;
+use common::*;
 use vmvol_format::{BackingPolicy, BlockIo, Image, OpenOptions};
 
 const MIB: usize = 1 << 20;

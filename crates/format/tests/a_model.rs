@@ -4,11 +4,11 @@
 //! (`check` clean, `compare` equal to the model written out as raw).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod a_common;
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use a_common::*;
+use common::*;
 use proptest::prelude::*;
 use vmvol_format::{
     BackingPolicy, BlockIo, Control, Error, Format, Image, OpenOptions, Prealloc,

@@ -2,12 +2,12 @@
 //! end with exactly the model's bytes and a clean `qemu-img check`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod a_common;
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use a_common::*;
+use common::*;
 use vmvol_format::{
     BackingPolicy, BlockIo, Control, Format, Image, OpenOptions, Prealloc, Qcow2CreateOptions,
     Qcow2Image, RawImage,

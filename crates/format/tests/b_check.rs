@@ -1,13 +1,13 @@
 //! check() agrees with `qemu-img check` on clean, leaky and corrupt images.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod b_util;
+mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use b_util::*;
+use common::*;
 use vmvol_format::{check, L2Entry, Qcow2Meta, RepairMode};
 
 fn qemu_io(img: &Path, cmd: &str) {
@@ -173,7 +173,7 @@ fn leaks_are_found_and_repaired() {
     put_be(&img, refcount_entry(&img, len / 65536), &1u16.to_be_bytes());
     let r = assert_agrees(&img);
     assert_eq!((r.leaks, r.corruptions), (2, 0), "{r:#?}");
-    let (rc, _, _) = qemu_img(&["check", img.to_str().unwrap()]);
+    let (rc, _, _) = qemu_img_status(&["check", img.to_str().unwrap()]);
     assert_eq!(rc, 3, "qemu-img says leaks");
 
     let fixed = check(&img, RepairMode::Leaks).unwrap();
@@ -214,7 +214,7 @@ fn corruptions_agree_with_qemu() {
     put_be(&img, refcount_entry(&img, host), &0u16.to_be_bytes());
     let r = assert_agrees(&img);
     assert!(r.corruptions >= 1 && r.leaks == 0, "{r:#?}");
-    assert_eq!(qemu_img(&["check", img.to_str().unwrap()]).0, 2);
+    assert_eq!(qemu_img_status(&["check", img.to_str().unwrap()]).0, 2);
     // Repairing leaks does not touch corruptions.
     let r2 = check(&img, RepairMode::Leaks).unwrap();
     assert_eq!(r2.corruptions, r.corruptions);

@@ -1,12 +1,12 @@
 //! compact(): content kept, unused ranges dropped, smaller, atomic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod b_util;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
-use b_util::*;
+use common::*;
 use vmvol_format::{compact, CompactOptions, Compression, Control, Error, Qcow2Meta};
 
 fn qemu_io(img: &Path, cmd: &str) {

@@ -2,13 +2,13 @@
 //! flattened or kept, compressed, cancellable.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod b_util;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use b_util::*;
+use common::*;
 use vmvol_format::{
     convert, BackingMode, BackingPolicy, Compression, Control, ConvertOptions, CopyMethod, Error,
     Format, OpenOptions, Qcow2Meta,

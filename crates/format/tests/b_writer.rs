@@ -1,12 +1,12 @@
 //! Qcow2Writer and Qcow2Meta against qemu-img.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod b_util;
+mod common;
 
 use std::fs::File;
 use std::path::Path;
 
-use b_util::*;
+use common::*;
 use vmvol_format::{
     ClusterCompressor, Compression, Format, L2Entry, Qcow2Meta, Qcow2Writer, Qcow2WriterOptions,
 };
