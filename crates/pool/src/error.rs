@@ -131,6 +131,70 @@ pub enum Error {
         /// Allocation (virtual sizes + reservations) at the time of refusal.
         allocation: u64,
     },
+    /// A reservation of bytes that will really be written exceeds the free
+    /// space of the storage under the pool (whatever the policy allows).
+    #[error(
+        "pool {pool}: cannot reserve {needed} bytes to be written: only {available} bytes \
+         physically available ({free} bytes free on the storage, {reserved} bytes already \
+         reserved for writing)"
+    )]
+    InsufficientPhysicalSpace {
+        /// The pool.
+        pool: String,
+        /// Bytes asked for.
+        needed: u64,
+        /// `free − reserved`: bytes that could have been granted.
+        available: u64,
+        /// Free space the storage reports.
+        free: u64,
+        /// Bytes held by other physical reservations.
+        reserved: u64,
+    },
+    /// A write carried the exclusive guard of a lock tenure that is over
+    /// (its lease lapsed or passed to another holder): refused, so a stale
+    /// holder cannot overwrite a newer holder's work.
+    #[error("{}: {op}: refused: {reason}", .location.display())]
+    Fenced {
+        /// The pool's location.
+        location: PathBuf,
+        /// The refused operation.
+        op: &'static str,
+        /// Why the guard is stale.
+        reason: String,
+    },
+    /// The pool's records name a backend this build does not include.
+    #[error("pool {pool}: backend {backend:?} is not built into this vmvol")]
+    BackendNotBuiltIn {
+        /// The pool.
+        pool: String,
+        /// The backend type (`rbd`, ...).
+        backend: &'static str,
+    },
+    /// An image operation of the format layer failed.
+    #[error("{image}: {op}: {source}")]
+    Image {
+        /// The image.
+        image: String,
+        /// What we were doing.
+        op: &'static str,
+        /// The format layer's error.
+        #[source]
+        source: vmvol_format::Error,
+    },
+    /// An image request is not acceptable.
+    #[error("{image}: {reason}")]
+    InvalidImage {
+        /// The image.
+        image: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An image does not exist.
+    #[error("{image}: not found")]
+    ImageNotFound {
+        /// The image.
+        image: String,
+    },
     /// The pool lock could not be taken in time.
     #[error("{}: {op}: pool is locked by another user (gave up after {waited:?})", .path.display())]
     Busy {

@@ -1,23 +1,30 @@
-//! Storage pools for vmvol: directory layout, capacity accounting,
-//! reservations, crash-safe records and cross-process locking.
+//! Storage pools for vmvol: capacity accounting, reservations, crash-safe
+//! records, locking, and an image store — over a backend seam.
 //!
-//! A [`Registry`] holds the pools of one host. A [`Pool`] is a directory
-//! (through the [`PoolBackend`] seam; today [`LocalBackend`]) holding
-//! entries — volumes, templates, snapshots — each a directory with a record
-//! (`volume.json`, generic over the upper layer's [`RecordType`]) and an
-//! image (`data.raw` or `data.qcow2`).
+//! A [`Registry`] holds the pools of one host. A [`Pool`] lives on a backend
+//! (the records name it: [`BackendSpec`]; today [`local::LocalBackend`], a
+//! directory) and holds entries — volumes, templates, snapshots — each a
+//! record (generic over the upper layer's [`RecordType`]) and images named by
+//! backend-neutral [`ImageRef`]s. Upper layers never build a path: they
+//! create, link, copy, open, grow, move and remove images through the pool,
+//! and ask it for an image's [`AttachTarget`].
 //!
-//! Work that grows the pool runs like this: [`Pool::reserve`] the bytes
-//! (refused with needed/available bytes if the policy does not allow them),
-//! build the entry in a [`Pool::stage`] directory, [`Pool::commit`] it into
-//! place, drop the [`Reservation`]. Accounting is derived from the disk
-//! (image headers, `statvfs`, allocated blocks), never from counters that
+//! Work that grows the pool runs like this: reserve the bytes
+//! ([`Pool::reserve`] for thin work, [`Pool::reserve_physical`] for bytes
+//! that will really be written — refused with needed/available bytes), build
+//! the entry's images in a [`Pool::stage`] area, [`Pool::commit`] it into
+//! place, drop the [`Reservation`]. Accounting is derived from the storage
+//! (image headers, free space, allocated blocks), never from counters that
 //! could drift; reservations and staging areas of a process that dies are
-//! released by the kernel (their `flock` goes with the process).
+//! released with it.
 //!
 //! ```
 //! use serde::{Deserialize, Serialize};
-//! use vmvol_pool::{CapacityPolicy, EntryKind, Listed, PoolSpec, RecordType, Registry, Wait};
+//! use vmvol_format::{Control, Format, Prealloc};
+//! use vmvol_pool::{
+//!     CapacityPolicy, EntryKind, ImageSpec, Listed, PoolSpec, RecordType, Registry, Wait,
+//!     DATA_IMAGE,
+//! };
 //!
 //! #[derive(Serialize, Deserialize)]
 //! struct Vol {
@@ -38,13 +45,18 @@
 //! reg.activate("default", Wait::Block)?;
 //! let pool = reg.open_pool("default", Wait::Block)?;
 //!
-//! // Make a 1 GiB raw volume.
-//! let guard = pool.reserve(1 << 30, "create volume web")?;
+//! // Make a 1 GiB sparse raw volume.
+//! let img = ImageSpec { size: 1 << 30, format: Format::Raw, prealloc: Prealloc::Off };
+//! let guard = pool.reserve(img.size, "create volume web")?;
 //! let staging = pool.stage()?;
-//! let img = staging.path().join(vmvol_pool::image_file_name(vmvol_format::Format::Raw));
-//! std::fs::File::create(&img)?.set_len(1 << 30)?;
+//! let staged = staging.create_image(DATA_IMAGE, &img, &Control::new())?;
 //! pool.commit(staging, EntryKind::Volume, "web", &Vol { name: "web".into() })?;
 //! drop(guard);
+//!
+//! // Write to it through the pool, and ask what a VMM should open.
+//! let web = staged.committed(EntryKind::Volume, "web");
+//! pool.open_image(&web, true)?.write_at(b"hello", 0)?;
+//! let _target = pool.attach_target(&web)?;
 //!
 //! let d = pool.describe()?;
 //! assert_eq!(d.allocation, 1 << 30);
@@ -58,31 +70,27 @@
 //! # }
 //! ```
 
-mod backend;
+pub mod backend;
 mod error;
-mod local;
+mod image;
+pub mod local;
 mod lock;
+#[cfg(feature = "test-utils")]
+pub mod memory;
 mod name;
 mod pool;
 mod record;
 mod registry;
+mod spec;
 
-pub use backend::{
-    BackendGuard, Change, FsStats, JournalCursor, JournalRead, PoolBackend, Recovered,
-    ReservationInfo, ScannedEntry, StagingArea,
-};
 pub use error::{Error, Result};
-pub use local::{
-    statvfs, LocalBackend, CONFIG_FILE, JOURNAL_FILE, LOCK_FILE, RESERVATIONS_DIR, STAGING_DIR,
-};
-pub use lock::{lock_file, FileLock, LockMode, Wait};
+pub use image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary, DATA_IMAGE};
+pub use lock::Wait;
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use pool::{
-    allocation_limit, image_file_name, CapacityPolicy, Pool, PoolConfig, PoolDescription,
-    PoolState, PoolTxn, Reservation, Staging,
+    allocation_limit, CapacityPolicy, Pool, PoolConfig, PoolDescription, PoolState, PoolTxn,
+    Reservation, Staging,
 };
-pub use record::{
-    fsync_dir, write_atomic, Damaged, Entry, EntryKind, ImageSummary, Listed, Record, RecordType,
-    TEMP_PREFIX,
-};
+pub use record::{fsync_dir, write_atomic, Damaged, Entry, EntryKind, Listed, Record, RecordType};
 pub use registry::{PoolListing, PoolRef, PoolSpec, Registry};
+pub use spec::{BackendSpec, RbdSpec};

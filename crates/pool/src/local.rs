@@ -20,13 +20,23 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use vmvol_format::{
+    BackingMode, BackingPolicy, BlockIo, Control, ConvertOptions, Format, Image, Prealloc,
+    Qcow2CreateOptions, Qcow2Image, RawImage,
+};
+
 use crate::backend::{
-    BackendGuard, Change, FsStats, JournalCursor, JournalRead, PoolBackend, Recovered,
-    ReservationInfo, ScannedEntry, StagingArea,
+    Change, ChangeJournal, ExclusiveGuard, FsStats, ImageStore, JournalCursor, JournalRead,
+    Liveness, LivenessHold, PoolLock, Recovered, RecordStore, ReservationInfo, ScannedEntry,
+    SharedGuard, SpaceFigures, StagingArea,
 };
 use crate::error::{Error, Result};
-use crate::lock::{is_held_by_other, lock_file, LockMode, Wait};
-use crate::record::{fsync_dir, write_atomic, EntryKind, ImageSummary, TEMP_PREFIX};
+pub use crate::lock::{lock_file, FileLock, LockMode};
+use crate::lock::{is_held_by_other, Wait};
+use crate::image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary};
+use crate::name::validate_name;
+pub use crate::record::{fsync_dir, write_atomic, TEMP_PREFIX};
+use crate::record::EntryKind;
 
 /// Name of the config record in a pool directory.
 pub const CONFIG_FILE: &str = "pool.json";
@@ -292,29 +302,131 @@ fn parse_line(line: &str) -> Option<Change> {
     Some(Change::Entry(kind, id.to_string()))
 }
 
-impl PoolBackend for LocalBackend {
+impl LocalBackend {
+    /// The file of `image` (names checked, so the join stays in the pool).
+    pub fn image_path(&self, image: &ImageRef) -> Result<PathBuf> {
+        validate_name(&image.name)?;
+        let file = format!("{}.{}", image.name, ext(image.format));
+        Ok(match &image.owner {
+            ImageOwner::Entry { kind, id } => {
+                validate_name(id)?;
+                self.kind_dir(*kind).join(id).join(file)
+            }
+            ImageOwner::Staging { area } => self.area_dir(*area).join(file),
+        })
+    }
+
+    fn area_dir(&self, area: uuid::Uuid) -> PathBuf {
+        self.staging_dir().join(area.simple().to_string())
+    }
+
+    /// The backing policy of every image of this pool: backing files must
+    /// resolve inside the pool directory.
+    pub fn backing_policy(&self) -> BackingPolicy {
+        let root = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        BackingPolicy::within([root])
+    }
+
+    fn open_opts(&self, image: &ImageRef, writable: bool) -> vmvol_format::OpenOptions {
+        vmvol_format::OpenOptions::new()
+            .read_only(!writable)
+            .policy(self.backing_policy())
+            .format(image.format)
+    }
+
+    /// Maps a backing file path (as the format layer resolved it) back to
+    /// the image it names, if it lies in this pool's layout.
+    fn ref_of_path(&self, path: &Path, format: Format) -> Option<ImageRef> {
+        let root = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let rel = canon.strip_prefix(&root).ok()?;
+        let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+        let [top, owner, file] = parts[..] else {
+            return None;
+        };
+        let name = file.strip_suffix(&format!(".{}", ext(format)))?;
+        let owner = if top == STAGING_DIR {
+            ImageOwner::Staging {
+                area: uuid::Uuid::parse_str(owner).ok()?,
+            }
+        } else {
+            let kind = EntryKind::ALL.into_iter().find(|k| k.dir_name() == top)?;
+            ImageOwner::Entry {
+                kind,
+                id: owner.to_string(),
+            }
+        };
+        Some(ImageRef {
+            owner,
+            name: name.to_string(),
+            format,
+        })
+    }
+
+    fn require_staged(&self, area: &StagingArea, name: &str, format: Format) -> Result<(ImageRef, PathBuf)> {
+        let r = ImageRef {
+            owner: ImageOwner::Staging { area: area.id },
+            name: name.to_string(),
+            format,
+        };
+        let p = self.image_path(&r)?;
+        Ok((r, p))
+    }
+}
+
+/// File extension of an image in `format`.
+fn ext(format: Format) -> &'static str {
+    match format {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    }
+}
+
+/// The image file name of `name` in `format` (`data.raw`, `data.qcow2`, ...).
+pub fn image_file_name(name: &str, format: Format) -> String {
+    format!("{name}.{}", ext(format))
+}
+
+fn img_err(image: &ImageRef, op: &'static str, source: vmvol_format::Error) -> Error {
+    Error::Image {
+        image: image.to_string(),
+        op,
+        source,
+    }
+}
+
+fn host_bytes(path: &Path) -> u64 {
+    std::fs::symlink_metadata(path)
+        .map(|m| m.blocks().saturating_mul(512))
+        .unwrap_or(0)
+}
+
+impl PoolLock for LocalBackend {
     fn location(&self) -> &Path {
         &self.dir
     }
 
-    fn lock(&self, mode: LockMode, wait: Wait, op: &'static str) -> Result<BackendGuard> {
-        let l = lock_file(&self.dir.join(LOCK_FILE), mode, wait, op)?;
-        Ok(Box::new(l))
+    fn lock_shared(&self, wait: Wait, op: &'static str) -> Result<SharedGuard> {
+        let l = lock_file(&self.dir.join(LOCK_FILE), LockMode::Shared, wait, op)?;
+        Ok(SharedGuard::new(l))
     }
 
-    fn read_config(&self) -> Result<Vec<u8>> {
-        let p = self.dir.join(CONFIG_FILE);
-        std::fs::read(&p).map_err(|e| Error::io(&p, "read pool config", e))
+    fn lock_exclusive(&self, wait: Wait, op: &'static str) -> Result<ExclusiveGuard> {
+        let l = lock_file(&self.dir.join(LOCK_FILE), LockMode::Exclusive, wait, op)?;
+        // An flock cannot lapse while its holder lives: one token suffices.
+        Ok(ExclusiveGuard::new(0, l))
     }
 
-    fn write_config(&self, bytes: &[u8]) -> Result<()> {
-        write_atomic(&self.dir.join(CONFIG_FILE), bytes)
+    fn check_fence(&self, _guard: &ExclusiveGuard, _op: &'static str) -> Result<()> {
+        Ok(())
     }
+}
 
-    fn journal_append(&self, change: &Change) -> Result<JournalCursor> {
+impl ChangeJournal for LocalBackend {
+    fn journal_append(&self, guard: &ExclusiveGuard, change: &Change) -> Result<JournalCursor> {
+        self.check_fence(guard, "append to journal")?;
         self.journal_append_at(change, JOURNAL_COMPACT_AT)
     }
-
     fn journal_read(&self, since: JournalCursor) -> Result<JournalRead> {
         let p = self.dir.join(JOURNAL_FILE);
         let mut f = match File::open(&p) {
@@ -354,6 +466,21 @@ impl PoolBackend for LocalBackend {
         }
         Ok(JournalRead::Changes(changes, now))
     }
+}
+
+impl RecordStore for LocalBackend {
+    fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    fn read_config(&self) -> Result<Vec<u8>> {
+        let p = self.dir.join(CONFIG_FILE);
+        std::fs::read(&p).map_err(|e| Error::io(&p, "read pool config", e))
+    }
+    fn write_config(&self, guard: &ExclusiveGuard, bytes: &[u8]) -> Result<()> {
+        self.check_fence(guard, "write pool config")?;
+        write_atomic(&self.dir.join(CONFIG_FILE), bytes)
+    }
 
     fn list_ids(&self, kind: EntryKind) -> Result<Vec<String>> {
         let d = self.kind_dir(kind);
@@ -366,7 +493,13 @@ impl PoolBackend for LocalBackend {
         Ok(ids)
     }
 
-    fn scan_entry(&self, kind: EntryKind, id: &str, clean: bool) -> Result<Option<ScannedEntry>> {
+    fn scan_entry(
+        &self,
+        kind: EntryKind,
+        id: &str,
+        clean: Option<&ExclusiveGuard>,
+    ) -> Result<Option<ScannedEntry>> {
+        let clean = clean.is_some();
         let dir = self.kind_dir(kind).join(id);
         let record_path = dir.join(kind.record_file());
         let dmeta = match std::fs::symlink_metadata(&dir) {
@@ -375,10 +508,9 @@ impl PoolBackend for LocalBackend {
             Err(e) => return Err(Error::io(&dir, "stat entry", e)),
         };
         let mut out = ScannedEntry {
-            dir: dir.clone(),
             record_path: record_path.clone(),
             record: Err("record file missing".into()),
-            image: None,
+            images: Vec::new(),
             physical: dmeta.blocks().saturating_mul(512),
             removed: Vec::new(),
         };
@@ -391,7 +523,7 @@ impl PoolBackend for LocalBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&dir, "list entry", e)),
         };
-        let mut images: Vec<(PathBuf, vmvol_format::Format)> = Vec::new();
+        let mut images: Vec<(String, Format, PathBuf)> = Vec::new();
         for de in rd {
             let de = de.map_err(|e| Error::io(&dir, "list entry", e))?;
             let name = de.file_name();
@@ -408,64 +540,62 @@ impl PoolBackend for LocalBackend {
             out.physical = out.physical.saturating_add(du(&path)?);
             if name == kind.record_file() {
                 out.record = std::fs::read(&path).map_err(|e| format!("cannot read: {e}"));
-            } else if name == "data.raw" {
-                images.push((path, vmvol_format::Format::Raw));
-            } else if name == "data.qcow2" {
-                images.push((path, vmvol_format::Format::Qcow2));
+                continue;
+            }
+            for format in [Format::Raw, Format::Qcow2] {
+                let stem = name.strip_suffix(&format!(".{}", ext(format)));
+                if let Some(stem) = stem.filter(|s| validate_name(s).is_ok()) {
+                    images.push((stem.to_string(), format, path.clone()));
+                }
             }
         }
         images.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Some((path, format)) = images.first() {
+        for (i, (name, format, path)) in images.iter().enumerate() {
+            let twin = images
+                .iter()
+                .enumerate()
+                .any(|(j, o)| j != i && o.0 == *name);
             let mut img = ImageSummary {
-                path: path.clone(),
-                format: *format,
+                image: ImageRef::entry(kind, id, name, *format),
                 virtual_size: None,
+                host_bytes: host_bytes(path),
+                backing: None,
                 error: None,
             };
-            if images.len() > 1 {
-                img.error = Some("both data.raw and data.qcow2 present".into());
-            }
             match vmvol_format::virtual_size(path, *format) {
                 Ok(v) => img.virtual_size = Some(v),
                 Err(e) => img.error = Some(e.to_string()),
             }
-            out.image = Some(img);
+            if twin {
+                img.error = Some(format!("both {name}.raw and {name}.qcow2 present"));
+            }
+            out.images.push(img);
         }
         Ok(Some(out))
     }
 
-    fn write_record(&self, kind: EntryKind, id: &str, bytes: &[u8]) -> Result<()> {
+    fn write_record(
+        &self,
+        guard: &ExclusiveGuard,
+        kind: EntryKind,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.check_fence(guard, "write record")?;
         let dir = self.kind_dir(kind).join(id);
         write_atomic(&dir.join(kind.record_file()), bytes)
     }
 
-    fn create_staging(&self) -> Result<StagingArea> {
-        let path = self
-            .staging_dir()
-            .join(uuid::Uuid::new_v4().simple().to_string());
-        std::fs::create_dir(&path).map_err(|e| write_err(&path, "create staging directory", e))?;
-        let f = File::open(&path).map_err(|e| Error::io(&path, "open staging directory", e))?;
-        // Callers hold the pool lock (shared) here, so recovery, which needs
-        // the exclusive lock, cannot see the area before it is locked.
-        if let Err(e) = f.try_lock() {
-            let _ = std::fs::remove_dir(&path);
-            let e = match e {
-                std::fs::TryLockError::Error(e) => e,
-                std::fs::TryLockError::WouldBlock => std::io::ErrorKind::WouldBlock.into(),
-            };
-            return Err(Error::io(&path, "lock staging directory", e));
-        }
-        Ok(StagingArea {
-            path,
-            guard: Box::new(f),
-        })
-    }
-
-    fn discard_staging(&self, path: &Path) {
-        let _ = std::fs::remove_dir_all(path);
-    }
-
-    fn commit_staging(&self, path: &Path, kind: EntryKind, id: &str, record: &[u8]) -> Result<()> {
+    fn commit_staging(
+        &self,
+        guard: &ExclusiveGuard,
+        area: &StagingArea,
+        kind: EntryKind,
+        id: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        self.check_fence(guard, "commit entry")?;
+        let path = self.area_dir(area.id);
         write_atomic(&path.join(kind.record_file()), record)?;
         let kdir = self.kind_dir(kind);
         let target = kdir.join(id);
@@ -475,7 +605,8 @@ impl PoolBackend for LocalBackend {
         fsync_dir(&self.staging_dir())
     }
 
-    fn remove_entry(&self, kind: EntryKind, id: &str) -> Result<()> {
+    fn remove_entry(&self, guard: &ExclusiveGuard, kind: EntryKind, id: &str) -> Result<()> {
+        self.check_fence(guard, "remove entry")?;
         let kdir = self.kind_dir(kind);
         let src = kdir.join(id);
         // Move it out of sight first (one atomic step), then delete at
@@ -494,7 +625,77 @@ impl PoolBackend for LocalBackend {
         r.map_err(|e| Error::io(&trash, "delete removed entry", e))
     }
 
-    fn recover(&self) -> Result<Vec<Recovered>> {
+    fn destroy(&self, guard: ExclusiveGuard, remove_dir: bool) -> Result<()> {
+        self.check_fence(&guard, "undefine pool")?;
+        // pool.json first: from then on the directory is no longer a pool,
+        // whatever happens to the rest.
+        let cfg = self.dir.join(CONFIG_FILE);
+        std::fs::remove_file(&cfg).map_err(|e| write_err(&cfg, "remove pool config", e))?;
+        fsync_dir(&self.dir)?;
+        for k in EntryKind::ALL {
+            let p = self.kind_dir(k);
+            std::fs::remove_dir(&p).map_err(|e| Error::io(&p, "remove directory", e))?;
+        }
+        for d in [STAGING_DIR, RESERVATIONS_DIR] {
+            let p = self.dir.join(d);
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, "remove directory", e))?;
+        }
+        for f in [JOURNAL_FILE, LOCK_FILE] {
+            let p = self.dir.join(f);
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove file", e))?;
+        }
+        if remove_dir {
+            std::fs::remove_dir(&self.dir)
+                .map_err(|e| Error::io(&self.dir, "remove pool directory", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Liveness for LocalBackend {
+    fn create_staging(&self, _guard: &SharedGuard) -> Result<StagingArea> {
+        let id = uuid::Uuid::new_v4();
+        let path = self.area_dir(id);
+        std::fs::create_dir(&path).map_err(|e| write_err(&path, "create staging directory", e))?;
+        let f = File::open(&path).map_err(|e| Error::io(&path, "open staging directory", e))?;
+        // Callers hold the pool lock (shared) here, so recovery, which needs
+        // the exclusive lock, cannot see the area before it is locked.
+        if let Err(e) = f.try_lock() {
+            let _ = std::fs::remove_dir(&path);
+            let e = match e {
+                std::fs::TryLockError::Error(e) => e,
+                std::fs::TryLockError::WouldBlock => std::io::ErrorKind::WouldBlock.into(),
+            };
+            return Err(Error::io(&path, "lock staging directory", e));
+        }
+        Ok(StagingArea {
+            id,
+            hold: LivenessHold::new(f),
+        })
+    }
+
+    fn discard_staging(&self, area: &StagingArea) {
+        let _ = std::fs::remove_dir_all(self.area_dir(area.id));
+    }
+
+    fn live_staging(&self) -> Result<usize> {
+        let sdir = self.staging_dir();
+        let rd = std::fs::read_dir(&sdir).map_err(|e| Error::io(&sdir, "list staging", e))?;
+        let mut n = 0;
+        for de in rd {
+            let de = de.map_err(|e| Error::io(&sdir, "list staging", e))?;
+            let path = de.path();
+            if let Ok(f) = File::open(&path) {
+                if path.is_dir() && is_held_by_other(&f, &path)? {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn recover(&self, guard: &ExclusiveGuard) -> Result<Vec<Recovered>> {
+        self.check_fence(guard, "recover pool")?;
         let mut out = Vec::new();
         // A layout directory deleted by hand would make every later step
         // fail; put it back (empty) and say so.
@@ -563,23 +764,12 @@ impl PoolBackend for LocalBackend {
         Ok(out)
     }
 
-    fn live_staging(&self) -> Result<usize> {
-        let sdir = self.staging_dir();
-        let rd = std::fs::read_dir(&sdir).map_err(|e| Error::io(&sdir, "list staging", e))?;
-        let mut n = 0;
-        for de in rd {
-            let de = de.map_err(|e| Error::io(&sdir, "list staging", e))?;
-            let path = de.path();
-            if let Ok(f) = File::open(&path) {
-                if path.is_dir() && is_held_by_other(&f, &path)? {
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    fn create_reservation(&self, info: &ReservationInfo) -> Result<BackendGuard> {
+    fn create_reservation(
+        &self,
+        guard: &ExclusiveGuard,
+        info: &ReservationInfo,
+    ) -> Result<LivenessHold> {
+        self.check_fence(guard, "reserve")?;
         let path = self
             .reservations_dir()
             .join(format!("{}.json", info.id.simple()));
@@ -607,13 +797,15 @@ impl PoolBackend for LocalBackend {
         hold.file
             .write_all(&body)
             .map_err(|e| Error::io(&hold.path, "write reservation", e))?;
-        Ok(Box::new(hold))
+        Ok(LivenessHold::new(hold))
     }
 
-    fn live_reservations(&self, prune: bool) -> Result<Vec<ReservationInfo>> {
-        self.scan_reservations(prune).map(|(live, _)| live)
+    fn live_reservations(&self, prune: Option<&ExclusiveGuard>) -> Result<Vec<ReservationInfo>> {
+        self.scan_reservations(prune.is_some()).map(|(live, _)| live)
     }
+}
 
+impl SpaceFigures for LocalBackend {
     fn fs_stats(&self) -> Result<FsStats> {
         statvfs(&self.dir)
     }
@@ -643,36 +835,238 @@ impl PoolBackend for LocalBackend {
         Ok(total)
     }
 
-    fn entry_dir(&self, kind: EntryKind, id: &str) -> PathBuf {
-        self.kind_dir(kind).join(id)
+}
+
+impl ImageStore for LocalBackend {
+    fn create_image(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        spec: &ImageSpec,
+        ctl: &Control,
+    ) -> Result<ImageRef> {
+        let (r, path) = self.require_staged(area, name, spec.format)?;
+        match spec.format {
+            Format::Raw => {
+                RawImage::create(&path, spec.size, spec.prealloc, ctl)
+                    .map_err(|e| img_err(&r, "create image", e))?;
+            }
+            Format::Qcow2 => {
+                if spec.prealloc != Prealloc::Off {
+                    return Err(Error::InvalidImage {
+                        image: r.to_string(),
+                        reason: "preallocation applies to raw images only; qcow2 images are thin"
+                            .into(),
+                    });
+                }
+                Qcow2Image::create(&path, &Qcow2CreateOptions::new(spec.size))
+                    .map_err(|e| img_err(&r, "create image", e))?;
+            }
+        }
+        Ok(r)
     }
 
-    fn destroy(&self, remove_dir: bool) -> Result<()> {
-        // pool.json first: from then on the directory is no longer a pool,
-        // whatever happens to the rest.
-        let cfg = self.dir.join(CONFIG_FILE);
-        std::fs::remove_file(&cfg).map_err(|e| write_err(&cfg, "remove pool config", e))?;
-        fsync_dir(&self.dir)?;
-        for k in EntryKind::ALL {
-            let p = self.kind_dir(k);
-            std::fs::remove_dir(&p).map_err(|e| Error::io(&p, "remove directory", e))?;
+    fn create_linked(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        base: &ImageRef,
+        size: Option<u64>,
+    ) -> Result<ImageRef> {
+        let (r, path) = self.require_staged(area, name, Format::Qcow2)?;
+        let base_path = self.image_path(base)?;
+        // Relative to the overlay's directory: the staging area and an entry
+        // directory sit at the same depth, so the name keeps resolving after
+        // commit moves the area into place.
+        let backing_name = match &base.owner {
+            ImageOwner::Entry { kind, id } => format!(
+                "../../{}/{id}/{}",
+                kind.dir_name(),
+                image_file_name(&base.name, base.format)
+            ),
+            ImageOwner::Staging { area: a } if *a == area.id => {
+                image_file_name(&base.name, base.format)
+            }
+            ImageOwner::Staging { .. } => {
+                return Err(Error::InvalidImage {
+                    image: base.to_string(),
+                    reason: "a linked image's base must be committed or in the same staging area"
+                        .into(),
+                })
+            }
+        };
+        let base_size = vmvol_format::virtual_size(&base_path, base.format)
+            .map_err(|e| img_err(base, "read base image size", e))?;
+        let size = size.unwrap_or(base_size);
+        if size < base_size {
+            return Err(Error::InvalidImage {
+                image: r.to_string(),
+                reason: format!("size {size} is smaller than its base's {base_size} bytes"),
+            });
         }
-        for d in [STAGING_DIR, RESERVATIONS_DIR] {
-            let p = self.dir.join(d);
-            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, "remove directory", e))?;
+        let opts = Qcow2CreateOptions::new(size).backing(backing_name, base.format);
+        Qcow2Image::create(&path, &opts).map_err(|e| img_err(&r, "create linked image", e))?;
+        Ok(r)
+    }
+
+    fn copy_full(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        src: &ImageRef,
+        format: Format,
+        ctl: &Control,
+    ) -> Result<ImageRef> {
+        let (r, path) = self.require_staged(area, name, format)?;
+        let src_path = self.image_path(src)?;
+        // convert reflinks or copy_file_range's raw → raw, flattens chains.
+        let opts = ConvertOptions {
+            format,
+            backing: BackingMode::Flatten,
+            ..ConvertOptions::default()
+        };
+        vmvol_format::convert(&src_path, &self.open_opts(src, false), &path, &opts, ctl)
+            .map_err(|e| img_err(src, "copy image", e))?;
+        Ok(r)
+    }
+
+    fn open_image(&self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>> {
+        let path = self.image_path(image)?;
+        let img = Image::open(&path, &self.open_opts(image, writable))
+            .map_err(|e| img_err(image, "open image", e))?;
+        Ok(Box::new(img))
+    }
+
+    fn grow_image(&self, guard: &ExclusiveGuard, image: &ImageRef, new_size: u64) -> Result<()> {
+        self.check_fence(guard, "grow image")?;
+        self.grow_any(image, new_size)
+    }
+
+    fn grow_staged(&self, area: &StagingArea, image: &ImageRef, new_size: u64) -> Result<()> {
+        if image.owner != (ImageOwner::Staging { area: area.id }) {
+            return Err(Error::InvalidImage {
+                image: image.to_string(),
+                reason: "not in this staging area".into(),
+            });
         }
-        for f in [JOURNAL_FILE, LOCK_FILE] {
-            let p = self.dir.join(f);
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove file", e))?;
+        self.grow_any(image, new_size)
+    }
+
+    fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
+        let path = self.image_path(image)?;
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Err(Error::ImageNotFound {
+                image: image.to_string(),
+            });
         }
-        if remove_dir {
-            std::fs::remove_dir(&self.dir)
-                .map_err(|e| Error::io(&self.dir, "remove pool directory", e))?;
+        let mut s = ImageSummary {
+            image: image.clone(),
+            virtual_size: None,
+            host_bytes: host_bytes(&path),
+            backing: None,
+            error: None,
+        };
+        match Image::open(&path, &self.open_opts(image, false)) {
+            Ok(img) => {
+                s.virtual_size = Some(img.size());
+                if let Some((bpath, bfmt)) =
+                    img.as_qcow2().and_then(|q| q.backing_chain().into_iter().next())
+                {
+                    s.backing = self.ref_of_path(&bpath, bfmt);
+                    if s.backing.is_none() {
+                        s.error = Some(format!(
+                            "backing file {} is not an image of this pool",
+                            bpath.display()
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                s.virtual_size = vmvol_format::virtual_size(&path, image.format).ok();
+                s.error = Some(e.to_string());
+            }
+        }
+        Ok(s)
+    }
+
+    fn remove_image(&self, guard: &ExclusiveGuard, image: &ImageRef) -> Result<()> {
+        self.check_fence(guard, "remove image")?;
+        let path = self.image_path(image)?;
+        std::fs::remove_file(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::ImageNotFound {
+                image: image.to_string(),
+            },
+            _ => Error::io(&path, "remove image", e),
+        })?;
+        if let Some(d) = path.parent() {
+            fsync_dir(d)?;
         }
         Ok(())
     }
+
+    fn attach_target(&self, image: &ImageRef) -> Result<AttachTarget> {
+        let path = self.image_path(image)?;
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Err(Error::ImageNotFound {
+                image: image.to_string(),
+            });
+        }
+        Ok(AttachTarget::File {
+            path,
+            format: image.format,
+        })
+    }
+
+    fn move_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        self.check_fence(guard, "move image")?;
+        let src = self.image_path(image)?;
+        let to = ImageRef::entry(kind, id, name, image.format);
+        let dst = self.image_path(&to)?;
+        let dst_dir = self.kind_dir(kind).join(id);
+        if !dst_dir.is_dir() {
+            return Err(Error::InvalidImage {
+                image: to.to_string(),
+                reason: "the destination entry does not exist".into(),
+            });
+        }
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            return Err(Error::InvalidImage {
+                image: to.to_string(),
+                reason: "an image of that name already exists".into(),
+            });
+        }
+        // Entry directories sit at one depth, so relative backing names
+        // inside the moved image keep resolving.
+        std::fs::rename(&src, &dst).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::ImageNotFound {
+                image: image.to_string(),
+            },
+            _ => Error::io(&src, "move image", e),
+        })?;
+        fsync_dir(&dst_dir)?;
+        if let Some(d) = src.parent() {
+            fsync_dir(d)?;
+        }
+        Ok(to)
+    }
 }
 
+impl LocalBackend {
+    fn grow_any(&self, image: &ImageRef, new_size: u64) -> Result<()> {
+        let path = self.image_path(image)?;
+        let img = Image::open(&path, &self.open_opts(image, true))
+            .map_err(|e| img_err(image, "open image to grow", e))?;
+        img.grow(new_size).map_err(|e| img_err(image, "grow image", e))?;
+        img.flush().map_err(|e| img_err(image, "flush grown image", e))
+    }
+}
 /// `statvfs(2)` of the filesystem holding `path`.
 // The casts are no-ops on 64-bit Linux but not where fsblkcnt_t is 32 bits.
 #[allow(clippy::unnecessary_cast)]

@@ -7,16 +7,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use vmvol_format::{BlockIo, Control, Format};
 
 use crate::backend::{
-    BackendGuard, Change, JournalCursor, JournalRead, PoolBackend, Recovered, ReservationInfo,
-    ScannedEntry, StagingArea,
+    Change, ExclusiveGuard, JournalCursor, JournalRead, LivenessHold, PoolBackend, Recovered,
+    ReservationInfo, ScannedEntry, SharedGuard, StagingArea,
 };
 use crate::error::{Error, Result};
+use crate::image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary};
 use crate::local::LocalBackend;
 use crate::lock::{LockMode, Wait};
 use crate::name::validate_name;
-use crate::record::{encode, Damaged, Entry, EntryKind, ImageSummary, Listed, Record, RecordType};
+use crate::record::{encode, Damaged, Entry, EntryKind, Listed, Record, RecordType};
+use crate::spec::BackendSpec;
 
 /// Whether the pool accepts volume work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,15 +44,20 @@ pub enum CapacityPolicy {
     },
 }
 
-/// A pool's persisted configuration (`pool.json`).
+/// A pool's persisted configuration (local: `pool.json`).
+///
+/// Schema 2 names the backend (`"backend": {"type": "local", "path": ...}`);
+/// schema-1 records (a bare `"path"`) still read, as a local backend, and
+/// are written in the new form the next time the config is written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PoolConfigWire")]
 pub struct PoolConfig {
     /// Pool name (see [`validate_name`]).
     pub name: String,
     /// Pool UUID, fixed at define time.
     pub uuid: Uuid,
-    /// The pool's directory.
-    pub path: PathBuf,
+    /// Where the pool lives.
+    pub backend: BackendSpec,
     /// Where the capacity figure comes from.
     pub capacity: CapacityPolicy,
     /// Thin provisioning: the sum of virtual sizes may reach
@@ -60,7 +68,58 @@ pub struct PoolConfig {
 }
 
 impl RecordType for PoolConfig {
-    const SCHEMA_VERSION: u32 = 1;
+    const SCHEMA_VERSION: u32 = 2;
+}
+
+/// Every schema of [`PoolConfig`] as read from disk.
+#[derive(Deserialize)]
+struct PoolConfigWire {
+    name: String,
+    uuid: Uuid,
+    #[serde(default)]
+    backend: Option<BackendSpec>,
+    /// Schema 1: the pool directory.
+    #[serde(default)]
+    path: Option<PathBuf>,
+    capacity: CapacityPolicy,
+    overcommit_ratio: f64,
+    state: PoolState,
+}
+
+impl TryFrom<PoolConfigWire> for PoolConfig {
+    type Error = String;
+    fn try_from(w: PoolConfigWire) -> std::result::Result<PoolConfig, String> {
+        let backend = crate::spec::backend_of(w.backend, w.path)?;
+        Ok(PoolConfig {
+            name: w.name,
+            uuid: w.uuid,
+            backend,
+            capacity: w.capacity,
+            overcommit_ratio: w.overcommit_ratio,
+            state: w.state,
+        })
+    }
+}
+
+impl PoolConfig {
+    /// A new, inactive pool's config (policy checked).
+    pub fn new(
+        name: &str,
+        backend: BackendSpec,
+        capacity: CapacityPolicy,
+        overcommit_ratio: f64,
+    ) -> Result<PoolConfig> {
+        validate_name(name)?;
+        validate_policy(name, capacity, overcommit_ratio)?;
+        Ok(PoolConfig {
+            name: name.to_string(),
+            uuid: Uuid::new_v4(),
+            backend,
+            capacity,
+            overcommit_ratio,
+            state: PoolState::Inactive,
+        })
+    }
 }
 
 /// All figures of a pool, serialisable (`vmvol pool info --output json`).
@@ -90,6 +149,12 @@ pub struct PoolDescription {
     pub fs_total: u64,
     /// Bytes free on that filesystem for unprivileged users (`f_bavail`).
     pub fs_available: u64,
+    /// Bytes held by open *physical* reservations (work that really writes
+    /// its bytes: preallocated raw, full copies, compaction output).
+    pub physical_reserved: u64,
+    /// `fs_available − physical_reserved`: what a physical reservation can
+    /// still get (it must also fit in `available`, the policy headroom).
+    pub physical_available: u64,
     /// Number of volumes (damaged ones included).
     pub volumes: usize,
     /// Number of templates (damaged ones included).
@@ -140,10 +205,9 @@ pub fn allocation_limit(capacity: u64, ratio: f64) -> u64 {
 /// One entry as the index holds it.
 #[derive(Debug, Clone)]
 struct Slot {
-    dir: PathBuf,
     record_path: PathBuf,
     record: std::result::Result<Arc<Vec<u8>>, String>,
-    image: Option<ImageSummary>,
+    images: Vec<ImageSummary>,
     virt: u64,
     physical: u64,
 }
@@ -160,11 +224,13 @@ impl Slot {
             }),
         };
         Slot {
-            virt: s.image.as_ref().and_then(|i| i.virtual_size).unwrap_or(0),
-            dir: s.dir,
+            virt: s
+                .images
+                .iter()
+                .fold(0u64, |a, i| a.saturating_add(i.virtual_size.unwrap_or(0))),
             record_path: s.record_path,
             record,
-            image: s.image,
+            images: s.images,
             physical: s.physical,
         }
     }
@@ -247,7 +313,7 @@ impl std::fmt::Debug for Pool {
 /// process dies).
 pub struct Reservation {
     info: ReservationInfo,
-    _guard: BackendGuard,
+    _hold: LivenessHold,
 }
 
 impl Reservation {
@@ -263,6 +329,10 @@ impl Reservation {
     pub fn purpose(&self) -> &str {
         &self.info.purpose
     }
+    /// Whether it was checked against physical free space too.
+    pub fn is_physical(&self) -> bool {
+        self.info.physical
+    }
     /// Releases the bytes now (same as dropping).
     pub fn release(self) {}
 }
@@ -275,54 +345,98 @@ impl std::fmt::Debug for Reservation {
     }
 }
 
-/// A private directory in the pool's staging area where an entry is built
-/// before [`Pool::commit`] moves it into place. Dropped uncommitted, it is
-/// removed; if its process dies, the next open or refresh removes it.
+/// A private staging area where an entry's images are built before
+/// [`Pool::commit`] moves them into place as a new entry. Dropped
+/// uncommitted, it is removed; if its process dies, the next open or
+/// refresh removes it. Its images need no pool lock: nobody else sees them.
 pub struct Staging {
     backend: Arc<dyn PoolBackend>,
     area: Option<StagingArea>,
 }
 
 impl Staging {
-    /// The directory to build in (put the image at
-    /// `path().join(image_file_name(format))`).
-    pub fn path(&self) -> &Path {
-        match &self.area {
-            Some(a) => &a.path,
-            None => Path::new(""),
-        }
+    fn area(&self) -> Result<&StagingArea> {
+        self.area.as_ref().ok_or_else(|| {
+            Error::io(
+                self.backend.location(),
+                "use staging area",
+                std::io::ErrorKind::InvalidInput.into(),
+            )
+        })
+    }
+
+    /// The staging area's id (what [`ImageOwner::Staging`] names).
+    pub fn id(&self) -> Option<Uuid> {
+        self.area.as_ref().map(|a| a.id)
+    }
+
+    /// Creates image `name` (e.g. [`DATA_IMAGE`](crate::DATA_IMAGE)) of
+    /// `spec.size` bytes. Preallocation (raw only) reports progress to and
+    /// can be cancelled through `ctl`. Reserve first:
+    /// [`Pool::reserve_physical`] if [`ImageSpec::is_physical`], else
+    /// [`Pool::reserve`].
+    pub fn create_image(&self, name: &str, spec: &ImageSpec, ctl: &Control) -> Result<ImageRef> {
+        self.backend.create_image(self.area()?, name, spec, ctl)
+    }
+
+    /// Creates image `name` as a thin overlay on `base` (a committed image,
+    /// or one in this area); `size` defaults to the base's virtual size.
+    /// Local: a qcow2 file whose backing name is relative and whose backing
+    /// format is recorded, so the entry can move with the pool.
+    pub fn create_linked(&self, name: &str, base: &ImageRef, size: Option<u64>) -> Result<ImageRef> {
+        self.backend.create_linked(self.area()?, name, base, size)
+    }
+
+    /// Copies everything `src` shows (its chain flattened) into a new,
+    /// independent image `name` in `format` (local: reflink or
+    /// `copy_file_range` where possible). Reserve physically first.
+    pub fn copy_full(
+        &self,
+        name: &str,
+        src: &ImageRef,
+        format: Format,
+        ctl: &Control,
+    ) -> Result<ImageRef> {
+        self.backend.copy_full(self.area()?, name, src, format, ctl)
+    }
+
+    /// Opens an image of this area (or any committed image) for I/O, e.g.
+    /// to fill it before commit.
+    pub fn open_image(&self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>> {
+        self.area()?;
+        self.backend.open_image(image, writable)
+    }
+
+    /// Grows an image of this area.
+    pub fn grow_image(&self, image: &ImageRef, new_size: u64) -> Result<()> {
+        self.backend.grow_staged(self.area()?, image, new_size)
+    }
+
+    /// Virtual size, host bytes and base of an image of this area.
+    pub fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
+        self.backend.image_summary(image)
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
         if let Some(a) = self.area.take() {
-            // Remove while still holding the liveness guard.
-            self.backend.discard_staging(&a.path);
-            drop(a.guard);
+            // Remove while still holding the liveness hold.
+            self.backend.discard_staging(&a);
+            drop(a);
         }
     }
 }
 
 impl std::fmt::Debug for Staging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Staging")
-            .field("path", &self.path())
-            .finish()
-    }
-}
-
-/// The image file name of an entry in `format`: `data.raw` or `data.qcow2`.
-pub fn image_file_name(format: vmvol_format::Format) -> &'static str {
-    match format {
-        vmvol_format::Format::Raw => "data.raw",
-        vmvol_format::Format::Qcow2 => "data.qcow2",
+        f.debug_struct("Staging").field("id", &self.id()).finish()
     }
 }
 
 fn read_config(backend: &dyn PoolBackend) -> Result<PoolConfig> {
     let bytes = backend.read_config()?;
-    let path = backend.location().join(crate::local::CONFIG_FILE);
+    let path = backend.config_path();
     Record::<PoolConfig>::parse(&bytes)
         .map(|r| r.data)
         .map_err(|reason| Error::Damaged { path, reason })
@@ -334,20 +448,27 @@ fn lock_index(m: &Mutex<Index>) -> MutexGuard<'_, Index> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The lock a [`PoolTxn`] runs under.
+enum Held {
+    Shared(#[allow(dead_code)] SharedGuard),
+    Exclusive(ExclusiveGuard),
+}
+
 impl Pool {
-    /// Opens the pool in directory `dir`: recovers from crashed operations
-    /// (see [`Pool::recovered`]) and scans every entry. `wait` is the lock
-    /// policy of this handle for every operation.
+    /// Opens the local pool in directory `dir` (shortcut for
+    /// [`Pool::with_backend`] on a [`LocalBackend`]): recovers from crashed
+    /// operations (see [`Pool::recovered`]) and scans every entry. `wait` is
+    /// the lock policy of this handle for every operation.
     pub fn open(dir: impl AsRef<Path>, wait: Wait) -> Result<Pool> {
         let b = LocalBackend::open(dir.as_ref())?;
         Pool::with_backend(Arc::new(b), wait)
     }
 
-    /// Opens a pool on any backend.
+    /// Opens a pool on any backend: recovery, then a scan of every entry.
     pub fn with_backend(backend: Arc<dyn PoolBackend>, wait: Wait) -> Result<Pool> {
         let _held = ReentryGuard::enter_path(backend.location(), "open pool")?;
-        let _g = backend.lock(LockMode::Exclusive, wait, "open pool")?;
-        let (index, recovered) = Self::load(&*backend)?;
+        let g = backend.lock_exclusive(wait, "open pool")?;
+        let (index, recovered) = Self::load(&*backend, &g)?;
         Ok(Pool {
             inner: Arc::new(Inner {
                 backend,
@@ -359,8 +480,8 @@ impl Pool {
     }
 
     /// Under the exclusive lock: recovery + full scan.
-    fn load(backend: &dyn PoolBackend) -> Result<(Index, Vec<Recovered>)> {
-        let mut recovered = backend.recover()?;
+    fn load(backend: &dyn PoolBackend, g: &ExclusiveGuard) -> Result<(Index, Vec<Recovered>)> {
+        let mut recovered = backend.recover(g)?;
         let config = read_config(backend)?;
         let cursor = match backend.journal_read(JournalCursor::default())? {
             JournalRead::Reset(c) | JournalRead::Changes(_, c) => c,
@@ -375,7 +496,7 @@ impl Pool {
         let mut touched = Vec::new();
         for kind in EntryKind::ALL {
             for id in backend.list_ids(kind)? {
-                if let Some(s) = backend.scan_entry(kind, &id, true)? {
+                if let Some(s) = backend.scan_entry(kind, &id, Some(g))? {
                     if !s.removed.is_empty() {
                         touched.push(Change::Entry(kind, id.clone()));
                     }
@@ -389,7 +510,7 @@ impl Pool {
         }
         // Other live handles count those temp files' blocks; tell them.
         for c in &touched {
-            index.cursor = backend.journal_append(c)?;
+            index.cursor = backend.journal_append(g, c)?;
         }
         Ok((index, recovered))
     }
@@ -402,8 +523,9 @@ impl Pool {
         }
     }
 
-    /// The backend's location (the pool directory).
-    pub fn path(&self) -> &Path {
+    /// Where the pool lives, for messages (local: its directory). Build no
+    /// paths from it: images are reached through [`ImageRef`]s.
+    pub fn location(&self) -> &Path {
         self.inner.backend.location()
     }
 
@@ -434,12 +556,17 @@ impl Pool {
         f: impl FnOnce(&mut PoolTxn<'_>) -> Result<R>,
     ) -> Result<R> {
         let _held = ReentryGuard::enter(self, op)?;
-        let _g = self.inner.backend.lock(mode, self.wait, op)?;
+        let b = &self.inner.backend;
+        let held = match mode {
+            LockMode::Shared => Held::Shared(b.lock_shared(self.wait, op)?),
+            LockMode::Exclusive => Held::Exclusive(b.lock_exclusive(self.wait, op)?),
+        };
         let mut idx = lock_index(&self.inner.index);
         self.sync(&mut idx)?;
         f(&mut PoolTxn {
             pool: self,
             idx: &mut idx,
+            held,
         })
     }
 
@@ -482,7 +609,7 @@ impl Pool {
                     let ids = b.list_ids(kind)?;
                     let mut fresh = BTreeMap::new();
                     for id in ids {
-                        if let Some(s) = b.scan_entry(kind, &id, false)? {
+                        if let Some(s) = b.scan_entry(kind, &id, None)? {
                             fresh.insert(id.clone(), Slot::from_scan(&id, s));
                         }
                     }
@@ -505,14 +632,14 @@ impl Pool {
     }
 
     fn rescan(&self, idx: &mut Index, kind: EntryKind, id: &str) -> Result<()> {
-        let s = self.inner.backend.scan_entry(kind, id, false)?;
+        let s = self.inner.backend.scan_entry(kind, id, None)?;
         idx.set(kind, id, s.map(|s| Slot::from_scan(id, s)));
         Ok(())
     }
 
     /// Announces a change (exclusive lock held, index synced).
-    fn announce(&self, idx: &mut Index, change: &Change) -> Result<()> {
-        idx.cursor = self.inner.backend.journal_append(change)?;
+    fn announce(&self, idx: &mut Index, g: &ExclusiveGuard, change: &Change) -> Result<()> {
+        idx.cursor = self.inner.backend.journal_append(g, change)?;
         Ok(())
     }
 
@@ -523,8 +650,12 @@ impl Pool {
             CapacityPolicy::Filesystem => fs.total,
             CapacityPolicy::Quota { bytes } => bytes,
         };
-        let live = b.live_reservations(false)?;
+        let live = b.live_reservations(None)?;
         let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
+        let physical_reserved = live
+            .iter()
+            .filter(|r| r.physical)
+            .fold(0u64, |a, r| a.saturating_add(r.bytes));
         let limit = allocation_limit(capacity, idx.config.overcommit_ratio);
         let allocation = idx.virt.saturating_add(reserved);
         Ok(PoolDescription {
@@ -539,6 +670,8 @@ impl Pool {
             physical: b.base_physical()?.saturating_add(idx.physical),
             fs_total: fs.total,
             fs_available: fs.available,
+            physical_reserved,
+            physical_available: fs.available.saturating_sub(physical_reserved),
             volumes: idx.kinds[0].len(),
             templates: idx.kinds[1].len(),
             snapshots: idx.kinds[2].len(),
@@ -557,8 +690,8 @@ impl Pool {
     pub fn refresh(&self) -> Result<PoolDescription> {
         let b = &*self.inner.backend;
         let _held = ReentryGuard::enter(self, "refresh pool")?;
-        let _g = b.lock(LockMode::Exclusive, self.wait, "refresh pool")?;
-        let (fresh, recovered) = Self::load(b)?;
+        let g = b.lock_exclusive(self.wait, "refresh pool")?;
+        let (fresh, recovered) = Self::load(b, &g)?;
         *self
             .inner
             .recovered
@@ -598,13 +731,13 @@ impl Pool {
         change: impl FnOnce(&mut PoolConfig) -> Result<()>,
     ) -> Result<PoolConfig> {
         self.with_lock(LockMode::Exclusive, op, |t| {
+            let g = guard_of(&t.held, t.pool)?;
             let (p, idx) = (t.pool, &mut *t.idx);
             let mut cfg = idx.config.clone();
             change(&mut cfg)?;
-            let path = p.path().join(crate::local::CONFIG_FILE);
-            let bytes = Record::new(cfg.clone()).to_bytes(&path)?;
-            p.announce(idx, &Change::Config)?;
-            p.inner.backend.write_config(&bytes)?;
+            let bytes = Record::new(cfg.clone()).to_bytes(&p.inner.backend.config_path())?;
+            p.announce(idx, g, &Change::Config)?;
+            p.inner.backend.write_config(g, &bytes)?;
             idx.config = cfg.clone();
             Ok(cfg)
         })
@@ -620,24 +753,36 @@ impl Pool {
         self.set_state(PoolState::Inactive, "deactivate pool")
     }
 
-    /// Reserves `bytes` before work that grows the pool. Fails with
+    /// Reserves `bytes` of *thin* work (sparse images, linked images,
+    /// growing a thin image) before doing it. Fails with
     /// [`Error::InsufficientSpace`] (needed and available bytes) when
     /// allocation + `bytes` would exceed `capacity × overcommit_ratio`.
     /// Holds across threads and processes; a dead process's reservations
-    /// are released by the kernel dropping its lock.
+    /// are released with it.
     pub fn reserve(&self, bytes: u64, purpose: &str) -> Result<Reservation> {
         self.with_lock(LockMode::Exclusive, "reserve", |t| {
             t.reserve(bytes, purpose)
         })
     }
 
-    /// A fresh staging directory to build an entry in.
+    /// Reserves `bytes` that will really be written (preallocated raw, full
+    /// copies, compaction output): checked against the policy like
+    /// [`Pool::reserve`] *and* against the storage's free space minus other
+    /// physical reservations, else [`Error::InsufficientPhysicalSpace`].
+    pub fn reserve_physical(&self, bytes: u64, purpose: &str) -> Result<Reservation> {
+        self.with_lock(LockMode::Exclusive, "reserve", |t| {
+            t.reserve_physical(bytes, purpose)
+        })
+    }
+
+    /// A fresh staging area to build an entry's images in.
     pub fn stage(&self) -> Result<Staging> {
         self.with_lock(LockMode::Shared, "stage", |t| t.stage())
     }
 
     /// Writes `data`'s record into `staging` and moves it into place as
-    /// entry `kind/id` (atomically: the entry appears complete or not at all).
+    /// entry `kind/id` (atomically: the entry appears complete or not at
+    /// all). Staged image `x` becomes `x.committed(kind, id)`.
     pub fn commit<T: RecordType>(
         &self,
         staging: Staging,
@@ -665,16 +810,17 @@ impl Pool {
         })
     }
 
-    /// Re-reads entry `kind/id` after its image changed in place (e.g. grown)
-    /// and tells other processes.
+    /// Re-reads entry `kind/id` after its images changed outside the pool's
+    /// own calls (e.g. written through [`Pool::open_image`]) and tells other
+    /// processes.
     pub fn rescan_entry(&self, kind: EntryKind, id: &str) -> Result<()> {
         self.with_lock(LockMode::Exclusive, "rescan entry", |t| {
             t.rescan_entry(kind, id)
         })
     }
 
-    /// Removes entry `kind/id` and everything in its directory. The caller
-    /// (the volume layer) checks its own rules (attachments, dependents) first.
+    /// Removes entry `kind/id` and all its images. The caller (the volume
+    /// layer) checks its own rules (attachments, dependents) first.
     pub fn remove(&self, kind: EntryKind, id: &str) -> Result<()> {
         self.with_lock(LockMode::Exclusive, "remove entry", |t| t.remove(kind, id))
     }
@@ -688,9 +834,8 @@ impl Pool {
             Ok(record) => Listed::Ok(Entry {
                 kind,
                 id: id.to_string(),
-                dir: s.dir.clone(),
                 record,
-                image: s.image.clone(),
+                images: s.images.clone(),
                 physical: s.physical,
             }),
             Err(reason) => Listed::Damaged(Damaged {
@@ -724,9 +869,61 @@ impl Pool {
         self.with_lock(LockMode::Shared, "list entries", |t| t.list(kind, filter))
     }
 
-    /// The directory of entry `kind/id` (whether or not it exists).
-    pub fn entry_dir(&self, kind: EntryKind, id: &str) -> PathBuf {
-        self.inner.backend.entry_dir(kind, id)
+    /// Opens a committed image for I/O (read-only or read-write); its chain
+    /// may reach only images of this pool. The pool must be active.
+    /// Writing does not change the pool's figures; growing goes through
+    /// [`Pool::grow_image`].
+    pub fn open_image(&self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>> {
+        self.with_lock(LockMode::Shared, "open image", |t| {
+            t.idx.require_active("open image")?;
+            t.pool.inner.backend.open_image(image, writable)
+        })
+    }
+
+    /// Grows a committed image to `new_size` bytes (thin: reserve the
+    /// difference with [`Pool::reserve`] first) and updates the figures.
+    pub fn grow_image(&self, image: &ImageRef, new_size: u64) -> Result<()> {
+        self.with_lock(LockMode::Exclusive, "grow image", |t| {
+            t.grow_image(image, new_size)
+        })
+    }
+
+    /// Virtual size, host bytes and base (the image it is linked to) of an image.
+    pub fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
+        self.with_lock(LockMode::Shared, "read image summary", |t| {
+            t.pool.inner.backend.image_summary(image)
+        })
+    }
+
+    /// Removes one image of an entry (the entry stays).
+    pub fn remove_image(&self, image: &ImageRef) -> Result<()> {
+        self.with_lock(LockMode::Exclusive, "remove image", |t| t.remove_image(image))
+    }
+
+    /// What a VMM opens to use the image (local: its file and format).
+    pub fn attach_target(&self, image: &ImageRef) -> Result<AttachTarget> {
+        self.with_lock(LockMode::Shared, "attach image", |t| {
+            t.idx.require_active("attach image")?;
+            t.pool.inner.backend.attach_target(image)
+        })
+    }
+
+    /// Moves an image (committed, or from a staging area the caller holds)
+    /// into existing entry `kind/id` as `name`; returns its new name. For
+    /// external snapshots: move the volume's top image into the snapshot
+    /// entry, then stage an overlay on it and move that into the volume.
+    /// Local backend: images linked *to* the moved image are not relinked,
+    /// so move only images nothing is linked to.
+    pub fn move_image(
+        &self,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        self.with_lock(LockMode::Exclusive, "move image", |t| {
+            t.move_image(image, kind, id, name)
+        })
     }
 
     /// Undefine support: under the exclusive lock, refuses with
@@ -735,10 +932,10 @@ impl Pool {
     pub(crate) fn destroy_if_empty(&self, remove_dir: bool) -> Result<()> {
         let b = &*self.inner.backend;
         let _held = ReentryGuard::enter(self, "undefine pool")?;
-        let _g = b.lock(LockMode::Exclusive, self.wait, "undefine pool")?;
-        let (idx, _) = Self::load(b)?;
+        let g = b.lock_exclusive(self.wait, "undefine pool")?;
+        let (idx, _) = Self::load(b, &g)?;
         let staging = b.live_staging()?;
-        let reservations = b.live_reservations(true)?.len();
+        let reservations = b.live_reservations(Some(&g))?.len();
         let (v, t, s) = (idx.kinds[0].len(), idx.kinds[1].len(), idx.kinds[2].len());
         if v + t + s + staging + reservations > 0 {
             return Err(Error::NotEmpty {
@@ -751,16 +948,17 @@ impl Pool {
                 damaged: idx.damaged(),
             });
         }
-        b.destroy(remove_dir)
+        b.destroy(g, remove_dir)
     }
 }
 
-/// The pool under its lock, with the index in step with the disk: every
+/// The pool under its lock, with the index in step with the storage: every
 /// operation of [`Pool`] is available here without re-taking the lock.
 /// Obtained from [`Pool::transaction`].
 pub struct PoolTxn<'a> {
     pool: &'a Pool,
     idx: &'a mut Index,
+    held: Held,
 }
 
 impl std::fmt::Debug for PoolTxn<'_> {
@@ -769,35 +967,69 @@ impl std::fmt::Debug for PoolTxn<'_> {
     }
 }
 
+/// The exclusive guard (every mutating call runs under it).
+fn guard_of<'h>(held: &'h Held, pool: &Pool) -> Result<&'h ExclusiveGuard> {
+    match held {
+        Held::Exclusive(g) => Ok(g),
+        Held::Shared(_) => Err(Error::io(
+            pool.location(),
+            "mutate pool under a shared lock",
+            std::io::ErrorKind::PermissionDenied.into(),
+        )),
+    }
+}
+
+/// The committed entry `image` belongs to (which must exist).
+fn committed<'i>(idx: &Index, image: &'i ImageRef) -> Result<(EntryKind, &'i str)> {
+    let (kind, id) = entry_of(image).ok_or_else(|| Error::InvalidImage {
+        image: image.to_string(),
+        reason: "not a committed image (use the staging area's methods)".into(),
+    })?;
+    Pool::existing(idx, kind, id)?;
+    Ok((kind, id))
+}
+
+/// Which entry an image belongs to, if committed.
+fn entry_of(image: &ImageRef) -> Option<(EntryKind, &str)> {
+    match &image.owner {
+        ImageOwner::Entry { kind, id } => Some((*kind, id.as_str())),
+        ImageOwner::Staging { .. } => None,
+    }
+}
+
 impl PoolTxn<'_> {
     /// The pool's config, brought up to date with other processes.
     pub fn config(&mut self) -> Result<PoolConfig> {
-        let idx = &mut *self.idx;
-        Ok(idx.config.clone())
+        Ok(self.idx.config.clone())
     }
 
     /// All figures, brought up to date with other processes' changes.
     pub fn describe(&mut self) -> Result<PoolDescription> {
-        let p = self.pool;
-        let idx = &mut *self.idx;
-        p.describe_locked(idx)
+        self.pool.describe_locked(self.idx)
     }
 
-    /// Reserves `bytes` before work that grows the pool. Fails with
-    /// [`Error::InsufficientSpace`] (needed and available bytes) when
-    /// allocation + `bytes` would exceed `capacity × overcommit_ratio`.
-    /// Holds across threads and processes; a dead process's reservations
-    /// are released by the kernel dropping its lock.
+    /// [`Pool::reserve`] inside the transaction.
     pub fn reserve(&mut self, bytes: u64, purpose: &str) -> Result<Reservation> {
+        self.reserve_kind(bytes, purpose, false)
+    }
+
+    /// [`Pool::reserve_physical`] inside the transaction.
+    pub fn reserve_physical(&mut self, bytes: u64, purpose: &str) -> Result<Reservation> {
+        self.reserve_kind(bytes, purpose, true)
+    }
+
+    fn reserve_kind(&mut self, bytes: u64, purpose: &str, physical: bool) -> Result<Reservation> {
+        let g = guard_of(&self.held, self.pool)?;
         let p = self.pool;
         let idx = &mut *self.idx;
         idx.require_active("reserve")?;
         let b = &*p.inner.backend;
+        let fs = b.fs_stats()?;
         let capacity = match idx.config.capacity {
-            CapacityPolicy::Filesystem => b.fs_stats()?.total,
+            CapacityPolicy::Filesystem => fs.total,
             CapacityPolicy::Quota { bytes } => bytes,
         };
-        let live = b.live_reservations(true)?;
+        let live = b.live_reservations(Some(g))?;
         let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
         let limit = allocation_limit(capacity, idx.config.overcommit_ratio);
         let allocation = idx.virt.saturating_add(reserved);
@@ -811,33 +1043,53 @@ impl PoolTxn<'_> {
                 allocation,
             });
         }
+        if physical {
+            let phys_reserved = live
+                .iter()
+                .filter(|r| r.physical)
+                .fold(0u64, |a, r| a.saturating_add(r.bytes));
+            let avail = fs.available.saturating_sub(phys_reserved);
+            if bytes > avail {
+                return Err(Error::InsufficientPhysicalSpace {
+                    pool: idx.config.name.clone(),
+                    needed: bytes,
+                    available: avail,
+                    free: fs.available,
+                    reserved: phys_reserved,
+                });
+            }
+        }
         let info = ReservationInfo {
             id: Uuid::new_v4(),
             bytes,
             purpose: purpose.to_string(),
             pid: std::process::id(),
+            physical,
         };
-        let guard = b.create_reservation(&info)?;
-        Ok(Reservation {
-            info,
-            _guard: guard,
-        })
+        let hold = b.create_reservation(g, &info)?;
+        Ok(Reservation { info, _hold: hold })
     }
 
-    /// A fresh staging directory to build an entry in.
+    /// A fresh staging area to build an entry's images in.
     pub fn stage(&mut self) -> Result<Staging> {
         let p = self.pool;
-        let idx = &mut *self.idx;
-        idx.require_active("stage")?;
-        let area = p.inner.backend.create_staging()?;
+        self.idx.require_active("stage")?;
+        let area = match &self.held {
+            Held::Shared(g) => p.inner.backend.create_staging(g)?,
+            // Under the exclusive lock a shared one cannot be taken; the
+            // exclusive lock excludes recovery just as well.
+            Held::Exclusive(_) => {
+                let g = SharedGuard::new(());
+                p.inner.backend.create_staging(&g)?
+            }
+        };
         Ok(Staging {
             backend: Arc::clone(&p.inner.backend),
             area: Some(area),
         })
     }
 
-    /// Writes `data`'s record into `staging` and moves it into place as
-    /// entry `kind/id` (atomically: the entry appears complete or not at all).
+    /// [`Pool::commit`] inside the transaction.
     pub fn commit<T: RecordType>(
         &mut self,
         staging: Staging,
@@ -846,6 +1098,7 @@ impl PoolTxn<'_> {
         data: &T,
     ) -> Result<()> {
         validate_name(id)?;
+        let g = guard_of(&self.held, self.pool)?;
         let p = self.pool;
         let mut staging = staging;
         let idx = &mut *self.idx;
@@ -858,67 +1111,115 @@ impl PoolTxn<'_> {
             });
         }
         let b = &*p.inner.backend;
-        let bytes = encode(data, T::SCHEMA_VERSION, &b.entry_dir(kind, id))?;
-        let Some(area) = staging.area.as_ref() else {
-            return Err(Error::io(
-                b.location(),
-                "commit entry",
-                std::io::ErrorKind::InvalidInput.into(),
-            ));
-        };
-        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-        let r = b.commit_staging(&area.path, kind, id, &bytes);
+        let bytes = encode(data, T::SCHEMA_VERSION, b.location())?;
+        let area = staging.area()?;
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = b.commit_staging(g, area, kind, id, &bytes);
         if r.is_ok() {
-            // Moved: nothing left to discard; the guard's lock goes with it.
+            // Moved: nothing left to discard; the hold goes with it.
             staging.area = None;
         }
         p.rescan(idx, kind, id)?;
         r
     }
 
-    /// Atomically replaces the record of existing entry `kind/id`.
+    /// [`Pool::write_record`] inside the transaction.
     pub fn write_record<T: RecordType>(
         &mut self,
         kind: EntryKind,
         id: &str,
         data: &T,
     ) -> Result<()> {
+        let g = guard_of(&self.held, self.pool)?;
         let p = self.pool;
         let idx = &mut *self.idx;
         idx.require_active("write record")?;
         let path = Pool::existing(idx, kind, id)?.record_path.clone();
         let bytes = encode(data, T::SCHEMA_VERSION, &path)?;
-        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-        let r = p.inner.backend.write_record(kind, id, &bytes);
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.write_record(g, kind, id, &bytes);
         p.rescan(idx, kind, id)?;
         r
     }
 
-    /// Re-reads entry `kind/id` after its image changed in place (e.g. grown)
-    /// and tells other processes.
+    /// [`Pool::rescan_entry`] inside the transaction.
     pub fn rescan_entry(&mut self, kind: EntryKind, id: &str) -> Result<()> {
+        let g = guard_of(&self.held, self.pool)?;
         let p = self.pool;
         let idx = &mut *self.idx;
         Pool::existing(idx, kind, id)?;
-        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
         p.rescan(idx, kind, id)
     }
 
-    /// Removes entry `kind/id` and everything in its directory. The caller
-    /// (the volume layer) checks its own rules (attachments, dependents) first.
+    /// [`Pool::remove`] inside the transaction.
     pub fn remove(&mut self, kind: EntryKind, id: &str) -> Result<()> {
+        let g = guard_of(&self.held, self.pool)?;
         let p = self.pool;
         let idx = &mut *self.idx;
         idx.require_active("remove entry")?;
         Pool::existing(idx, kind, id)?;
-        p.announce(idx, &Change::Entry(kind, id.to_string()))?;
-        let r = p.inner.backend.remove_entry(kind, id);
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.remove_entry(g, kind, id);
         p.rescan(idx, kind, id)?;
         r
     }
 
-    /// Entry `kind/id`; [`Error::Damaged`] (path, reason) if its record is
-    /// unusable.
+    /// [`Pool::grow_image`] inside the transaction.
+    pub fn grow_image(&mut self, image: &ImageRef, new_size: u64) -> Result<()> {
+        let g = guard_of(&self.held, self.pool)?;
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("grow image")?;
+        let (kind, id) = committed(idx, image)?;
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.grow_image(g, image, new_size);
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// [`Pool::remove_image`] inside the transaction.
+    pub fn remove_image(&mut self, image: &ImageRef) -> Result<()> {
+        let g = guard_of(&self.held, self.pool)?;
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("remove image")?;
+        let (kind, id) = committed(idx, image)?;
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.remove_image(g, image);
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// [`Pool::move_image`] inside the transaction.
+    pub fn move_image(
+        &mut self,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        validate_name(name)?;
+        let g = guard_of(&self.held, self.pool)?;
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("move image")?;
+        Pool::existing(idx, kind, id)?;
+        let from = entry_of(image);
+        if let Some((k, i)) = from {
+            Pool::existing(idx, k, i)?;
+            p.announce(idx, g, &Change::Entry(k, i.to_string()))?;
+        }
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.move_image(g, image, kind, id, name);
+        if let Some((k, i)) = from {
+            p.rescan(idx, k, i)?;
+        }
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// [`Pool::get`] inside the transaction.
     pub fn get<T: RecordType>(&mut self, kind: EntryKind, id: &str) -> Result<Entry<T>> {
         let idx = &mut *self.idx;
         idx.require_active("get entry")?;
@@ -932,15 +1233,12 @@ impl PoolTxn<'_> {
         }
     }
 
-    /// Whether entry `kind/id` exists (damaged or not).
+    /// [`Pool::contains`] inside the transaction.
     pub fn contains(&mut self, kind: EntryKind, id: &str) -> Result<bool> {
-        let idx = &mut *self.idx;
-        Ok(idx.slot(kind, id).is_some())
+        Ok(self.idx.slot(kind, id).is_some())
     }
 
-    /// Entries of `kind` sorted by id whose record satisfies `filter(id,
-    /// data)`, plus every damaged entry (a damaged record cannot be
-    /// filtered, and is never hidden).
+    /// [`Pool::list`] inside the transaction.
     pub fn list<T: RecordType>(
         &mut self,
         kind: EntryKind,
@@ -960,9 +1258,8 @@ impl PoolTxn<'_> {
                         out.push(Listed::Ok(Entry {
                             kind,
                             id: id.clone(),
-                            dir: s.dir.clone(),
                             record,
-                            image: s.image.clone(),
+                            images: s.images.clone(),
                             physical: s.physical,
                         }));
                     }
@@ -990,7 +1287,7 @@ struct ReentryGuard(PathBuf);
 
 impl ReentryGuard {
     fn enter(pool: &Pool, op: &'static str) -> Result<ReentryGuard> {
-        Self::enter_path(pool.path(), op)
+        Self::enter_path(pool.location(), op)
     }
 
     fn enter_path(path: &Path, op: &'static str) -> Result<ReentryGuard> {

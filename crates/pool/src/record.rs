@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::image::ImageSummary;
 
 /// What the upper layer stores in a pool. Each kind has its own directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -223,16 +224,24 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 pub struct Entry<T> {
     /// Kind of entry.
     pub kind: EntryKind,
-    /// Its id (directory name).
+    /// Its id.
     pub id: String,
-    /// Its directory.
-    pub dir: PathBuf,
     /// The record.
     pub record: Record<T>,
-    /// The image found next to the record, if any.
-    pub image: Option<ImageSummary>,
-    /// Host bytes allocated by the entry's files (`du` of its directory).
+    /// The entry's images, sorted by name (the main one is named
+    /// [`DATA_IMAGE`](crate::DATA_IMAGE)).
+    pub images: Vec<ImageSummary>,
+    /// Host bytes allocated by the entry (record and images).
     pub physical: u64,
+}
+
+impl<T> Entry<T> {
+    /// The entry's main image (named [`DATA_IMAGE`](crate::DATA_IMAGE)), if any.
+    pub fn image(&self) -> Option<&ImageSummary> {
+        self.images
+            .iter()
+            .find(|i| i.image.name == crate::image::DATA_IMAGE)
+    }
 }
 
 /// An entry whose record is missing or unusable. Listings always include it.
@@ -240,7 +249,7 @@ pub struct Entry<T> {
 pub struct Damaged {
     /// Kind of entry.
     pub kind: EntryKind,
-    /// Its id (directory name).
+    /// Its id.
     pub id: String,
     /// The record file (or the entry directory when the problem is the entry itself).
     pub path: PathBuf,
@@ -256,18 +265,4 @@ pub enum Listed<T> {
     Ok(Entry<T>),
     /// Record missing or unusable, with path and reason.
     Damaged(Damaged),
-}
-
-/// The image file of an entry (`data.raw` or `data.qcow2`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ImageSummary {
-    /// Path of the image.
-    pub path: PathBuf,
-    /// Its format, from the file name (never probed).
-    pub format: vmvol_format::Format,
-    /// Virtual size from the header (raw: file length); `None` when the
-    /// header could not be read, see `error`.
-    pub virtual_size: Option<u64>,
-    /// Why the virtual size is unknown.
-    pub error: Option<String>,
 }

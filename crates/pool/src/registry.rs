@@ -3,7 +3,7 @@
 //! Layout of a registry root:
 //! ```text
 //! registry.lock             serialises define/undefine
-//! registry/<name>.json      one record per pool: name, uuid, directory
+//! registry/<name>.json      one record per pool: name, uuid, backend
 //! pools/<name>/             default directory of a pool (any other may be given)
 //! ```
 //! One record per pool (rather than one file for all) so that a damaged
@@ -11,32 +11,83 @@
 //! The pool's own config, including its state, lives in its `pool.json`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::backend::PoolBackend;
 use crate::error::{Error, Result};
 use crate::local::{write_err, LocalBackend, CONFIG_FILE};
 use crate::lock::{lock_file, LockMode, Wait};
 use crate::name::validate_name;
-use crate::pool::{CapacityPolicy, Pool, PoolConfig, PoolDescription, PoolState};
+use crate::pool::{CapacityPolicy, Pool, PoolConfig, PoolDescription};
 use crate::record::{fsync_dir, write_atomic, Record, RecordType, TEMP_PREFIX};
+use crate::spec::BackendSpec;
 
 /// The registry's record of one pool.
+///
+/// Schema 2 names the backend (`"backend": {"type": "local", "path": ...}`);
+/// schema-1 records (a bare `"path"`) still read, as a local backend, and
+/// are rewritten in the new form the next time they are written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PoolRefWire")]
 pub struct PoolRef {
     /// Pool name.
     pub name: String,
-    /// Pool UUID (same as in its `pool.json`).
+    /// Pool UUID (same as in its config).
     pub uuid: Uuid,
-    /// The pool's directory.
-    pub path: PathBuf,
+    /// Where the pool lives.
+    pub backend: BackendSpec,
     /// Whether `define` created the directory (then `undefine` removes it).
     pub created_dir: bool,
 }
 
 impl RecordType for PoolRef {
-    const SCHEMA_VERSION: u32 = 1;
+    const SCHEMA_VERSION: u32 = 2;
+}
+
+/// Every schema of [`PoolRef`] as read from disk.
+#[derive(Deserialize)]
+struct PoolRefWire {
+    name: String,
+    uuid: Uuid,
+    #[serde(default)]
+    backend: Option<BackendSpec>,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    created_dir: bool,
+}
+
+impl TryFrom<PoolRefWire> for PoolRef {
+    type Error = String;
+    fn try_from(w: PoolRefWire) -> std::result::Result<PoolRef, String> {
+        Ok(PoolRef {
+            backend: crate::spec::backend_of(w.backend, w.path)?,
+            name: w.name,
+            uuid: w.uuid,
+            created_dir: w.created_dir,
+        })
+    }
+}
+
+/// Opens the backend a record names, if this build has it.
+pub(crate) fn open_backend(name: &str, spec: &BackendSpec) -> Result<Arc<dyn PoolBackend>> {
+    match spec {
+        BackendSpec::Local { path } => Ok(Arc::new(LocalBackend::open(path)?)),
+        other => Err(Error::BackendNotBuiltIn {
+            pool: name.to_string(),
+            backend: other.type_name(),
+        }),
+    }
+}
+
+/// The local directory of a record's backend, or why there is none.
+fn local_dir<'a>(name: &str, spec: &'a BackendSpec) -> Result<&'a Path> {
+    spec.local_path().ok_or_else(|| Error::BackendNotBuiltIn {
+        pool: name.to_string(),
+        backend: spec.type_name(),
+    })
 }
 
 /// What `define` needs besides the name.
@@ -185,7 +236,11 @@ impl Registry {
         let _l = self.lock("define pool")?;
         let rec = self.record_path(name);
         if rec.exists() {
-            let path = self.pool_ref(name).map(|r| r.path).unwrap_or(rec);
+            let path = self
+                .pool_ref(name)
+                .ok()
+                .and_then(|r| r.backend.local_path().map(Path::to_path_buf))
+                .unwrap_or(rec);
             return Err(Error::AlreadyDefined {
                 name: name.to_string(),
                 path,
@@ -251,14 +306,12 @@ impl Registry {
         let config = match adopted {
             Some(c) => c,
             None => {
-                let config = PoolConfig {
-                    name: name.to_string(),
-                    uuid: Uuid::new_v4(),
-                    path: path.clone(),
-                    capacity: spec.capacity,
-                    overcommit_ratio: spec.overcommit_ratio,
-                    state: PoolState::Inactive,
-                };
+                let config = PoolConfig::new(
+                    name,
+                    BackendSpec::Local { path: path.clone() },
+                    spec.capacity,
+                    spec.overcommit_ratio,
+                )?;
                 let bytes = Record::new(config.clone()).to_bytes(&path.join(CONFIG_FILE))?;
                 if let Err(e) = LocalBackend::create(&path, &bytes) {
                     if created_dir {
@@ -272,7 +325,7 @@ impl Registry {
         let r = PoolRef {
             name: name.to_string(),
             uuid: config.uuid,
-            path,
+            backend: BackendSpec::Local { path },
             created_dir,
         };
         write_atomic(&rec, &Record::new(r).to_bytes(&rec)?)?;
@@ -314,7 +367,8 @@ impl Registry {
         let r = self
             .pool_ref(name)
             .map_err(|e| (rec.to_path_buf(), e.to_string()))?;
-        let cfg_path = r.path.join(CONFIG_FILE);
+        let dir = local_dir(name, &r.backend).map_err(|e| (rec.to_path_buf(), e.to_string()))?;
+        let cfg_path = dir.join(CONFIG_FILE);
         let cfg =
             Record::<PoolConfig>::read(&cfg_path).map_err(|e| (cfg_path.clone(), e.to_string()))?;
         if cfg.data.name != name || cfg.data.uuid != r.uuid {
@@ -332,13 +386,37 @@ impl Registry {
     /// The config of pool `name`.
     pub fn get(&self, name: &str) -> Result<PoolConfig> {
         let r = self.pool_ref(name)?;
-        Ok(Record::<PoolConfig>::read(&r.path.join(CONFIG_FILE))?.data)
+        let b = open_backend(name, &r.backend)?;
+        let bytes = b.read_config()?;
+        Record::<PoolConfig>::parse(&bytes)
+            .map(|r| r.data)
+            .map_err(|reason| Error::Damaged {
+                path: b.config_path(),
+                reason,
+            })
     }
 
     /// Opens pool `name` (recovery + scan); `wait` is the handle's lock policy.
     pub fn open_pool(&self, name: &str, wait: Wait) -> Result<Pool> {
         let r = self.pool_ref(name)?;
-        Pool::open(&r.path, wait)
+        let pool = Pool::with_backend(open_backend(name, &r.backend)?, wait)?;
+        self.upgrade_record(&r)?;
+        Ok(pool)
+    }
+
+    /// Rewrites a schema-1 registry record in the current form (the pool's
+    /// own config is rewritten by its next config change).
+    fn upgrade_record(&self, r: &PoolRef) -> Result<()> {
+        let p = self.record_path(&r.name);
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, "read registry record", e))?;
+        let old = serde_json::from_slice::<Record<serde::de::IgnoredAny>>(&bytes)
+            .map(|e| e.schema_version < PoolRef::SCHEMA_VERSION)
+            .unwrap_or(false);
+        if old {
+            let _l = self.lock("upgrade registry record")?;
+            write_atomic(&p, &Record::new(r.clone()).to_bytes(&p)?)?;
+        }
+        Ok(())
     }
 
     /// Activates pool `name`.
@@ -373,8 +451,9 @@ impl Registry {
         let rec = self.record_path(name);
         match self.pool_ref(name) {
             Ok(r) => {
-                if r.path.join(CONFIG_FILE).exists() {
-                    Pool::open(&r.path, wait)?.destroy_if_empty(r.created_dir)?;
+                let dir = local_dir(name, &r.backend)?;
+                if dir.join(CONFIG_FILE).exists() {
+                    Pool::open(dir, wait)?.destroy_if_empty(r.created_dir)?;
                 }
             }
             Err(Error::Damaged { .. }) => {}

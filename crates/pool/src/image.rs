@@ -1,0 +1,130 @@
+//! Backend-neutral names and descriptions of images.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vmvol_format::{Format, Prealloc};
+
+use crate::record::EntryKind;
+
+/// Name of an entry's main image (the one [`Entry::image`](crate::Entry::image) returns).
+pub const DATA_IMAGE: &str = "data";
+
+/// Where an image lives inside a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ImageOwner {
+    /// In a committed entry.
+    Entry {
+        /// The entry's kind.
+        kind: EntryKind,
+        /// The entry's id.
+        id: String,
+    },
+    /// In an uncommitted staging area.
+    Staging {
+        /// The area's id.
+        area: uuid::Uuid,
+    },
+}
+
+/// Names an image in a pool without saying how the backend stores it
+/// (local: `<kind dir>/<id>/<name>.<raw|qcow2>`). Serialisable, so upper
+/// layers may keep it in their records (e.g. a volume's base template).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The entry or staging area holding it.
+    pub owner: ImageOwner,
+    /// Its name within the owner (a [`validate_name`](crate::validate_name) name).
+    pub name: String,
+    /// Its format.
+    pub format: Format,
+}
+
+impl ImageRef {
+    /// The image `name` of entry `kind/id`.
+    pub fn entry(kind: EntryKind, id: &str, name: &str, format: Format) -> ImageRef {
+        ImageRef {
+            owner: ImageOwner::Entry {
+                kind,
+                id: id.to_string(),
+            },
+            name: name.to_string(),
+            format,
+        }
+    }
+
+    /// What this staged image is called once its area is committed as entry
+    /// `kind/id`.
+    pub fn committed(&self, kind: EntryKind, id: &str) -> ImageRef {
+        ImageRef::entry(kind, id, &self.name, self.format)
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.owner {
+            ImageOwner::Entry { kind, id } => write!(f, "{kind} {id} image {}", self.name),
+            ImageOwner::Staging { area } => {
+                write!(f, "staging {} image {}", area.simple(), self.name)
+            }
+        }?;
+        write!(f, " ({})", self.format.as_str())
+    }
+}
+
+/// What [`Staging::create_image`](crate::Staging::create_image) makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Format.
+    pub format: Format,
+    /// How the host space is reserved (raw only; qcow2 images are thin).
+    pub prealloc: Prealloc,
+}
+
+impl ImageSpec {
+    /// Whether making this image really writes its bytes, so its
+    /// reservation must be [physical](crate::Pool::reserve_physical).
+    pub fn is_physical(&self) -> bool {
+        self.format == Format::Raw && self.prealloc != Prealloc::Off
+    }
+}
+
+/// What an image holds, as the backend reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    /// The image.
+    pub image: ImageRef,
+    /// Virtual size (raw: length); `None` when unreadable, see `error`.
+    pub virtual_size: Option<u64>,
+    /// Host bytes the image itself occupies.
+    pub host_bytes: u64,
+    /// The image it is linked to, if any (filled by
+    /// [`Pool::image_summary`](crate::Pool::image_summary); scans leave it `None`).
+    pub backing: Option<ImageRef>,
+    /// Why the header could not be read.
+    pub error: Option<String>,
+}
+
+/// What a VMM opens to use an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AttachTarget {
+    /// A file on this host, opened with the given format driver.
+    File {
+        /// The image file.
+        path: PathBuf,
+        /// Its format.
+        format: Format,
+    },
+    /// Images with no host file (in-memory backend): attach through vmvol's
+    /// own [`BlockIo`](vmvol_format::BlockIo) (e.g. its vhost-user server,
+    /// the way networked backends will).
+    BlockIo {
+        /// The image.
+        image: ImageRef,
+    },
+}
