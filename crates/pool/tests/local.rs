@@ -1,6 +1,8 @@
-//! Acceptance tests of vmvol-pool: accounting against statvfs/du, thin
-//! provisioning, races between threads and processes, SIGKILL crash safety,
-//! damaged records and bad input.
+//! Tests of vmvol-pool that only the local backend can run: accounting
+//! against statvfs/du, races between processes, SIGKILL crash safety, the
+//! registry and the on-disk layout (damage made with the file tools), and
+//! real tools (qemu-img) on the images. The behaviours every backend must
+//! have are in `conformance.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -10,6 +12,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmvol_format::{Control, Format, Prealloc};
+use vmvol_pool::local::*;
 use vmvol_pool::*;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,10 +50,15 @@ fn setup(spec: PoolSpec) -> (tempfile::TempDir, Registry, Pool) {
 fn make_raw(pool: &Pool, id: &str, size: u64, data: &[u8]) {
     let g = pool.reserve(size, "test").unwrap();
     let st = pool.stage().unwrap();
-    let p = st.path().join(image_file_name(vmvol_format::Format::Raw));
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(data).unwrap();
-    f.set_len(size).unwrap();
+    let spec = ImageSpec {
+        size,
+        format: Format::Raw,
+        prealloc: Prealloc::Off,
+    };
+    let img = st.create_image(DATA_IMAGE, &spec, &Control::new()).unwrap();
+    if !data.is_empty() {
+        st.open_image(&img, true).unwrap().write_at(data, 0).unwrap();
+    }
     let vol = Vol {
         name: id.into(),
         tag: 0,
@@ -88,14 +97,12 @@ fn quota_pool_figures_match_du_and_headers() {
     if have("qemu-img") {
         let g = pool.reserve(512 * MIB, "qcow2").unwrap();
         let st = pool.stage().unwrap();
-        let img = st.path().join("data.qcow2");
-        let ok = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("512M")
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        let spec = ImageSpec {
+            size: 512 * MIB,
+            format: Format::Qcow2,
+            prealloc: Prealloc::Off,
+        };
+        let staged = st.create_image(DATA_IMAGE, &spec, &Control::new()).unwrap();
         pool.commit(
             st,
             EntryKind::Template,
@@ -107,6 +114,20 @@ fn quota_pool_figures_match_du_and_headers() {
         )
         .unwrap();
         drop(g);
+        // qemu-img agrees with the size the pool counts.
+        let img = staged.committed(EntryKind::Template, "q");
+        let AttachTarget::File { path, format } = pool.attach_target(&img).unwrap() else {
+            panic!("local images attach as files")
+        };
+        assert_eq!(format, Format::Qcow2);
+        let out = Command::new("qemu-img")
+            .args(["info", "--output", "json"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["virtual-size"], 512 * MIB);
         expect_virtual += 512 * MIB;
     } else {
         eprintln!("qemu-img missing: qcow2 accounting not checked");
@@ -118,7 +139,7 @@ fn quota_pool_figures_match_du_and_headers() {
     assert_eq!(d.allocation, expect_virtual);
     assert_eq!(d.reserved, 0);
     assert_eq!(d.available, 10 * GIB - expect_virtual);
-    assert_eq!(d.physical, du(pool.path()), "physical must equal du -sB1");
+    assert_eq!(d.physical, du(pool.location()), "physical must equal du -sB1");
     // While a reservation is open it counts in allocation.
     let g = pool.reserve(GIB, "open").unwrap();
     let d2 = pool.describe().unwrap();
@@ -140,7 +161,7 @@ fn filesystem_pool_figures_match_statvfs() {
     // stat -f: %S fundamental block size, %b total blocks, %a blocks free to non-root.
     let out = Command::new("stat")
         .args(["-f", "-c", "%S %b %a"])
-        .arg(pool.path())
+        .arg(pool.location())
         .output()
         .unwrap();
     let s = String::from_utf8(out.stdout).unwrap();
@@ -156,7 +177,7 @@ fn filesystem_pool_figures_match_statvfs() {
     );
     assert_eq!(d.limit, d.capacity);
     assert_eq!(d.allocation, 10 * MIB);
-    assert_eq!(d.physical, du(pool.path()));
+    assert_eq!(d.physical, du(pool.location()));
 }
 
 #[test]
@@ -220,7 +241,7 @@ fn eight_threads_race_never_overcommit() {
             let p = if i % 2 == 0 {
                 pool.clone()
             } else {
-                Pool::open(pool.path(), Wait::Block).unwrap()
+                Pool::open(pool.location(), Wait::Block).unwrap()
             };
             let chunk = (7 + i as u64 * 3) * MIB;
             std::thread::spawn(move || {
@@ -288,7 +309,16 @@ fn child_role() {
         "hold" => {
             let g = pool.reserve(arg.parse().unwrap(), "held by child").unwrap();
             let st = pool.stage().unwrap();
-            std::fs::write(st.path().join("data.raw"), b"in flight").unwrap();
+            let spec = ImageSpec {
+                size: 4096,
+                format: Format::Raw,
+                prealloc: Prealloc::Off,
+            };
+            let img = st.create_image(DATA_IMAGE, &spec, &Control::new()).unwrap();
+            st.open_image(&img, true)
+                .unwrap()
+                .write_at(b"in flight", 0)
+                .unwrap();
             writeln!(out, "HELD").unwrap();
             out.flush().unwrap();
             std::thread::sleep(Duration::from_secs(60));
@@ -326,11 +356,16 @@ fn crash_worker(pool: &Pool, seed: u64, out: &mut std::io::Stdout) {
             let size = (1 + next() % 8) * MIB;
             let g = pool.reserve(size, "crash").unwrap();
             let st = pool.stage().unwrap();
-            let mut f = std::fs::File::create(st.path().join("data.raw")).unwrap();
-            f.write_all(&vec![0xabu8; (next() % 65536) as usize])
+            let spec = ImageSpec {
+                size,
+                format: Format::Raw,
+                prealloc: Prealloc::Off,
+            };
+            let img = st.create_image(DATA_IMAGE, &spec, &Control::new()).unwrap();
+            st.open_image(&img, true)
+                .unwrap()
+                .write_at(&vec![0xabu8; (next() % 65536) as usize], 0)
                 .unwrap();
-            f.set_len(size).unwrap();
-            drop(f);
             pool.commit(
                 st,
                 EntryKind::Volume,
@@ -364,7 +399,7 @@ fn four_processes_race_never_overcommit() {
     let limit = 600 * MIB;
     let (_t, _reg, pool) = setup(quota(limit, 1.0));
     let mut kids: Vec<_> = (0..4)
-        .map(|i| spawn_child("race", pool.path(), &((5 + 2 * i) * MIB).to_string()))
+        .map(|i| spawn_child("race", pool.location(), &((5 + 2 * i) * MIB).to_string()))
         .collect();
     let mut outs: Vec<_> = kids
         .iter_mut()
@@ -395,7 +430,7 @@ fn four_processes_race_never_overcommit() {
 #[test]
 fn dead_process_reservation_and_staging_are_released() {
     let (_t, reg, pool) = setup(quota(GIB, 1.0));
-    let mut kid = spawn_child("hold", pool.path(), &(800 * MIB).to_string());
+    let mut kid = spawn_child("hold", pool.location(), &(800 * MIB).to_string());
     let mut out = BufReader::new(kid.stdout.take().unwrap());
     read_line_with(&mut out, "HELD");
     // Live: counted, refused beyond it, and undefine refused.
@@ -405,7 +440,7 @@ fn dead_process_reservation_and_staging_are_released() {
         Err(Error::InsufficientSpace { available, .. }) if available == 224 * MIB
     ));
     // A fresh open must not remove the live child's staging area.
-    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    let other = Pool::open(pool.location(), Wait::Block).unwrap();
     assert!(other.recovered().is_empty(), "{:?}", other.recovered());
     match reg.undefine("p", Wait::Block) {
         Err(Error::NotEmpty {
@@ -420,14 +455,14 @@ fn dead_process_reservation_and_staging_are_released() {
     // Nobody cleaned up by hand: the next reader sees the bytes released.
     assert_eq!(pool.describe().unwrap().reserved, 0);
     pool.reserve(900 * MIB, "after death").unwrap();
-    let reopened = Pool::open(pool.path(), Wait::Block).unwrap();
+    let reopened = Pool::open(pool.location(), Wait::Block).unwrap();
     let rec = reopened.recovered();
     assert!(
         rec.iter().any(|r| r.what.contains("staging")),
         "staging leftover not reported: {rec:?}"
     );
     assert_eq!(
-        std::fs::read_dir(pool.path().join(STAGING_DIR))
+        std::fs::read_dir(pool.location().join(STAGING_DIR))
             .unwrap()
             .count(),
         0
@@ -463,13 +498,13 @@ fn sigkill_200_times_leaves_consistent_pool() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let mut kid = spawn_child("crash", pool.path(), &seed.to_string());
+        let mut kid = spawn_child("crash", pool.location(), &seed.to_string());
         let mut out = BufReader::new(kid.stdout.take().unwrap());
         read_line_with(&mut out, "READY");
         std::thread::sleep(Duration::from_micros(seed % 15_000));
         kid.kill().unwrap();
         kid.wait().unwrap();
-        let dir = pool.path();
+        let dir = pool.location();
         let leftovers =
             temp_files(dir).len() + std::fs::read_dir(dir.join(STAGING_DIR)).unwrap().count();
         if leftovers > 0 {
@@ -509,7 +544,7 @@ fn sigkill_200_times_leaves_consistent_pool() {
         let sum: u64 = listed
             .iter()
             .map(|l| match l {
-                Listed::Ok(e) => e.image.as_ref().and_then(|i| i.virtual_size).unwrap_or(0),
+                Listed::Ok(e) => e.image().and_then(|i| i.virtual_size).unwrap_or(0),
                 Listed::Damaged(_) => 0,
             })
             .sum();
@@ -531,7 +566,7 @@ fn damaged_records_are_listed_with_path_and_reason() {
     for id in ["good1", "trunc", "garbage", "newer", "norecord", "good2"] {
         make_raw(&pool, id, MIB, b"");
     }
-    let vdir = pool.path().join("volumes");
+    let vdir = pool.location().join("volumes");
     let truncated = vdir.join("trunc/volume.json");
     let full = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
@@ -543,7 +578,7 @@ fn damaged_records_are_listed_with_path_and_reason() {
     .unwrap();
     std::fs::remove_file(vdir.join("norecord/volume.json")).unwrap();
     std::fs::create_dir(vdir.join("Bad Name")).unwrap();
-    for p in [pool.clone(), Pool::open(pool.path(), Wait::Block).unwrap()] {
+    for p in [pool.clone(), Pool::open(pool.location(), Wait::Block).unwrap()] {
         // The first handle learns of the damage only on refresh (it was
         // made behind the API's back); the second at open.
         p.refresh().unwrap();
@@ -666,7 +701,7 @@ fn bad_names_are_refused_with_the_rule() {
     ));
     // Nothing escaped the pool.
     assert_eq!(
-        std::fs::read_dir(pool.path().join(STAGING_DIR))
+        std::fs::read_dir(pool.location().join(STAGING_DIR))
             .unwrap()
             .count(),
         0
@@ -764,12 +799,12 @@ fn define_twice_undefine_nonempty_and_inactive() {
         "snapshots",
         "staging",
     ] {
-        assert!(cfg.path.join(sub).exists(), "{sub}");
+        assert!(cfg.backend.local_path().unwrap().join(sub).exists(), "{sub}");
     }
     match reg.define("p", &quota(GIB, 1.0)) {
         Err(Error::AlreadyDefined { name, path }) => {
             assert_eq!(name, "p");
-            assert_eq!(path, cfg.path);
+            assert_eq!(Some(path.as_path()), cfg.backend.local_path());
         }
         r => panic!("{r:?}"),
     }
@@ -813,7 +848,7 @@ fn define_twice_undefine_nonempty_and_inactive() {
     assert!(matches!(pool.reserve(1, "x"), Err(Error::Inactive { .. })));
     reg.undefine("p", Wait::Block).unwrap();
     assert!(
-        !cfg.path.exists(),
+        !cfg.backend.local_path().unwrap().exists(),
         "define created the directory, undefine removes it"
     );
     assert!(matches!(reg.get("p"), Err(Error::PoolNotFound { .. })));
@@ -835,7 +870,7 @@ fn define_twice_undefine_nonempty_and_inactive() {
 #[test]
 fn lock_wait_policies() {
     let (_t, _reg, pool) = setup(quota(GIB, 1.0));
-    let lock = pool.path().join(LOCK_FILE);
+    let lock = pool.location().join(LOCK_FILE);
     let held = lock_file(&lock, LockMode::Exclusive, Wait::Block, "test").unwrap();
     let ff = pool.with_wait(Wait::FailFast);
     match ff.describe() {
@@ -867,7 +902,7 @@ fn lock_wait_policies() {
 #[test]
 fn records_are_rewritten_atomically_and_seen_by_other_handles() {
     let (_t, _reg, pool) = setup(quota(GIB, 1.0));
-    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    let other = Pool::open(pool.location(), Wait::Block).unwrap();
     make_raw(&pool, "v", 4 * MIB, b"");
     let v = Vol {
         name: "renamed".into(),
@@ -877,13 +912,16 @@ fn records_are_rewritten_atomically_and_seen_by_other_handles() {
     let e = other.get::<Vol>(EntryKind::Volume, "v").unwrap();
     assert_eq!(e.record.data, v);
     assert_eq!(e.record.schema_version, 2);
-    let img = e.image.unwrap();
+    let img = e.image().unwrap().clone();
     assert_eq!(img.virtual_size, Some(4 * MIB));
-    assert_eq!(img.format, vmvol_format::Format::Raw);
-    // Grow the image in place; rescan_entry tells everyone.
+    assert_eq!(img.image.format, Format::Raw);
+    // Grow the file behind the pool's back; rescan_entry tells everyone.
+    let AttachTarget::File { path, .. } = pool.attach_target(&img.image).unwrap() else {
+        panic!("local images attach as files")
+    };
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&img.path)
+        .open(&path)
         .unwrap()
         .set_len(8 * MIB)
         .unwrap();
@@ -891,13 +929,16 @@ fn records_are_rewritten_atomically_and_seen_by_other_handles() {
     assert_eq!(other.describe().unwrap().virtual_size, 8 * MIB);
     // The on-disk form is the envelope.
     let raw: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(e.dir.join("volume.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(path.with_file_name("volume.json")).unwrap()).unwrap();
     assert_eq!(raw["schema_version"], 2);
     assert_eq!(raw["data"]["tag"], 42);
-    assert!(temp_files(pool.path()).is_empty());
+    assert!(temp_files(pool.location()).is_empty());
     // A staging area dropped uncommitted disappears.
     let st = pool.stage().unwrap();
-    let p = st.path().to_path_buf();
+    let p = pool
+        .location()
+        .join(STAGING_DIR)
+        .join(st.id().unwrap().simple().to_string());
     std::fs::write(p.join("x"), b"y").unwrap();
     drop(st);
     assert!(!p.exists());
@@ -906,7 +947,7 @@ fn records_are_rewritten_atomically_and_seen_by_other_handles() {
 #[test]
 fn journal_damage_or_truncation_makes_handles_rescan() {
     let (_t, _reg, pool) = setup(quota(GIB, 1.0));
-    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    let other = Pool::open(pool.location(), Wait::Block).unwrap();
     make_raw(&pool, "a", MIB, b"");
     assert_eq!(other.describe().unwrap().volumes, 1);
     // Garbage appended (as after a power loss) and a change made behind
@@ -914,23 +955,23 @@ fn journal_damage_or_truncation_makes_handles_rescan() {
     make_raw(&pool, "b", 2 * MIB, b"");
     std::fs::OpenOptions::new()
         .append(true)
-        .open(pool.path().join(JOURNAL_FILE))
+        .open(pool.location().join(JOURNAL_FILE))
         .unwrap()
         .write_all(b"\x00garbage\n")
         .unwrap();
-    std::fs::create_dir(pool.path().join("volumes/c")).unwrap();
+    std::fs::create_dir(pool.location().join("volumes/c")).unwrap();
     std::fs::write(
-        pool.path().join("volumes/c/volume.json"),
+        pool.location().join("volumes/c/volume.json"),
         br#"{"schema_version":1,"data":{"name":"c","tag":0}}"#,
     )
     .unwrap();
     let d = other.describe().unwrap();
     assert_eq!((d.volumes, d.virtual_size), (3, 3 * MIB));
     // A truncated journal (shorter than the cursor) also means rescan.
-    std::fs::write(pool.path().join(JOURNAL_FILE), b"").unwrap();
+    std::fs::write(pool.location().join(JOURNAL_FILE), b"").unwrap();
     pool.remove(EntryKind::Volume, "c").unwrap();
-    std::fs::remove_dir_all(pool.path().join("volumes/b")).unwrap();
-    std::fs::write(pool.path().join(JOURNAL_FILE), b"").unwrap();
+    std::fs::remove_dir_all(pool.location().join("volumes/b")).unwrap();
+    std::fs::write(pool.location().join(JOURNAL_FILE), b"").unwrap();
     let d = other.describe().unwrap();
     assert_eq!((d.volumes, d.virtual_size), (1, MIB));
 }
@@ -1028,25 +1069,25 @@ fn define_adopts_its_own_unregistered_pool_and_open_repairs_layout() {
         reg.define(
             "q",
             &PoolSpec {
-                path: Some(cfg.path.clone()),
+                path: cfg.backend.local_path().map(Path::to_path_buf),
                 ..PoolSpec::default()
             }
         ),
         Err(Error::PathInUse { .. })
     ));
     // A layout directory removed by hand comes back at open, reported.
-    std::fs::remove_dir(cfg.path.join(STAGING_DIR)).unwrap();
+    std::fs::remove_dir(cfg.backend.local_path().unwrap().join(STAGING_DIR)).unwrap();
     let pool = reg.open_pool("p", Wait::Block).unwrap();
     assert!(pool
         .recovered()
         .iter()
-        .any(|r| r.path == cfg.path.join(STAGING_DIR) && r.what.contains("recreated")));
+        .any(|r| r.path == cfg.backend.local_path().unwrap().join(STAGING_DIR) && r.what.contains("recreated")));
 }
 
 #[test]
 fn capacity_can_be_changed_and_other_handles_follow() {
     let (_t, _reg, pool) = setup(quota(GIB, 1.0));
-    let other = Pool::open(pool.path(), Wait::Block).unwrap();
+    let other = Pool::open(pool.location(), Wait::Block).unwrap();
     make_raw(&pool, "v", 768 * MIB, b"");
     assert!(other.reserve(512 * MIB, "x").is_err());
     pool.set_capacity(CapacityPolicy::Quota { bytes: GIB }, 2.0)
