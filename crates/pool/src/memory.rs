@@ -284,6 +284,19 @@ impl Drop for WriterHold {
     }
 }
 
+/// A held reservation: released (removed) when dropped.
+struct ReservationHold {
+    s: Arc<Shared>,
+    id: uuid::Uuid,
+    _token: Arc<()>,
+}
+
+impl Drop for ReservationHold {
+    fn drop(&mut self) {
+        lk(&self.s.state).reservations.remove(&self.id);
+    }
+}
+
 struct ReaderHold {
     s: Arc<Shared>,
 }
@@ -796,7 +809,11 @@ impl Liveness for MemoryBackend {
         self.state()
             .reservations
             .insert(info.id, (info.clone(), Arc::downgrade(&token)));
-        Ok(LivenessHold::new(token))
+        Ok(LivenessHold::new(ReservationHold {
+            s: Arc::clone(&self.s),
+            id: info.id,
+            _token: token,
+        }))
     }
 
     fn live_reservations(&self, prune: Option<&ExclusiveGuard>) -> Result<Vec<ReservationInfo>> {
