@@ -375,7 +375,15 @@ pub trait SpaceFigures {
 /// Everything a pool needs from its storage; implemented for every type
 /// with all the capability traits.
 pub trait PoolBackend:
-    PoolLock + ChangeJournal + RecordStore + Liveness + ImageStore + SpaceFigures + Send + Sync + std::fmt::Debug
+    PoolLock
+    + ChangeJournal
+    + RecordStore
+    + Liveness
+    + ImageStore
+    + SpaceFigures
+    + Send
+    + Sync
+    + std::fmt::Debug
 {
 }
 

@@ -27,16 +27,16 @@ use vmvol_format::{
 
 use crate::backend::{
     Change, ChangeJournal, ExclusiveGuard, FsStats, ImageStore, JournalCursor, JournalRead,
-    Liveness, LivenessHold, PoolLock, Recovered, RecordStore, ReservationInfo, ScannedEntry,
+    Liveness, LivenessHold, PoolLock, RecordStore, Recovered, ReservationInfo, ScannedEntry,
     SharedGuard, SpaceFigures, StagingArea,
 };
 use crate::error::{Error, Result};
-pub use crate::lock::{lock_file, FileLock, LockMode};
-use crate::lock::{is_held_by_other, Wait};
 use crate::image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary};
+use crate::lock::{is_held_by_other, Wait};
+pub use crate::lock::{lock_file, FileLock, LockMode};
 use crate::name::validate_name;
-pub use crate::record::{fsync_dir, write_atomic, TEMP_PREFIX};
 use crate::record::EntryKind;
+pub use crate::record::{fsync_dir, write_atomic, TEMP_PREFIX};
 
 /// Name of the config record in a pool directory.
 pub const CONFIG_FILE: &str = "pool.json";
@@ -134,6 +134,12 @@ impl LocalBackend {
             other => other,
         })?;
         Ok(b)
+    }
+
+    /// The config record of a pool in directory `dir` (whose presence is
+    /// what makes the directory a pool).
+    pub fn config_file(dir: &Path) -> PathBuf {
+        dir.join(CONFIG_FILE)
     }
 
     /// The pool directory.
@@ -363,7 +369,12 @@ impl LocalBackend {
         })
     }
 
-    fn require_staged(&self, area: &StagingArea, name: &str, format: Format) -> Result<(ImageRef, PathBuf)> {
+    fn require_staged(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        format: Format,
+    ) -> Result<(ImageRef, PathBuf)> {
         let r = ImageRef {
             owner: ImageOwner::Staging { area: area.id },
             name: name.to_string(),
@@ -801,7 +812,8 @@ impl Liveness for LocalBackend {
     }
 
     fn live_reservations(&self, prune: Option<&ExclusiveGuard>) -> Result<Vec<ReservationInfo>> {
-        self.scan_reservations(prune.is_some()).map(|(live, _)| live)
+        self.scan_reservations(prune.is_some())
+            .map(|(live, _)| live)
     }
 }
 
@@ -834,7 +846,6 @@ impl SpaceFigures for LocalBackend {
         }
         Ok(total)
     }
-
 }
 
 impl ImageStore for LocalBackend {
@@ -969,8 +980,9 @@ impl ImageStore for LocalBackend {
         match Image::open(&path, &self.open_opts(image, false)) {
             Ok(img) => {
                 s.virtual_size = Some(img.size());
-                if let Some((bpath, bfmt)) =
-                    img.as_qcow2().and_then(|q| q.backing_chain().into_iter().next())
+                if let Some((bpath, bfmt)) = img
+                    .as_qcow2()
+                    .and_then(|q| q.backing_chain().into_iter().next())
                 {
                     s.backing = self.ref_of_path(&bpath, bfmt);
                     if s.backing.is_none() {
@@ -1063,8 +1075,10 @@ impl LocalBackend {
         let path = self.image_path(image)?;
         let img = Image::open(&path, &self.open_opts(image, true))
             .map_err(|e| img_err(image, "open image to grow", e))?;
-        img.grow(new_size).map_err(|e| img_err(image, "grow image", e))?;
-        img.flush().map_err(|e| img_err(image, "flush grown image", e))
+        img.grow(new_size)
+            .map_err(|e| img_err(image, "grow image", e))?;
+        img.flush()
+            .map_err(|e| img_err(image, "flush grown image", e))
     }
 }
 /// `statvfs(2)` of the filesystem holding `path`.

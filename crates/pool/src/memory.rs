@@ -19,7 +19,7 @@ use vmvol_format::{BlockIo, Control, Format, Prealloc};
 
 use crate::backend::{
     Change, ChangeJournal, ExclusiveGuard, FsStats, ImageStore, JournalCursor, JournalRead,
-    Liveness, LivenessHold, PoolLock, Recovered, RecordStore, ReservationInfo, ScannedEntry,
+    Liveness, LivenessHold, PoolLock, RecordStore, Recovered, ReservationInfo, ScannedEntry,
     SharedGuard, SpaceFigures, StagingArea,
 };
 use crate::error::{Error, Result};
@@ -649,10 +649,11 @@ impl RecordStore for MemoryBackend {
             .collect();
         let rec_len = e.record.as_ref().map_or(0, |r| r.len() as u64);
         Ok(Some(ScannedEntry {
-            record_path: self
-                .s
-                .location
-                .join(format!("{}/{id}/{}", kind.dir_name(), kind.record_file())),
+            record_path: self.s.location.join(format!(
+                "{}/{id}/{}",
+                kind.dir_name(),
+                kind.record_file()
+            )),
             record: e
                 .record
                 .clone()

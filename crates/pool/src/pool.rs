@@ -383,7 +383,12 @@ impl Staging {
     /// or one in this area); `size` defaults to the base's virtual size.
     /// Local: a qcow2 file whose backing name is relative and whose backing
     /// format is recorded, so the entry can move with the pool.
-    pub fn create_linked(&self, name: &str, base: &ImageRef, size: Option<u64>) -> Result<ImageRef> {
+    pub fn create_linked(
+        &self,
+        name: &str,
+        base: &ImageRef,
+        size: Option<u64>,
+    ) -> Result<ImageRef> {
         self.backend.create_linked(self.area()?, name, base, size)
     }
 
@@ -897,7 +902,9 @@ impl Pool {
 
     /// Removes one image of an entry (the entry stays).
     pub fn remove_image(&self, image: &ImageRef) -> Result<()> {
-        self.with_lock(LockMode::Exclusive, "remove image", |t| t.remove_image(image))
+        self.with_lock(LockMode::Exclusive, "remove image", |t| {
+            t.remove_image(image)
+        })
     }
 
     /// What a VMM opens to use the image (local: its file and format).

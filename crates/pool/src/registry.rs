@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::backend::PoolBackend;
 use crate::error::{Error, Result};
-use crate::local::{write_err, LocalBackend, CONFIG_FILE};
+use crate::local::{write_err, LocalBackend};
 use crate::lock::{lock_file, LockMode, Wait};
 use crate::name::validate_name;
 use crate::pool::{CapacityPolicy, Pool, PoolConfig, PoolDescription};
@@ -262,7 +262,7 @@ impl Registry {
                 })
             }
             Ok(_) => {
-                let cfg = path.join(CONFIG_FILE);
+                let cfg = LocalBackend::config_file(&path);
                 if cfg.exists() {
                     // A pool directory without a registry record: a define
                     // that crashed before registering, or a pool moved here.
@@ -312,7 +312,8 @@ impl Registry {
                     spec.capacity,
                     spec.overcommit_ratio,
                 )?;
-                let bytes = Record::new(config.clone()).to_bytes(&path.join(CONFIG_FILE))?;
+                let bytes =
+                    Record::new(config.clone()).to_bytes(&LocalBackend::config_file(&path))?;
                 if let Err(e) = LocalBackend::create(&path, &bytes) {
                     if created_dir {
                         let _ = std::fs::remove_dir_all(&path);
@@ -368,7 +369,7 @@ impl Registry {
             .pool_ref(name)
             .map_err(|e| (rec.to_path_buf(), e.to_string()))?;
         let dir = local_dir(name, &r.backend).map_err(|e| (rec.to_path_buf(), e.to_string()))?;
-        let cfg_path = dir.join(CONFIG_FILE);
+        let cfg_path = LocalBackend::config_file(dir);
         let cfg =
             Record::<PoolConfig>::read(&cfg_path).map_err(|e| (cfg_path.clone(), e.to_string()))?;
         if cfg.data.name != name || cfg.data.uuid != r.uuid {
@@ -452,7 +453,7 @@ impl Registry {
         match self.pool_ref(name) {
             Ok(r) => {
                 let dir = local_dir(name, &r.backend)?;
-                if dir.join(CONFIG_FILE).exists() {
+                if LocalBackend::config_file(dir).exists() {
                     Pool::open(dir, wait)?.destroy_if_empty(r.created_dir)?;
                 }
             }

@@ -118,7 +118,11 @@ pub fn capacity_figures(h: &dyn Harness) {
     assert_eq!(d.available, 10 * GIB - virt);
     assert_eq!(d.volumes, 3);
     // Physical: at least the data written, far below the virtual sizes.
-    assert!(d.physical >= 300_000 && d.physical < virt / 4, "{}", d.physical);
+    assert!(
+        d.physical >= 300_000 && d.physical < virt / 4,
+        "{}",
+        d.physical
+    );
     let g = pool.reserve(GIB, "open").unwrap();
     let d2 = pool.describe().unwrap();
     assert_eq!((d2.reserved, d2.reservations), (GIB, 1));
@@ -156,7 +160,10 @@ pub fn thin_ratio(h: &dyn Harness) {
                 assert!(!ok, "{}: ratio {ratio} must allow", h.name());
                 assert_eq!((needed, available), (512 * MIB, 256 * MIB));
                 let msg = f.pool.reserve(512 * MIB, "x").unwrap_err().to_string();
-                assert!(msg.contains("536870912") && msg.contains("268435456"), "{msg}");
+                assert!(
+                    msg.contains("536870912") && msg.contains("268435456"),
+                    "{msg}"
+                );
             }
             Err(e) => panic!("{e}"),
         }
@@ -206,7 +213,11 @@ pub fn eight_threads_race(h: &dyn Harness) {
     let total: u64 = results.iter().map(|r| r.0).sum();
     assert!(total <= limit, "{}: overcommitted {total}", h.name());
     // Everyone was refused 3 times: what is left is below the largest chunk.
-    assert!(limit - total < 28 * MIB, "{}: only {total} granted", h.name());
+    assert!(
+        limit - total < 28 * MIB,
+        "{}: only {total} granted",
+        h.name()
+    );
     assert_eq!(f.pool.describe().unwrap().reserved, total);
     drop(results);
     assert_eq!(f.pool.describe().unwrap().reserved, 0);
@@ -281,7 +292,15 @@ pub fn bad_input(h: &dyn Harness) {
         let st = pool.stage().unwrap();
         assert!(
             matches!(
-                pool.commit(st, EntryKind::Volume, bad, &Vol { name: "x".into(), tag: 0 }),
+                pool.commit(
+                    st,
+                    EntryKind::Volume,
+                    bad,
+                    &Vol {
+                        name: "x".into(),
+                        tag: 0
+                    }
+                ),
                 Err(Error::InvalidName { .. })
             ),
             "{}: id {bad:?}",
@@ -300,17 +319,38 @@ pub fn bad_input(h: &dyn Harness) {
     // Twice the same id.
     let st = pool.stage().unwrap();
     assert!(matches!(
-        pool.commit(st, EntryKind::Volume, "v", &Vol { name: "x".into(), tag: 0 }),
+        pool.commit(
+            st,
+            EntryKind::Volume,
+            "v",
+            &Vol {
+                name: "x".into(),
+                tag: 0
+            }
+        ),
         Err(Error::EntryExists { .. })
     ));
     // Entries and images that do not exist.
     assert!(matches!(
-        pool.write_record(EntryKind::Volume, "nope", &Vol { name: "x".into(), tag: 0 }),
+        pool.write_record(
+            EntryKind::Volume,
+            "nope",
+            &Vol {
+                name: "x".into(),
+                tag: 0
+            }
+        ),
         Err(Error::EntryNotFound { .. })
     ));
-    assert!(matches!(pool.remove(EntryKind::Template, "v"), Err(Error::EntryNotFound { .. })));
+    assert!(matches!(
+        pool.remove(EntryKind::Template, "v"),
+        Err(Error::EntryNotFound { .. })
+    ));
     let ghost = ImageRef::entry(EntryKind::Volume, "v", "ghost", Format::Raw);
-    assert!(matches!(pool.image_summary(&ghost), Err(Error::ImageNotFound { .. })));
+    assert!(matches!(
+        pool.image_summary(&ghost),
+        Err(Error::ImageNotFound { .. })
+    ));
     assert!(pool.open_image(&ghost, false).is_err());
     // Images: shrinking, qcow2 with preallocation, a smaller overlay.
     assert!(pool.grow_image(&img, MIB).is_err());
@@ -334,14 +374,25 @@ pub fn bad_input(h: &dyn Harness) {
     let rw = pool.open_image(&img, true).unwrap();
     assert!(rw.write_at(b"xy", 4 * MIB - 1).is_err());
     // Policies.
-    for (cap, ratio) in [(quota(0), 1.0), (quota(1), 0.0), (quota(1), f64::NAN), (quota(1), 1e9)] {
-        assert!(matches!(pool.set_capacity(cap, ratio), Err(Error::InvalidSpec { .. })));
+    for (cap, ratio) in [
+        (quota(0), 1.0),
+        (quota(1), 0.0),
+        (quota(1), f64::NAN),
+        (quota(1), 1e9),
+    ] {
+        assert!(matches!(
+            pool.set_capacity(cap, ratio),
+            Err(Error::InvalidSpec { .. })
+        ));
     }
     // An inactive pool refuses volume work, then works again.
     pool.deactivate().unwrap();
     assert!(matches!(pool.reserve(1, "x"), Err(Error::Inactive { .. })));
     assert!(matches!(pool.stage(), Err(Error::Inactive { .. })));
-    assert!(matches!(pool.open_image(&img, false), Err(Error::Inactive { .. })));
+    assert!(matches!(
+        pool.open_image(&img, false),
+        Err(Error::Inactive { .. })
+    ));
     pool.activate().unwrap();
     let d = pool.describe().unwrap();
     assert_eq!((d.volumes, d.virtual_size, d.reserved), (1, 4 * MIB, 0));
@@ -372,7 +423,15 @@ pub fn recovery(h: &dyn Harness) {
     st.create_image(DATA_IMAGE, &raw(MIB), &Control::new())
         .unwrap();
     assert!(pool
-        .commit(st, EntryKind::Volume, "v", &Vol { name: "x".into(), tag: 0 })
+        .commit(
+            st,
+            EntryKind::Volume,
+            "v",
+            &Vol {
+                name: "x".into(),
+                tag: 0
+            }
+        )
         .is_err());
     let d = other.refresh().unwrap();
     assert!(d.recovered.is_empty(), "{:?}", d.recovered);
@@ -432,7 +491,9 @@ pub fn transactions(h: &dyn Harness) {
         .map(|t| t.join().unwrap())
         .collect();
     assert_eq!(winners.iter().filter(|w| **w).count(), 1, "{}", h.name());
-    let r = f.pool.transaction("nested", |_| f.pool.describe().map(|_| ()));
+    let r = f
+        .pool
+        .transaction("nested", |_| f.pool.describe().map(|_| ()));
     assert!(matches!(r, Err(Error::Reentrant { .. })), "{r:?}");
 }
 
@@ -455,16 +516,34 @@ pub fn image_store(h: &dyn Harness) {
     io.write_at(&[0x22; 4096], 32 * MIB).unwrap();
     io.flush().unwrap();
     drop(io);
-    pool.commit(st, EntryKind::Template, "base", &Vol { name: "base".into(), tag: 0 })
-        .unwrap();
+    pool.commit(
+        st,
+        EntryKind::Template,
+        "base",
+        &Vol {
+            name: "base".into(),
+            tag: 0,
+        },
+    )
+    .unwrap();
     drop(g);
     let base = t.committed(EntryKind::Template, "base");
     // A linked clone, bigger than its base.
     let st = pool.stage().unwrap();
-    let c = st.create_linked(DATA_IMAGE, &base, Some(128 * MIB)).unwrap();
-    assert_eq!(c.format, Format::Qcow2);
-    pool.commit(st, EntryKind::Volume, "clone", &Vol { name: "clone".into(), tag: 0 })
+    let c = st
+        .create_linked(DATA_IMAGE, &base, Some(128 * MIB))
         .unwrap();
+    assert_eq!(c.format, Format::Qcow2);
+    pool.commit(
+        st,
+        EntryKind::Volume,
+        "clone",
+        &Vol {
+            name: "clone".into(),
+            tag: 0,
+        },
+    )
+    .unwrap();
     let clone = c.committed(EntryKind::Volume, "clone");
     let s = pool.image_summary(&clone).unwrap();
     assert_eq!(s.virtual_size, Some(128 * MIB), "{}", h.name());
@@ -483,8 +562,16 @@ pub fn image_store(h: &dyn Harness) {
     let c2 = st
         .copy_full(DATA_IMAGE, &clone, Format::Raw, &Control::new())
         .unwrap();
-    pool.commit(st, EntryKind::Volume, "copy", &Vol { name: "copy".into(), tag: 0 })
-        .unwrap();
+    pool.commit(
+        st,
+        EntryKind::Volume,
+        "copy",
+        &Vol {
+            name: "copy".into(),
+            tag: 0,
+        },
+    )
+    .unwrap();
     drop(g);
     let copy = c2.committed(EntryKind::Volume, "copy");
     let s = pool.image_summary(&copy).unwrap();
@@ -497,21 +584,44 @@ pub fn image_store(h: &dyn Harness) {
     pool.grow_image(&copy, 256 * MIB).unwrap();
     assert_eq!(pool.open_image(&copy, false).unwrap().size(), 256 * MIB);
     assert_eq!(
-        pool.get::<Vol>(EntryKind::Volume, "copy").unwrap().image().unwrap().virtual_size,
+        pool.get::<Vol>(EntryKind::Volume, "copy")
+            .unwrap()
+            .image()
+            .unwrap()
+            .virtual_size,
         Some(256 * MIB)
     );
     // External snapshot: move the top into a snapshot entry, put an
     // overlay on it in its place.
     let st = pool.stage().unwrap();
-    pool.commit(st, EntryKind::Snapshot, "s1", &Vol { name: "s1".into(), tag: 0 })
+    pool.commit(
+        st,
+        EntryKind::Snapshot,
+        "s1",
+        &Vol {
+            name: "s1".into(),
+            tag: 0,
+        },
+    )
+    .unwrap();
+    let frozen = pool
+        .move_image(&copy, EntryKind::Snapshot, "s1", DATA_IMAGE)
         .unwrap();
-    let frozen = pool.move_image(&copy, EntryKind::Snapshot, "s1", DATA_IMAGE).unwrap();
-    assert!(pool.get::<Vol>(EntryKind::Volume, "copy").unwrap().images.is_empty());
+    assert!(pool
+        .get::<Vol>(EntryKind::Volume, "copy")
+        .unwrap()
+        .images
+        .is_empty());
     let st = pool.stage().unwrap();
     let top = st.create_linked(DATA_IMAGE, &frozen, None).unwrap();
-    let top = pool.move_image(&top, EntryKind::Volume, "copy", DATA_IMAGE).unwrap();
+    let top = pool
+        .move_image(&top, EntryKind::Volume, "copy", DATA_IMAGE)
+        .unwrap();
     drop(st);
-    assert_eq!(pool.image_summary(&top).unwrap().backing, Some(frozen.clone()));
+    assert_eq!(
+        pool.image_summary(&top).unwrap().backing,
+        Some(frozen.clone())
+    );
     assert_eq!(read(pool, &top, 32 * MIB, 4096), vec![0x22; 4096]);
     let d = pool.describe().unwrap();
     // Base 64 + snapshot 256 + overlay 256.
@@ -523,12 +633,28 @@ pub fn image_store(h: &dyn Harness) {
         other => panic!("{other:?}"),
     }
     let st = pool.stage().unwrap();
-    let extra = st.create_image("scratch", &raw(MIB), &Control::new()).unwrap();
-    let extra = pool.move_image(&extra, EntryKind::Volume, "copy", "scratch").unwrap();
+    let extra = st
+        .create_image("scratch", &raw(MIB), &Control::new())
+        .unwrap();
+    let extra = pool
+        .move_image(&extra, EntryKind::Volume, "copy", "scratch")
+        .unwrap();
     drop(st);
-    assert_eq!(pool.get::<Vol>(EntryKind::Volume, "copy").unwrap().images.len(), 2);
+    assert_eq!(
+        pool.get::<Vol>(EntryKind::Volume, "copy")
+            .unwrap()
+            .images
+            .len(),
+        2
+    );
     pool.remove_image(&extra).unwrap();
-    assert_eq!(pool.get::<Vol>(EntryKind::Volume, "copy").unwrap().images.len(), 1);
+    assert_eq!(
+        pool.get::<Vol>(EntryKind::Volume, "copy")
+            .unwrap()
+            .images
+            .len(),
+        1
+    );
     assert_eq!(pool.describe().unwrap().virtual_size, 576 * MIB);
 }
 
@@ -544,7 +670,11 @@ pub fn physical_space(h: &dyn Harness) {
         };
         let pool = &f.pool;
         let d = pool.describe().unwrap();
-        assert!(d.available >= 300 * U, "{}: policy must allow 300: {d:?}", h.name());
+        assert!(
+            d.available >= 300 * U,
+            "{}: policy must allow 300: {d:?}",
+            h.name()
+        );
         assert!(d.physical_available <= 80 * U);
         let full = ImageSpec {
             size: 300 * U,
@@ -554,7 +684,13 @@ pub fn physical_space(h: &dyn Harness) {
         assert!(full.is_physical());
         match pool.reserve_physical(full.size, "create volume big") {
             Err(e @ Error::InsufficientPhysicalSpace { .. }) => {
-                let Error::InsufficientPhysicalSpace { needed, available, free, .. } = &e else {
+                let Error::InsufficientPhysicalSpace {
+                    needed,
+                    available,
+                    free,
+                    ..
+                } = &e
+                else {
                     unreachable!()
                 };
                 assert_eq!(*needed, 300 * U);
@@ -571,7 +707,10 @@ pub fn physical_space(h: &dyn Harness) {
         assert!(g.is_physical());
         let d2 = pool.describe().unwrap();
         assert_eq!(d2.physical_reserved, 10 * U);
-        assert_eq!(d2.physical_available, d2.fs_available.saturating_sub(10 * U));
+        assert_eq!(
+            d2.physical_available,
+            d2.fs_available.saturating_sub(10 * U)
+        );
         match pool.reserve_physical(d2.physical_available + 1, "second") {
             Err(Error::InsufficientPhysicalSpace { reserved, .. }) => assert_eq!(reserved, 10 * U),
             r => panic!("{}: {r:?}", h.name()),
@@ -583,7 +722,10 @@ pub fn physical_space(h: &dyn Harness) {
         make(pool, "big", sparse, b"data");
         let d = pool.describe().unwrap();
         assert_eq!(d.virtual_size, 300 * U);
-        assert!(d.fs_available > 60 * U, "sparse image took real space: {d:?}");
+        assert!(
+            d.fs_available > 60 * U,
+            "sparse image took real space: {d:?}"
+        );
     }
 }
 
@@ -592,7 +734,10 @@ pub fn physical_space(h: &dyn Harness) {
 pub fn fencing(h: &dyn Harness) {
     let f = h.pool(quota(GIB), 1.0);
     let Some(lapse) = f.lapse_lease.as_ref() else {
-        eprintln!("{}: the lock is not a lease (cannot lapse while held): nothing to fence", h.name());
+        eprintln!(
+            "{}: the lock is not a lease (cannot lapse while held): nothing to fence",
+            h.name()
+        );
         return;
     };
     make(&f.pool, "v", raw(MIB), b"");
@@ -605,7 +750,14 @@ pub fn fencing(h: &dyn Harness) {
         std::thread::scope(|s| {
             s.spawn(|| {
                 other
-                    .write_record(EntryKind::Volume, "v", &Vol { name: "newer".into(), tag: 2 })
+                    .write_record(
+                        EntryKind::Volume,
+                        "v",
+                        &Vol {
+                            name: "newer".into(),
+                            tag: 2,
+                        },
+                    )
                     .unwrap()
             })
             .join()
