@@ -46,7 +46,7 @@ fn make_pool() -> (tempfile::TempDir, Pool) {
     // behind, without 10,000 fsyncs of setup time).
     for i in 0..N {
         let id = format!("vol-{i:05}");
-        let dir = cfg.path.join("volumes").join(&id);
+        let dir = cfg.backend.local_path().unwrap().join("volumes").join(&id);
         std::fs::create_dir(&dir).unwrap();
         let v = Vol {
             name: format!("web-{i}"),
@@ -69,7 +69,7 @@ fn make_pool() -> (tempfile::TempDir, Pool) {
 
 fn bench_pool(c: &mut Criterion) {
     let (_t, pool) = make_pool();
-    let dir = pool.path().to_path_buf();
+    let dir = pool.location().to_path_buf();
     let mut g = c.benchmark_group("pool_10k");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(5));

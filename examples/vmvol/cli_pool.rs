@@ -95,12 +95,7 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
                 cfg = reg.activate(&name, wait)?;
             }
             report(out.output, &cfg, |c| {
-                println!(
-                    "Pool {} defined at {} ({:?})",
-                    c.name,
-                    c.path.display(),
-                    c.state
-                );
+                println!("Pool {} defined at {} ({:?})", c.name, c.backend, c.state);
             })?;
         }
         PoolCmd::List { out } => {
@@ -113,7 +108,7 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
                             "{:<24}{:<10}{}",
                             c.name,
                             format!("{:?}", c.state).to_lowercase(),
-                            c.path.display()
+                            c.backend
                         ),
                         PoolListing::Damaged { name, path, reason } => {
                             println!("{name:<24}{:<10}{}: {reason}", "damaged", path.display())
@@ -127,7 +122,7 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
             report(out.output, &d, |d| {
                 println!("Name:        {}", d.config.name);
                 println!("UUID:        {}", d.config.uuid);
-                println!("Path:        {}", d.config.path.display());
+                println!("Backend:     {}", d.config.backend);
                 println!("State:       {:?}", d.config.state);
                 println!("Capacity:    {}", human(d.capacity));
                 println!(
@@ -138,6 +133,11 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
                 println!("Allocation:  {}", human(d.allocation));
                 println!("Physical:    {}", human(d.physical));
                 println!("Available:   {}", human(d.available));
+                println!(
+                    "Free:        {} on the storage ({} of it reserved for writing)",
+                    human(d.fs_available),
+                    human(d.physical_reserved)
+                );
                 println!(
                     "Entries:     {} volumes, {} templates, {} snapshots, {} damaged",
                     d.volumes, d.templates, d.snapshots, d.damaged

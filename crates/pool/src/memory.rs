@@ -107,7 +107,7 @@ impl MemImage {
             let bi = pos / BLOCK;
             let within = (pos % BLOCK) as usize;
             let n = (BLOCK as usize - within).min(buf.len() - done);
-            if !d.blocks.contains_key(&bi) {
+            let block = d.blocks.entry(bi).or_insert_with(|| {
                 // Copy on write: the block starts as what the base shows.
                 let mut fresh = vec![0u8; BLOCK as usize];
                 if let Some((_, base)) = &self.backing {
@@ -117,11 +117,9 @@ impl MemImage {
                         base.read(&mut fresh[..m], start);
                     }
                 }
-                d.blocks.insert(bi, fresh);
-            }
-            if let Some(b) = d.blocks.get_mut(&bi) {
-                b[within..within + n].copy_from_slice(&buf[done..done + n]);
-            }
+                fresh
+            });
+            block[within..within + n].copy_from_slice(&buf[done..done + n]);
             done += n;
         }
     }

@@ -25,6 +25,9 @@ impl RecordType for Vol {
     const SCHEMA_VERSION: u32 = 2;
 }
 
+/// Stores raw record bytes (or none) for an entry behind the API's back.
+pub type Damage = dyn Fn(EntryKind, &str, Option<&[u8]>);
+
 /// One active pool made by a harness, with the hooks the behaviours need.
 pub struct Fixture {
     /// A handle on the pool.
@@ -34,7 +37,7 @@ pub struct Fixture {
     pub reopen: Box<dyn Fn() -> Pool + Send + Sync>,
     /// Stores raw record bytes for entry `kind/id` (None: no record)
     /// behind the API's back, as damage would.
-    pub damage: Box<dyn Fn(EntryKind, &str, Option<&[u8]>)>,
+    pub damage: Box<Damage>,
     /// Lets the current exclusive lease lapse (test clock), if the
     /// backend's lock is a lease.
     pub lapse_lease: Option<Box<dyn Fn()>>,
