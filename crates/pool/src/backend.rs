@@ -285,9 +285,11 @@ pub trait RecordStore {
 /// live exactly while its [`LivenessHold`] (or its process) lives; recovery
 /// (under the exclusive lock) removes the dead ones and nothing else.
 pub trait Liveness {
-    /// Makes a fresh staging area (caller holds the shared lock, so recovery
-    /// cannot see it before it is held).
-    fn create_staging(&self, guard: &SharedGuard) -> Result<StagingArea>;
+    /// Makes a fresh staging area. The caller holds the pool lock (either
+    /// mode), so recovery, which needs the exclusive lock, cannot see the
+    /// area before its hold exists. Not fenced: nothing in it is visible
+    /// until a fenced commit.
+    fn create_staging(&self) -> Result<StagingArea>;
     /// Removes an abandoned staging area (best effort; recovery finishes).
     fn discard_staging(&self, area: &StagingArea);
     /// Number of staging areas held by live operations.

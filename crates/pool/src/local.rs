@@ -664,7 +664,7 @@ impl RecordStore for LocalBackend {
 }
 
 impl Liveness for LocalBackend {
-    fn create_staging(&self, _guard: &SharedGuard) -> Result<StagingArea> {
+    fn create_staging(&self) -> Result<StagingArea> {
         let id = uuid::Uuid::new_v4();
         let path = self.area_dir(id);
         std::fs::create_dir(&path).map_err(|e| write_err(&path, "create staging directory", e))?;

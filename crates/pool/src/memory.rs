@@ -732,7 +732,7 @@ impl RecordStore for MemoryBackend {
 }
 
 impl Liveness for MemoryBackend {
-    fn create_staging(&self, _guard: &SharedGuard) -> Result<StagingArea> {
+    fn create_staging(&self) -> Result<StagingArea> {
         let id = uuid::Uuid::new_v4();
         let token = Arc::new(());
         self.state().staging.insert(

@@ -1081,15 +1081,8 @@ impl PoolTxn<'_> {
     pub fn stage(&mut self) -> Result<Staging> {
         let p = self.pool;
         self.idx.require_active("stage")?;
-        let area = match &self.held {
-            Held::Shared(g) => p.inner.backend.create_staging(g)?,
-            // Under the exclusive lock a shared one cannot be taken; the
-            // exclusive lock excludes recovery just as well.
-            Held::Exclusive(_) => {
-                let g = SharedGuard::new(());
-                p.inner.backend.create_staging(&g)?
-            }
-        };
+        // Either lock mode keeps recovery out until the area is held.
+        let area = p.inner.backend.create_staging()?;
         Ok(Staging {
             backend: Arc::clone(&p.inner.backend),
             area: Some(area),
