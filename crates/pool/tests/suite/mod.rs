@@ -718,13 +718,52 @@ pub fn physical_space(h: &dyn Harness) {
             Err(Error::InsufficientPhysicalSpace { reserved, .. }) => assert_eq!(reserved, 10 * U),
             r => panic!("{}: {r:?}", h.name()),
         }
+        // Build the preallocated image the reservation is for: its bytes
+        // are really taken, with progress reported; a cancelled one leaves
+        // nothing behind.
+        let st = pool.stage().unwrap();
+        let pre = ImageSpec {
+            size: 10 * U,
+            format: Format::Raw,
+            prealloc: Prealloc::Full,
+        };
+        let last = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+        let l2 = Arc::clone(&last);
+        let ctl =
+            Control::new().with_progress(move |done, total| *l2.lock().unwrap() = (done, total));
+        let img = st.create_image(DATA_IMAGE, &pre, &ctl).unwrap();
+        assert_eq!(*last.lock().unwrap(), (10 * U, 10 * U), "{}", h.name());
+        assert!(st.image_summary(&img).unwrap().host_bytes >= 10 * U);
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let ctl = Control::new().with_cancel(cancel);
+        assert!(st.create_image("cancelled", &pre, &ctl).is_err());
+        let gone = ImageRef {
+            name: "cancelled".into(),
+            ..img.clone()
+        };
+        assert!(matches!(
+            st.image_summary(&gone),
+            Err(Error::ImageNotFound { .. })
+        ));
+        pool.commit(
+            st,
+            EntryKind::Volume,
+            "pre",
+            &Vol {
+                name: "pre".into(),
+                tag: 0,
+            },
+        )
+        .unwrap();
         drop(g);
+        let d3 = pool.describe().unwrap();
+        assert!(d3.physical >= 10 * U && d3.physical_reserved == 0, "{d3:?}");
         // Sparse: the policy alone decides.
         let sparse = raw(300 * U);
         assert!(!sparse.is_physical());
         make(pool, "big", sparse, b"data");
         let d = pool.describe().unwrap();
-        assert_eq!(d.virtual_size, 300 * U);
+        assert_eq!(d.virtual_size, 310 * U);
         assert!(
             d.fs_available > 60 * U,
             "sparse image took real space: {d:?}"
