@@ -409,15 +409,25 @@ impl Registry {
     /// own config is rewritten by its next config change).
     fn upgrade_record(&self, r: &PoolRef) -> Result<()> {
         let p = self.record_path(&r.name);
+        let version = |bytes: &[u8]| {
+            serde_json::from_slice::<Record<serde::de::IgnoredAny>>(bytes)
+                .map(|e| e.schema_version)
+                .unwrap_or(PoolRef::SCHEMA_VERSION)
+        };
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, "read registry record", e))?;
-        let old = serde_json::from_slice::<Record<serde::de::IgnoredAny>>(&bytes)
-            .map(|e| e.schema_version < PoolRef::SCHEMA_VERSION)
-            .unwrap_or(false);
-        if old {
-            let _l = self.lock("upgrade registry record")?;
-            write_atomic(&p, &Record::new(r.clone()).to_bytes(&p)?)?;
+        if version(&bytes) >= PoolRef::SCHEMA_VERSION {
+            return Ok(()); // the common case: no registry lock taken
         }
-        Ok(())
+        let _l = self.lock("upgrade registry record")?;
+        // Again under the lock: an undefine or another upgrade may have won.
+        match std::fs::read(&p) {
+            Ok(b) if version(&b) < PoolRef::SCHEMA_VERSION && b == bytes => {
+                write_atomic(&p, &Record::new(r.clone()).to_bytes(&p)?)
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&p, "read registry record", e)),
+        }
     }
 
     /// Activates pool `name`.
