@@ -534,7 +534,7 @@ impl RecordStore for LocalBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&dir, "list entry", e)),
         };
-        let mut images: Vec<(String, Format, PathBuf)> = Vec::new();
+        let mut images: Vec<(String, Format, PathBuf, u64)> = Vec::new();
         for de in rd {
             let de = de.map_err(|e| Error::io(&dir, "list entry", e))?;
             let name = de.file_name();
@@ -548,20 +548,23 @@ impl RecordStore for LocalBackend {
                 }
                 continue;
             }
-            out.physical = out.physical.saturating_add(du(&path)?);
+            let bytes = du(&path)?;
+            out.physical = out.physical.saturating_add(bytes);
             if name == kind.record_file() {
                 out.record = std::fs::read(&path).map_err(|e| format!("cannot read: {e}"));
                 continue;
             }
-            for format in [Format::Raw, Format::Qcow2] {
-                let stem = name.strip_suffix(&format!(".{}", ext(format)));
-                if let Some(stem) = stem.filter(|s| validate_name(s).is_ok()) {
-                    images.push((stem.to_string(), format, path.clone()));
-                }
+            let parsed = if let Some(stem) = name.strip_suffix(".raw") {
+                Some((stem, Format::Raw))
+            } else {
+                name.strip_suffix(".qcow2").map(|s| (s, Format::Qcow2))
+            };
+            if let Some((stem, format)) = parsed.filter(|(s, _)| validate_name(s).is_ok()) {
+                images.push((stem.to_string(), format, path, bytes));
             }
         }
         images.sort_by(|a, b| a.0.cmp(&b.0));
-        for (i, (name, format, path)) in images.iter().enumerate() {
+        for (i, (name, format, path, bytes)) in images.iter().enumerate() {
             let twin = images
                 .iter()
                 .enumerate()
@@ -569,7 +572,7 @@ impl RecordStore for LocalBackend {
             let mut img = ImageSummary {
                 image: ImageRef::entry(kind, id, name, *format),
                 virtual_size: None,
-                host_bytes: host_bytes(path),
+                host_bytes: *bytes,
                 backing: None,
                 error: None,
             };
