@@ -4,7 +4,7 @@
 //!
 //! Implementations: [`LocalBackend`](crate::local::LocalBackend) (a directory
 //! on a local filesystem) and, with the `test-utils` feature,
-//! [`MemoryBackend`](crate::memory::MemoryBackend). A Ceph RBD backend
+//! `memory::MemoryBackend`. A Ceph RBD backend
 //! implements the same traits; the volume layer, which only talks to
 //! [`Pool`](crate::Pool), does not change.
 //!
