@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use vmvol_format::{BlockIo, Control};
 
 use crate::build::{Builder, DirBuild};
-use crate::disk::{self, put32, Inode, Times};
+use crate::ext4::field::{put32, put_bytes};
+use crate::ext4::records::{self as disk, Inode, Times};
 use crate::layout::{default_journal_blocks, Geometry};
 use crate::mkfs::{Journal, MkfsOptions, MkfsReport};
 use crate::{Error, Result};
@@ -370,7 +371,7 @@ impl<'a> Populator<'a> {
         let (ino, mut inode) = self.new_node(path, &meta)?;
         inode.set_size(target.len() as u64);
         if target.len() < 60 {
-            disk::put_bytes(inode.i_block(), 0, target);
+            put_bytes(inode.i_block(), 0, target);
             inode.set_blocks(0, self.b.g.block_size);
             self.b.inodes.insert(ino, inode);
         } else {
@@ -380,7 +381,7 @@ impl<'a> Populator<'a> {
                 .copied()
                 .ok_or_else(|| Error::corrupt("internal: no block"))?;
             let mut blk = vec![0u8; bs];
-            disk::put_bytes(&mut blk, 0, target);
+            put_bytes(&mut blk, 0, target);
             self.b.write_data(s, &blk)?;
             let tree = self.b.map_extents(ino, &mut inode, &[(0, s, 1)])?;
             inode.set_blocks(1 + tree, self.b.g.block_size);

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use support::{have, run_cmd as run};
 use vmvol_format::{Image, OpenOptions, RawImage};
-use vmvol_fs::{free_map, scan_free, Error, FreeMap, FreeRange};
+use vmvol_fs::{free_map, scan_free, ByteRange, Error, FreeMap};
 
 /// A sparse file of `size` bytes formatted by `prog` (mkfs.ext4, mkfs.ext2, ...).
 fn mkfs(dir: &Path, prog: &str, size: u64, args: &[&str]) -> PathBuf {
@@ -194,7 +194,7 @@ fn scan_free_streams_the_same_ranges() {
     let path = mkfs(dir.path(), "mkfs.ext4", 128 * MIB, &["-b", "1024"]);
     let img = RawImage::open(&path, true).unwrap();
     let m = free_map(&img).unwrap();
-    let mut streamed: Vec<FreeRange> = Vec::new();
+    let mut streamed: Vec<ByteRange> = Vec::new();
     let summary = scan_free(&img, &mut |r| {
         streamed.push(r);
         Ok(())
