@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use vmvol_format::BlockIo;
+use vmvol_format::{BlockIo, Control};
 
 use crate::ext4::bitmap::set_bits;
 use crate::ext4::csum::{self, crc32c};
@@ -96,6 +96,9 @@ impl Batch {
 /// The filesystem under construction.
 pub(crate) struct Builder<'a> {
     dev: &'a dyn BlockIo,
+    control: &'a Control,
+    /// The operation, for [`Error::Cancelled`].
+    op: &'static str,
     pub g: Geometry,
     opts: MkfsOptions,
     pub used: Used,
@@ -123,7 +126,12 @@ pub(crate) struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// Lay out a fresh filesystem on `dev` (nothing written yet except zeroing
     /// of inode tables on devices that are not known to read zeros).
-    pub fn new(dev: &'a dyn BlockIo, opts: &MkfsOptions) -> Result<Self> {
+    pub fn new(
+        dev: &'a dyn BlockIo,
+        opts: &MkfsOptions,
+        control: &'a Control,
+        op: &'static str,
+    ) -> Result<Self> {
         let g = check_options(dev, opts)?;
         let journal_blocks = match opts.journal {
             Journal::None => 0,
@@ -141,6 +149,8 @@ impl<'a> Builder<'a> {
         let groups = g.groups as usize;
         let mut b = Builder {
             dev,
+            control,
+            op,
             opts: opts.clone(),
             used: Used::default(),
             bb: vec![0; groups],
@@ -183,6 +193,7 @@ impl<'a> Builder<'a> {
         let itb = u64::from(g.inode_blocks_per_group);
         let mut flex_start = 0u32;
         while flex_start < g.groups {
+            self.check_cancel()?;
             let n = FLEX_GROUPS.min(g.groups - flex_start);
             let goal = g.group_first(flex_start);
             let bb = self.alloc_contig(goal, u64::from(n))?;
@@ -239,6 +250,15 @@ impl<'a> Builder<'a> {
             self.journal = runs;
         }
         Ok(())
+    }
+
+    /// `Err(Cancelled)` once the caller asked to cancel.
+    pub fn check_cancel(&self) -> Result<()> {
+        if self.control.is_cancelled() {
+            Err(Error::Cancelled { op: self.op })
+        } else {
+            Ok(())
+        }
     }
 
     fn alloc_contig(&mut self, goal: u64, n: u64) -> Result<u64> {
@@ -605,6 +625,7 @@ impl<'a> Builder<'a> {
         let mut chunk = vec![0u8; (CHUNK_BLOCKS.min(rsv) as usize) * bs];
         let mut done = 0u64;
         while done < rsv {
+            self.check_cancel()?;
             let n = CHUNK_BLOCKS.min(rsv - done);
             let buf = chunk.get_mut(..n as usize * bs).unwrap_or_default();
             buf.fill(0);
@@ -709,7 +730,10 @@ impl<'a> Builder<'a> {
         let mut free_blocks_total = 0u64;
         let mut free_inodes_total = 0u64;
         let mut dirs_total = 0u64;
+        let fs_bytes = g.blocks_count * g.bs();
         for grp in 0..g.groups {
+            self.control.report(g.group_first(grp) * g.bs(), fs_bytes);
+            self.check_cancel()?;
             let gs = g.group_first(grp);
             let glen = g.group_len(grp);
             let mut used_count = 0u64;
@@ -798,6 +822,7 @@ impl<'a> Builder<'a> {
         // Superblock and descriptor copies: backups first, primary last.
         let sb = self.superblock(&inodes, free_blocks_total, free_inodes_total);
         for grp in (1..g.groups).filter(|&x| has_super(x)) {
+            self.check_cancel()?;
             let start = g.group_first(grp);
             let mut copy = sb.clone();
             put16(&mut copy, S_BLOCK_GROUP_NR, grp as u16);
@@ -965,6 +990,26 @@ pub(crate) fn check_options(dev: &dyn BlockIo, opts: &MkfsOptions) -> Result<Geo
         }
     }
     Ok(g)
+}
+
+/// Run `f` (which writes a filesystem over the whole of `dev`) after
+/// checking `opts`; on any error, cancel included, discard the whole device
+/// so that it reads as zeros and no half-written filesystem is left.
+pub(crate) fn discard_on_error<T>(
+    dev: &dyn BlockIo,
+    opts: &MkfsOptions,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    check_options(dev, opts)?;
+    match f() {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // Best effort: the error that stopped us is the one to report.
+            let _ = dev.discard(0, dev.size());
+            let _ = dev.flush();
+            Err(e)
+        }
+    }
 }
 
 /// Result of [`Builder::finish`].

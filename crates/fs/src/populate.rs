@@ -160,12 +160,11 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl<'a> Populator<'a> {
+    /// Report progress (file data bytes copied so far; the total is not
+    /// known in advance, so it is reported as 0), then stop if cancelled.
     fn check_cancel(&self) -> Result<()> {
-        if self.control.is_cancelled() {
-            Err(Error::Cancelled { op: "populate" })
-        } else {
-            Ok(())
-        }
+        self.control.report(self.report.data, 0);
+        self.b.check_cancel()
     }
 
     fn count_entry(&mut self, entry: &[u8]) -> Result<()> {
@@ -480,7 +479,9 @@ pub fn populate(
                     dir.display()
                 )));
             }
-            guarded(dev, opts, || populate_dir_inner(dev, dir, opts, control))
+            crate::build::discard_on_error(dev, &opts.mkfs, || {
+                populate_dir_inner(dev, dir, opts, control)
+            })
         }
         Source::Tar(path) => {
             let f = File::open(path).map_err(|e| Error::Io {
@@ -488,7 +489,9 @@ pub fn populate(
                 op: "open tar archive",
                 source: e,
             })?;
-            guarded(dev, opts, || populate_tar_inner(dev, f, opts, control))
+            crate::build::discard_on_error(dev, &opts.mkfs, || {
+                populate_tar_inner(dev, f, opts, control)
+            })
         }
     }
 }
@@ -500,24 +503,9 @@ pub fn populate_tar(
     opts: &PopulateOptions,
     control: &Control,
 ) -> Result<PopulateReport> {
-    guarded(dev, opts, || populate_tar_inner(dev, reader, opts, control))
-}
-
-fn guarded(
-    dev: &dyn BlockIo,
-    opts: &PopulateOptions,
-    f: impl FnOnce() -> Result<PopulateReport>,
-) -> Result<PopulateReport> {
-    crate::build::check_options(dev, &opts.mkfs)?;
-    match f() {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            // Leave nothing half-written: the device reads as zeros again.
-            let _ = dev.discard(0, dev.size());
-            let _ = dev.flush();
-            Err(e)
-        }
-    }
+    crate::build::discard_on_error(dev, &opts.mkfs, || {
+        populate_tar_inner(dev, reader, opts, control)
+    })
 }
 
 fn start<'a>(
@@ -525,7 +513,7 @@ fn start<'a>(
     opts: &PopulateOptions,
     control: &'a Control,
 ) -> Result<Populator<'a>> {
-    let b = Builder::new(dev, &opts.mkfs)?;
+    let b = Builder::new(dev, &opts.mkfs, control, "populate")?;
     let mut paths = HashMap::new();
     paths.insert(Vec::new(), ROOT_INO);
     Ok(Populator {
