@@ -391,7 +391,7 @@ fn grown_by_resize2fs_offline_and_online() {
         let online = resized.status.success();
         if !online {
             // Containers often lack CAP_SYS_RESOURCE, which EXT4_IOC_RESIZE_FS needs.
-            crate::support::unavailable(&format!(
+            crate::support::host_forbids(&format!(
                 "online resize2fs refused: {}",
                 String::from_utf8_lossy(&resized.stderr).trim()
             ));

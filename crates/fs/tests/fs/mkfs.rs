@@ -388,7 +388,7 @@ fn online_resize2fs() {
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
     let caps = u64::from_str_radix(eff.split_whitespace().nth(1).unwrap(), 16).unwrap();
     if caps & (1 << 24) == 0 {
-        crate::support::unavailable(
+        crate::support::host_forbids(
             "online resize needs CAP_SYS_RESOURCE (the resize ioctl is refused without it)",
         );
         return;

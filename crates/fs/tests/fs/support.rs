@@ -18,6 +18,15 @@ pub fn unavailable(what: &str) -> bool {
     false
 }
 
+/// A capability the host withholds even from root (containers drop
+/// `CAP_SYS_RESOURCE`, which online resize needs): skip, saying why, even
+/// under `VMVOL_REQUIRE_TOOLS=1` — no tool is missing, and CI runs in such
+/// containers. Returns false.
+pub fn host_forbids(what: &str) -> bool {
+    eprintln!("SKIP (host restriction, not a missing tool): {what}");
+    false
+}
+
 /// Whether the external tool `tool` can be run. When it cannot, the calling
 /// test skips the check (this prints why) — or, under `VMVOL_REQUIRE_TOOLS=1`,
 /// this panics naming the tool.
