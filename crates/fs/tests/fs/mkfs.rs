@@ -195,16 +195,7 @@ fn qcow2_images() {
         run("qemu-img", &["check", q.to_str().unwrap()]);
         let raw = dir.path().join("v.raw");
         let _ = std::fs::remove_file(&raw);
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-O",
-                "raw",
-                q.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        );
+        crate::support::qcow2_to_raw(&q, &raw);
         e2fsck_clean(&raw);
         assert!(features(&raw).contains("metadata_csum"));
         std::fs::remove_file(&raw).unwrap();

@@ -385,16 +385,7 @@ fn qcow2_one_kib_blocks_deep_extent_tree() {
     drop(img);
     assert_eq!(r.files, 501);
     let raw = dir.path().join("v.raw");
-    crate::support::run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            q.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    crate::support::qcow2_to_raw(&q, &raw);
     e2fsck_clean(&raw);
     let stat = String::from_utf8_lossy(&debugfs(&raw, "ex /frag")).into_owned();
     assert!(

@@ -88,6 +88,20 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img convert -O raw QCOW2 RAW`: the raw image e2fsprogs can read.
+pub fn qcow2_to_raw(qcow2: &Path, raw: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            qcow2.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+}
+
 /// `debugfs -R REQ IMG` stdout.
 pub fn debugfs(img: &Path, req: &str) -> Vec<u8> {
     let out = Command::new("debugfs")
