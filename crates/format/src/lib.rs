@@ -15,6 +15,8 @@ mod io;
 pub use control::{Control, ProgressFn};
 pub use error::{Error, Result};
 pub use io::BlockIo;
+mod range;
+pub use range::ByteRange;
 mod probe;
 pub use probe::{detect_format, virtual_size, Format, QCOW2_MAGIC};
 mod qcow2meta;

@@ -3,12 +3,22 @@
 
 use std::collections::BTreeMap;
 
-use vmvol_format::BlockIo;
+use vmvol_format::{BlockIo, Control};
 
-use crate::disk::{self, put16, put32, put32be, put_bytes, Inode, Times};
+use crate::ext4::bitmap::set_bits;
+use crate::ext4::csum::{self, crc32c};
+use crate::ext4::features::{
+    COMPAT_HAS_JOURNAL, COMPAT_RESIZE_INODE, WRITER_COMPAT, WRITER_INCOMPAT, WRITER_RO_COMPAT,
+};
+use crate::ext4::field::{get32, put16, put32, put32be, put8, put_bytes};
+use crate::ext4::group::{
+    self as grp_desc, DescCsum, BG_BLOCK_UNINIT, BG_INODE_UNINIT, BG_INODE_ZEROED,
+};
+use crate::ext4::records::{self as disk, Inode, Times};
+use crate::ext4::superblock::{self as sb, *};
 use crate::layout::{
-    backup_groups, default_journal_blocks, has_super, Geometry, Used, FIRST_INO, FLEX_GROUPS,
-    INODE_SIZE, MAX_EXTENT_LEN,
+    default_journal_blocks, has_super, Geometry, Used, FIRST_INO, FLEX_GROUPS, INODE_SIZE,
+    MAX_EXTENT_LEN, SUPER_BACKUPS,
 };
 use crate::mkfs::{Journal, MkfsOptions};
 use crate::{Error, Result};
@@ -86,6 +96,9 @@ impl Batch {
 /// The filesystem under construction.
 pub(crate) struct Builder<'a> {
     dev: &'a dyn BlockIo,
+    control: &'a Control,
+    /// The operation, for [`Error::Cancelled`].
+    op: &'static str,
     pub g: Geometry,
     opts: MkfsOptions,
     pub used: Used,
@@ -113,7 +126,12 @@ pub(crate) struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// Lay out a fresh filesystem on `dev` (nothing written yet except zeroing
     /// of inode tables on devices that are not known to read zeros).
-    pub fn new(dev: &'a dyn BlockIo, opts: &MkfsOptions) -> Result<Self> {
+    pub fn new(
+        dev: &'a dyn BlockIo,
+        opts: &MkfsOptions,
+        control: &'a Control,
+        op: &'static str,
+    ) -> Result<Self> {
         let g = check_options(dev, opts)?;
         let journal_blocks = match opts.journal {
             Journal::None => 0,
@@ -121,7 +139,7 @@ impl<'a> Builder<'a> {
             Journal::Blocks(n) => u64::from(n),
         };
         let uuid = opts.uuid.unwrap_or_else(uuid::Uuid::new_v4);
-        let seed = disk::crc(!0, uuid.as_bytes());
+        let seed = csum::fs_seed(uuid.as_bytes());
         let now = opts.timestamp.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -131,6 +149,8 @@ impl<'a> Builder<'a> {
         let groups = g.groups as usize;
         let mut b = Builder {
             dev,
+            control,
+            op,
             opts: opts.clone(),
             used: Used::default(),
             bb: vec![0; groups],
@@ -173,6 +193,7 @@ impl<'a> Builder<'a> {
         let itb = u64::from(g.inode_blocks_per_group);
         let mut flex_start = 0u32;
         while flex_start < g.groups {
+            self.check_cancel()?;
             let n = FLEX_GROUPS.min(g.groups - flex_start);
             let goal = g.group_first(flex_start);
             let bb = self.alloc_contig(goal, u64::from(n))?;
@@ -229,6 +250,15 @@ impl<'a> Builder<'a> {
             self.journal = runs;
         }
         Ok(())
+    }
+
+    /// `Err(Cancelled)` once the caller asked to cancel.
+    pub fn check_cancel(&self) -> Result<()> {
+        if self.control.is_cancelled() {
+            Err(Error::Cancelled { op: self.op })
+        } else {
+            Ok(())
+        }
     }
 
     fn alloc_contig(&mut self, goal: u64, n: u64) -> Result<u64> {
@@ -551,14 +581,15 @@ impl<'a> Builder<'a> {
             }
         }
         let mut jsb = vec![0u8; bs as usize];
-        put32be(&mut jsb, 0x0, 0xC03B_3998);
-        put32be(&mut jsb, 0x4, 4); // superblock v2
-        put32be(&mut jsb, 0xC, bs as u32);
-        put32be(&mut jsb, 0x10, self.journal_blocks as u32);
-        put32be(&mut jsb, 0x14, 1);
-        put32be(&mut jsb, 0x18, 1);
-        put_bytes(&mut jsb, 0x30, self.uuid.as_bytes());
-        put32be(&mut jsb, 0x40, 1);
+        // jbd2 `journal_superblock_t` (big-endian).
+        put32be(&mut jsb, 0x0, 0xC03B_3998); // h_magic
+        put32be(&mut jsb, 0x4, 4); // h_blocktype: superblock v2
+        put32be(&mut jsb, 0xC, bs as u32); // s_blocksize
+        put32be(&mut jsb, 0x10, self.journal_blocks as u32); // s_maxlen
+        put32be(&mut jsb, 0x14, 1); // s_first
+        put32be(&mut jsb, 0x18, 1); // s_sequence
+        put_bytes(&mut jsb, 0x30, self.uuid.as_bytes()); // s_uuid
+        put32be(&mut jsb, 0x40, 1); // s_nr_users
         let first = runs.first().map(|r| r.0).unwrap_or(0);
         self.write_blocks(first, jsb)?;
         let mut inode = Inode::new(disk::S_IFREG | 0o600, 0, 0, Times::all(self.now));
@@ -583,7 +614,7 @@ impl<'a> Builder<'a> {
         let g = self.g.clone();
         let bs = g.bs() as usize;
         let apb = (bs / 4) as u64;
-        let backups = backup_groups(g.groups);
+        let backups: Vec<u64> = SUPER_BACKUPS.backup_groups(u64::from(g.groups)).collect();
         let mut dind = vec![0u8; bs];
         let mut count = 1u64;
         // The primary reserved GDT blocks each list their backups; written in
@@ -594,6 +625,7 @@ impl<'a> Builder<'a> {
         let mut chunk = vec![0u8; (CHUNK_BLOCKS.min(rsv) as usize) * bs];
         let mut done = 0u64;
         while done < rsv {
+            self.check_cancel()?;
             let n = CHUNK_BLOCKS.min(rsv - done);
             let buf = chunk.get_mut(..n as usize * bs).unwrap_or_default();
             buf.fill(0);
@@ -604,7 +636,7 @@ impl<'a> Builder<'a> {
                 put32(&mut dind, gdt_off * 4, grp_blk as u32);
                 count += 1;
                 for (i, &b) in backups.iter().enumerate() {
-                    let expect = grp_blk + u64::from(b) * u64::from(g.blocks_per_group);
+                    let expect = grp_blk + b * u64::from(g.blocks_per_group);
                     put32(buf, k as usize * bs + i * 4, expect as u32);
                     count += 1;
                 }
@@ -632,7 +664,7 @@ impl<'a> Builder<'a> {
         self.write_resize_inode()?;
         // Inode 1 (bad blocks) carries the creation times, as mke2fs writes it.
         let mut bad = Inode::new(0, 0, 0, Times::all(self.now));
-        bad.0[0x80..].fill(0);
+        bad.0[disk::I_EXTRA_ISIZE..].fill(0);
         self.inodes.insert(1, bad);
         let g = self.g.clone();
         let bs = g.bs() as usize;
@@ -692,11 +724,16 @@ impl<'a> Builder<'a> {
         }
 
         // Group descriptors and bitmaps.
+        const DESC: usize = grp_desc::DESC_SIZE_64;
+        let desc_csum = DescCsum::Crc32c { seed: self.seed };
         let mut gdt = vec![0u8; (g.desc_blocks as usize) * bs];
         let mut free_blocks_total = 0u64;
         let mut free_inodes_total = 0u64;
         let mut dirs_total = 0u64;
+        let fs_bytes = g.blocks_count * g.bs();
         for grp in 0..g.groups {
+            self.control.report(g.group_first(grp) * g.bs(), fs_bytes);
+            self.check_cancel()?;
             let gs = g.group_first(grp);
             let glen = g.group_len(grp);
             let mut used_count = 0u64;
@@ -709,70 +746,75 @@ impl<'a> Builder<'a> {
             let block_uninit = grp != last && used_count == g.base_meta(grp);
             let mut bb_csum = 0u32;
             if block_uninit {
-                flags |= 2;
+                flags |= BG_BLOCK_UNINIT;
             } else {
                 let mut bm = vec![0u8; bs];
                 for (s, e) in self.used.ranges_in(gs, gs + glen) {
-                    set_bits(&mut bm, (s - gs) as usize, (e - gs) as usize);
+                    set_bits(&mut bm, s - gs, e - gs);
                 }
-                set_bits(&mut bm, glen as usize, bs * 8);
-                bb_csum = disk::crc(self.seed, &bm[..(g.blocks_per_group / 8) as usize]);
+                set_bits(&mut bm, glen, bs as u64 * 8);
+                bb_csum = crc32c(self.seed, &bm[..(g.blocks_per_group / 8) as usize]);
                 self.write_blocks(self.bb[grp as usize], bm)?;
             }
             let (iused, imax, idirs) = gstats.get(&grp).copied().unwrap_or((0, 0, 0));
             let mut ib_csum = 0u32;
             if imax == 0 {
-                flags |= 1;
+                flags |= BG_INODE_UNINIT;
             } else {
                 let mut bm = vec![0u8; bs];
                 for &ino in used_inos
                     .range(grp * ipg + 1..=(grp + 1) * ipg)
                     .map(|(k, _)| k)
                 {
-                    let idx = ((ino - 1) % ipg) as usize;
+                    let idx = u64::from((ino - 1) % ipg);
                     set_bits(&mut bm, idx, idx + 1);
                 }
-                set_bits(&mut bm, ipg as usize, bs * 8);
-                ib_csum = disk::crc(self.seed, &bm[..(ipg / 8) as usize]);
+                set_bits(&mut bm, u64::from(ipg), bs as u64 * 8);
+                ib_csum = crc32c(self.seed, &bm[..(ipg / 8) as usize]);
                 self.write_blocks(self.ib[grp as usize], bm)?;
             }
             if self.itable_zeroed[grp as usize] {
-                flags |= 4;
+                flags |= BG_INODE_ZEROED;
             }
             let free_inodes = ipg - iused;
             free_inodes_total += u64::from(free_inodes);
             dirs_total += u64::from(idirs);
-            let off = grp as usize * 64;
-            let d = &mut gdt[off..off + 64];
+            let off = grp as usize * DESC;
+            let d = &mut gdt[off..off + DESC];
             let (bb, ib, it) = (
                 self.bb[grp as usize],
                 self.ib[grp as usize],
                 self.it[grp as usize],
             );
-            put32(d, 0x0, bb as u32);
-            put32(d, 0x4, ib as u32);
-            put32(d, 0x8, it as u32);
-            put16(d, 0xC, free as u16);
-            put16(d, 0xE, free_inodes as u16);
-            put16(d, 0x10, idirs as u16);
-            put16(d, 0x12, flags);
-            put16(d, 0x18, bb_csum as u16);
-            put16(d, 0x1A, ib_csum as u16);
-            put16(d, 0x1C, (ipg - imax) as u16);
-            put32(d, 0x20, (bb >> 32) as u32);
-            put32(d, 0x24, (ib >> 32) as u32);
-            put32(d, 0x28, (it >> 32) as u32);
-            put16(d, 0x2C, (free >> 16) as u16);
-            put16(d, 0x2E, (free_inodes >> 16) as u16);
-            put16(d, 0x30, (idirs >> 16) as u16);
-            put16(d, 0x32, ((ipg - imax) >> 16) as u16);
-            put16(d, 0x38, (bb_csum >> 16) as u16);
-            put16(d, 0x3A, (ib_csum >> 16) as u16);
-            let mut c = disk::crc(self.seed, &grp.to_le_bytes());
-            c = disk::crc(c, &d[..0x1E]);
-            c = disk::crc(c, &[0, 0]);
-            c = disk::crc(c, &d[0x20..64]);
-            put16(d, 0x1E, c as u16);
+            put32(d, grp_desc::BG_BLOCK_BITMAP_LO, bb as u32);
+            put32(d, grp_desc::BG_INODE_BITMAP_LO, ib as u32);
+            put32(d, grp_desc::BG_INODE_TABLE_LO, it as u32);
+            put16(d, grp_desc::BG_FREE_BLOCKS_COUNT_LO, free as u16);
+            put16(d, grp_desc::BG_FREE_INODES_COUNT_LO, free_inodes as u16);
+            put16(d, grp_desc::BG_USED_DIRS_COUNT_LO, idirs as u16);
+            put16(d, grp_desc::BG_FLAGS, flags);
+            put16(d, grp_desc::BG_BLOCK_BITMAP_CSUM_LO, bb_csum as u16);
+            put16(d, grp_desc::BG_INODE_BITMAP_CSUM_LO, ib_csum as u16);
+            put16(d, grp_desc::BG_ITABLE_UNUSED_LO, (ipg - imax) as u16);
+            put32(d, grp_desc::BG_BLOCK_BITMAP_HI, (bb >> 32) as u32);
+            put32(d, grp_desc::BG_INODE_BITMAP_HI, (ib >> 32) as u32);
+            put32(d, grp_desc::BG_INODE_TABLE_HI, (it >> 32) as u32);
+            put16(d, grp_desc::BG_FREE_BLOCKS_COUNT_HI, (free >> 16) as u16);
+            put16(
+                d,
+                grp_desc::BG_FREE_INODES_COUNT_HI,
+                (free_inodes >> 16) as u16,
+            );
+            put16(d, grp_desc::BG_USED_DIRS_COUNT_HI, (idirs >> 16) as u16);
+            put16(
+                d,
+                grp_desc::BG_ITABLE_UNUSED_HI,
+                ((ipg - imax) >> 16) as u16,
+            );
+            put16(d, grp_desc::BG_BLOCK_BITMAP_CSUM_HI, (bb_csum >> 16) as u16);
+            put16(d, grp_desc::BG_INODE_BITMAP_CSUM_HI, (ib_csum >> 16) as u16);
+            let c = desc_csum.compute(grp, d).unwrap_or(0);
+            put16(d, grp_desc::BG_CHECKSUM, c);
         }
         let _ = dirs_total;
         self.batch.flush(self.dev)?;
@@ -780,10 +822,11 @@ impl<'a> Builder<'a> {
         // Superblock and descriptor copies: backups first, primary last.
         let sb = self.superblock(&inodes, free_blocks_total, free_inodes_total);
         for grp in (1..g.groups).filter(|&x| has_super(x)) {
+            self.check_cancel()?;
             let start = g.group_first(grp);
             let mut copy = sb.clone();
-            put16(&mut copy, 0x5A, grp as u16);
-            sb_checksum(&mut copy);
+            put16(&mut copy, S_BLOCK_GROUP_NR, grp as u16);
+            sb::set_checksum(&mut copy);
             let mut blk = vec![0u8; bs];
             // A backup superblock sits at the start of its group's first block.
             put_bytes(&mut blk, 0, &copy);
@@ -811,7 +854,7 @@ impl<'a> Builder<'a> {
         // One flush at the end: a crash before it leaves a device the caller
         // formats again anyway; the primary superblock is still written last.
         let mut primary = sb;
-        sb_checksum(&mut primary);
+        sb::set_checksum(&mut primary);
         self.dev
             .write_at(&primary, 1024)
             .map_err(|e| Error::block("write superblock", e))?;
@@ -836,71 +879,77 @@ impl<'a> Builder<'a> {
         free_inodes: u64,
     ) -> Vec<u8> {
         let g = &self.g;
-        let mut s = vec![0u8; 1024];
+        let mut s = vec![0u8; sb::LEN];
         let r_blocks = (g.blocks_count as f64 * self.opts.reserved_percent / 100.0) as u64;
-        put32(&mut s, 0x0, g.inodes_count() as u32);
-        put32(&mut s, 0x4, g.blocks_count as u32);
-        put32(&mut s, 0x8, r_blocks as u32);
-        put32(&mut s, 0xC, free_blocks as u32);
-        put32(&mut s, 0x10, free_inodes as u32);
-        put32(&mut s, 0x14, g.first_data_block as u32);
-        put32(&mut s, 0x18, g.log_block());
-        put32(&mut s, 0x1C, g.log_block());
-        put32(&mut s, 0x20, g.blocks_per_group);
-        put32(&mut s, 0x24, g.blocks_per_group);
-        put32(&mut s, 0x28, g.inodes_per_group);
-        put32(&mut s, 0x30, self.now as u32);
-        put16(&mut s, 0x36, 0xFFFF);
-        put16(&mut s, 0x38, 0xEF53);
-        put16(&mut s, 0x3A, 1);
-        put16(&mut s, 0x3C, 1);
-        put32(&mut s, 0x40, self.now as u32);
-        put32(&mut s, 0x4C, 1);
-        put32(&mut s, 0x54, FIRST_INO);
-        put16(&mut s, 0x58, INODE_SIZE as u16);
+        put32(&mut s, S_INODES_COUNT, g.inodes_count() as u32);
+        put32(&mut s, S_BLOCKS_COUNT_LO, g.blocks_count as u32);
+        put32(&mut s, S_R_BLOCKS_COUNT_LO, r_blocks as u32);
+        put32(&mut s, S_FREE_BLOCKS_COUNT_LO, free_blocks as u32);
+        put32(&mut s, S_FREE_INODES_COUNT, free_inodes as u32);
+        put32(&mut s, S_FIRST_DATA_BLOCK, g.first_data_block as u32);
+        put32(&mut s, S_LOG_BLOCK_SIZE, g.log_block());
+        put32(&mut s, S_LOG_CLUSTER_SIZE, g.log_block());
+        put32(&mut s, S_BLOCKS_PER_GROUP, g.blocks_per_group);
+        put32(&mut s, S_CLUSTERS_PER_GROUP, g.blocks_per_group);
+        put32(&mut s, S_INODES_PER_GROUP, g.inodes_per_group);
+        put32(&mut s, S_WTIME, self.now as u32);
+        // -1: no mount-count-triggered checks (mke2fs default).
+        put16(&mut s, S_MAX_MNT_COUNT, 0xFFFF);
+        put16(&mut s, S_MAGIC, sb::MAGIC);
+        put16(&mut s, S_STATE, STATE_VALID);
+        put16(&mut s, S_ERRORS, 1); // continue
+        put32(&mut s, S_LASTCHECK, self.now as u32);
+        put32(&mut s, S_REV_LEVEL, 1); // dynamic
+        put32(&mut s, S_FIRST_INO, FIRST_INO);
+        put16(&mut s, S_INODE_SIZE, INODE_SIZE as u16);
         let journal = self.journal_blocks > 0;
-        let mut compat = 0x8 | 0x20; // ext_attr, dir_index
+        let mut compat = WRITER_COMPAT;
         if journal {
-            compat |= 0x4;
+            compat |= COMPAT_HAS_JOURNAL;
         }
         if g.resize_inode {
-            compat |= 0x10;
+            compat |= COMPAT_RESIZE_INODE;
         }
-        put32(&mut s, 0x5C, compat);
-        put32(&mut s, 0x60, 0x2 | 0x40 | 0x80 | 0x200); // filetype extent 64bit flex_bg
-        put32(&mut s, 0x64, 0x1 | 0x2 | 0x8 | 0x20 | 0x40 | 0x400);
-        put_bytes(&mut s, 0x68, self.uuid.as_bytes());
-        put_bytes(&mut s, 0x78, self.opts.label.as_bytes());
-        put16(&mut s, 0xCE, g.reserved_gdt as u16);
+        put32(&mut s, S_FEATURE_COMPAT, compat);
+        put32(&mut s, S_FEATURE_INCOMPAT, WRITER_INCOMPAT);
+        put32(&mut s, S_FEATURE_RO_COMPAT, WRITER_RO_COMPAT);
+        put_bytes(&mut s, S_UUID, self.uuid.as_bytes());
+        put_bytes(&mut s, S_VOLUME_NAME, self.opts.label.as_bytes());
+        put16(&mut s, S_RESERVED_GDT_BLOCKS, g.reserved_gdt as u16);
         if journal {
-            put32(&mut s, 0xE0, JOURNAL_INO);
+            put32(&mut s, S_JOURNAL_INUM, JOURNAL_INO);
         }
         let hash_seed = self.opts.hash_seed.unwrap_or_else(uuid::Uuid::new_v4);
-        put_bytes(&mut s, 0xEC, hash_seed.as_bytes());
-        s[0xFC] = 1; // half_md4
-        put16(&mut s, 0xFE, 64);
-        put32(&mut s, 0x100, 0x4 | 0x8); // user_xattr, acl
-        put32(&mut s, 0x108, self.now as u32);
+        put_bytes(&mut s, S_HASH_SEED, hash_seed.as_bytes());
+        put8(&mut s, S_DEF_HASH_VERSION, HASH_HALF_MD4);
+        put16(&mut s, S_DESC_SIZE, grp_desc::DESC_SIZE_64 as u16);
+        put32(&mut s, S_DEFAULT_MOUNT_OPTS, DEFM_XATTR_USER | DEFM_ACL);
+        put32(&mut s, S_MKFS_TIME, self.now as u32);
         if journal {
-            s[0xFD] = 1; // journal inode backup in s_jnl_blocks
+            put8(&mut s, S_JNL_BACKUP_TYPE, JNL_BACKUP_BLOCKS);
             if let Some(ji) = inodes.get(&JOURNAL_INO) {
-                put_bytes(&mut s, 0x10C, &ji.0[0x28..0x28 + 60]);
-                put32(&mut s, 0x10C + 60, disk::get32(&ji.0, 0x6C));
-                put32(&mut s, 0x10C + 64, disk::get32(&ji.0, 0x4));
+                put_bytes(&mut s, S_JNL_BLOCKS, disk::i_block_of(&ji.0));
+                put32(&mut s, S_JNL_BLOCKS + 60, get32(&ji.0, disk::I_SIZE_HIGH));
+                put32(&mut s, S_JNL_BLOCKS + 64, get32(&ji.0, disk::I_SIZE_LO));
             }
         }
-        put32(&mut s, 0x150, (g.blocks_count >> 32) as u32);
-        put32(&mut s, 0x154, (r_blocks >> 32) as u32);
-        put32(&mut s, 0x158, (free_blocks >> 32) as u32);
-        put16(&mut s, 0x15C, 32);
-        put16(&mut s, 0x15E, 32);
-        put32(&mut s, 0x160, 1); // signed directory hash
-        s[0x174] = FLEX_GROUPS.trailing_zeros() as u8;
-        s[0x175] = 1; // crc32c
-                      // High bytes of the timestamps (dates past 2038).
-        s[0x274] = (self.now >> 32) as u8; // s_wtime_hi
-        s[0x276] = (self.now >> 32) as u8; // s_mkfs_time_hi
-        s[0x277] = (self.now >> 32) as u8; // s_lastcheck_hi
+        put32(&mut s, S_BLOCKS_COUNT_HI, (g.blocks_count >> 32) as u32);
+        put32(&mut s, S_R_BLOCKS_COUNT_HI, (r_blocks >> 32) as u32);
+        put32(&mut s, S_FREE_BLOCKS_HI, (free_blocks >> 32) as u32);
+        put16(&mut s, S_MIN_EXTRA_ISIZE, disk::EXTRA_ISIZE);
+        put16(&mut s, S_WANT_EXTRA_ISIZE, disk::EXTRA_ISIZE);
+        put32(&mut s, S_FLAGS, FLAGS_SIGNED_HASH);
+        put8(
+            &mut s,
+            S_LOG_GROUPS_PER_FLEX,
+            FLEX_GROUPS.trailing_zeros() as u8,
+        );
+        put8(&mut s, S_CHECKSUM_TYPE, CHECKSUM_CRC32C);
+        // High bytes of the timestamps (dates past 2038).
+        let hi = (self.now >> 32) as u8;
+        put8(&mut s, S_WTIME_HI, hi);
+        put8(&mut s, S_MKFS_TIME_HI, hi);
+        put8(&mut s, S_LASTCHECK_HI, hi);
         s
     }
 }
@@ -943,6 +992,26 @@ pub(crate) fn check_options(dev: &dyn BlockIo, opts: &MkfsOptions) -> Result<Geo
     Ok(g)
 }
 
+/// Run `f` (which writes a filesystem over the whole of `dev`) after
+/// checking `opts`; on any error, cancel included, discard the whole device
+/// so that it reads as zeros and no half-written filesystem is left.
+pub(crate) fn discard_on_error<T>(
+    dev: &dyn BlockIo,
+    opts: &MkfsOptions,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    check_options(dev, opts)?;
+    match f() {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // Best effort: the error that stopped us is the one to report.
+            let _ = dev.discard(0, dev.size());
+            let _ = dev.flush();
+            Err(e)
+        }
+    }
+}
+
 /// Result of [`Builder::finish`].
 pub(crate) struct Finished {
     pub geometry: Geometry,
@@ -955,47 +1024,9 @@ pub(crate) struct Finished {
     pub skipped: u64,
 }
 
-fn sb_checksum(sb: &mut [u8]) {
-    let c = disk::crc(!0, sb.get(..0x3FC).unwrap_or_default());
-    put32(sb, 0x3FC, c);
-}
-
-fn set_bits(bm: &mut [u8], from: usize, to: usize) {
-    let mut i = from;
-    while i < to {
-        if i.is_multiple_of(8) && i + 8 <= to {
-            let end = (to / 8).min((i / 8).max(i / 8 + (to - i) / 8));
-            if let Some(s) = bm.get_mut(i / 8..end) {
-                s.fill(0xFF);
-            }
-            i = end * 8;
-            continue;
-        }
-        if let Some(b) = bm.get_mut(i / 8) {
-            *b |= 1 << (i % 8);
-        }
-        i += 1;
-    }
-}
-
 fn no_space(n: u64) -> Error {
     Error::LimitExceeded {
         what: "filesystem size",
         reason: format!("no room for {n} more blocks"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::set_bits;
-
-    #[test]
-    fn bits() {
-        let mut b = vec![0u8; 4];
-        set_bits(&mut b, 3, 21);
-        assert_eq!(b, vec![0xF8, 0xFF, 0x1F, 0]);
-        let mut b = vec![0u8; 4];
-        set_bits(&mut b, 0, 32);
-        assert_eq!(b, vec![0xFF; 4]);
     }
 }

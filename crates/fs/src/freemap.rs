@@ -18,136 +18,18 @@
 //! allocation, and memory grows only with metadata actually read.
 
 use serde::{Deserialize, Serialize};
-use vmvol_format::BlockIo;
+use vmvol_format::{BlockIo, ByteRange};
 
+use crate::ext4::bitmap::{for_each_clear_run, set_bits};
+use crate::ext4::csum::{crc32c as ext4_crc32c, fs_seed};
+use crate::ext4::features::*;
+use crate::ext4::field::{get16 as le16, get32 as le32, get8};
+use crate::ext4::group::*;
+use crate::ext4::superblock::{self, *};
 use crate::{Error, Result};
-
-/// Byte offset of the primary superblock.
-const SB_OFFSET: u64 = 1024;
-/// Size of the superblock structure.
-const SB_LEN: usize = 1024;
-/// `s_magic`.
-const EXT4_MAGIC: u16 = 0xEF53;
-
-// Superblock field offsets (kernel `struct ext4_super_block`).
-const S_INODES_COUNT: usize = 0x0;
-const S_BLOCKS_COUNT_LO: usize = 0x4;
-const S_FIRST_DATA_BLOCK: usize = 0x14;
-const S_LOG_BLOCK_SIZE: usize = 0x18;
-const S_LOG_CLUSTER_SIZE: usize = 0x1C;
-const S_BLOCKS_PER_GROUP: usize = 0x20;
-const S_CLUSTERS_PER_GROUP: usize = 0x24;
-const S_INODES_PER_GROUP: usize = 0x28;
-const S_MAGIC: usize = 0x38;
-const S_STATE: usize = 0x3A;
-const S_REV_LEVEL: usize = 0x4C;
-const S_INODE_SIZE: usize = 0x58;
-const S_FEATURE_COMPAT: usize = 0x5C;
-const S_FEATURE_INCOMPAT: usize = 0x60;
-const S_FEATURE_RO_COMPAT: usize = 0x64;
-const S_UUID: usize = 0x68;
-const S_RESERVED_GDT_BLOCKS: usize = 0xCE;
-const S_DESC_SIZE: usize = 0xFE;
-const S_FIRST_META_BG: usize = 0x104;
-const S_BLOCKS_COUNT_HI: usize = 0x150;
-const S_MMP_BLOCK: usize = 0x168;
-const S_CHECKSUM_TYPE: usize = 0x175;
-const S_BACKUP_BGS: usize = 0x24C;
-const S_CHECKSUM_SEED: usize = 0x270;
-const S_CHECKSUM: usize = 0x3FC;
-
-// s_state bits.
-const STATE_VALID: u16 = 0x1;
-const STATE_ERROR: u16 = 0x2;
-
-// Feature bits.
-const COMPAT_HAS_JOURNAL: u32 = 0x4;
-const COMPAT_SPARSE_SUPER2: u32 = 0x200;
-const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
-const RO_COMPAT_GDT_CSUM: u32 = 0x10;
-const RO_COMPAT_BIGALLOC: u32 = 0x200;
-const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
-const INCOMPAT_RECOVER: u32 = 0x4;
-const INCOMPAT_META_BG: u32 = 0x10;
-const INCOMPAT_64BIT: u32 = 0x80;
-const INCOMPAT_MMP: u32 = 0x100;
-const INCOMPAT_CSUM_SEED: u32 = 0x2000;
-
-/// Incompatible features whose on-disk meaning we know and which do not
-/// change how blocks are allocated (or whose change we implement).
-const INCOMPAT_SUPPORTED: u32 = 0x2 // filetype
-    | INCOMPAT_META_BG
-    | 0x40 // extents
-    | INCOMPAT_64BIT
-    | INCOMPAT_MMP
-    | 0x200 // flex_bg
-    | 0x400 // ea_inode
-    | 0x1000 // dirdata
-    | INCOMPAT_CSUM_SEED
-    | 0x4000 // large_dir
-    | 0x8000 // inline_data
-    | 0x10000 // encrypt
-    | 0x20000; // casefold
-
-/// Read-only-compatible features we know. Unknown ones are refused too:
-/// `bigalloc` shows that such a feature can change what a bitmap bit means,
-/// and a wrong free map makes compaction destroy data.
-const RO_COMPAT_KNOWN: u32 = 0x1FFFF;
-
-/// Names of incompatible feature bits, for error messages.
-const INCOMPAT_NAMES: &[(u32, &str)] = &[
-    (0x1, "compression"),
-    (0x2, "filetype"),
-    (0x4, "needs_recovery"),
-    (0x8, "journal_dev"),
-    (0x10, "meta_bg"),
-    (0x40, "extent"),
-    (0x80, "64bit"),
-    (0x100, "mmp"),
-    (0x200, "flex_bg"),
-    (0x400, "ea_inode"),
-    (0x1000, "dirdata"),
-    (0x2000, "metadata_csum_seed"),
-    (0x4000, "large_dir"),
-    (0x8000, "inline_data"),
-    (0x10000, "encrypt"),
-    (0x20000, "casefold"),
-];
-
-// Group descriptor field offsets (kernel `struct ext4_group_desc`).
-const BG_BLOCK_BITMAP_LO: usize = 0x0;
-const BG_INODE_BITMAP_LO: usize = 0x4;
-const BG_INODE_TABLE_LO: usize = 0x8;
-const BG_FLAGS: usize = 0x12;
-const BG_BLOCK_BITMAP_CSUM_LO: usize = 0x18;
-const BG_CHECKSUM: usize = 0x1E;
-const BG_BLOCK_BITMAP_HI: usize = 0x20;
-const BG_INODE_BITMAP_HI: usize = 0x24;
-const BG_INODE_TABLE_HI: usize = 0x28;
-const BG_BLOCK_BITMAP_CSUM_HI: usize = 0x38;
-/// Descriptors at least this long carry the high half of the bitmap checksum.
-const BG_BLOCK_BITMAP_CSUM_HI_END: usize = 0x3A;
-/// `bg_flags`: the block bitmap was never written.
-const BG_BLOCK_UNINIT: u16 = 0x2;
 
 /// Largest run of consecutive bitmap blocks read with one request.
 const BITMAP_BATCH_BYTES: u64 = 256 * 1024;
-
-/// One byte range of the device that the filesystem does not use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct FreeRange {
-    /// Start of the range in bytes from the start of the device.
-    pub offset: u64,
-    /// Length of the range in bytes (never zero).
-    pub len: u64,
-}
-
-impl FreeRange {
-    /// First byte past the range.
-    pub fn end(&self) -> u64 {
-        self.offset.saturating_add(self.len)
-    }
-}
 
 /// What a scan learned about the filesystem, apart from the ranges themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,7 +69,7 @@ pub struct FreeMap {
     /// Total of all free ranges in bytes.
     pub free_bytes: u64,
     /// Free ranges, sorted by offset, non-overlapping, adjacent ones merged.
-    pub ranges: Vec<FreeRange>,
+    pub ranges: Vec<ByteRange>,
 }
 
 impl FreeMap {
@@ -261,7 +143,7 @@ pub fn free_map(dev: &dyn BlockIo) -> Result<FreeMap> {
 /// no memory. An error from `visit` stops the scan and is returned.
 pub fn scan_free(
     dev: &dyn BlockIo,
-    visit: &mut dyn FnMut(FreeRange) -> Result<()>,
+    visit: &mut dyn FnMut(ByteRange) -> Result<()>,
 ) -> Result<FreeSummary> {
     let geo = Geometry::read(dev)?;
     // Two passes over the descriptor table instead of holding it: the first
@@ -286,72 +168,6 @@ pub fn scan_free(
     })
 }
 
-/// Little-endian field readers over fixed-size metadata buffers. A field
-/// outside the buffer reads as zero (never happens for the constant offsets
-/// used here, but keeps the code free of panicking indexing).
-fn le16(b: &[u8], off: usize) -> u16 {
-    b.get(off..off.saturating_add(2))
-        .and_then(|s| s.try_into().ok())
-        .map(u16::from_le_bytes)
-        .unwrap_or(0)
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    b.get(off..off.saturating_add(4))
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_le_bytes)
-        .unwrap_or(0)
-}
-
-/// ext4's `ext4_chksum`: CRC32C continued from `seed`, without the final
-/// inversion the `crc32c` crate applies.
-fn ext4_crc32c(seed: u32, data: &[u8]) -> u32 {
-    !crc32c::crc32c_append(!seed, data)
-}
-
-/// The kernel's `crc16` (polynomial 0x8005 reflected, no inversions), used by
-/// the older `uninit_bg`/`gdt_csum` descriptor checksum.
-fn crc16(mut crc: u16, data: &[u8]) -> u16 {
-    for &byte in data {
-        crc ^= u16::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xA001
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    crc
-}
-
-/// Names of the set bits of `bits`, for messages (`"mmp, 0x40000000"`).
-fn incompat_names(bits: u32) -> String {
-    let mut names = Vec::new();
-    for shift in 0..32 {
-        let bit = 1u32 << shift;
-        if bits & bit == 0 {
-            continue;
-        }
-        match INCOMPAT_NAMES.iter().find(|(b, _)| *b == bit) {
-            Some((_, name)) => names.push(format!("{name} (0x{bit:x})")),
-            None => names.push(format!("unknown bit {shift} (0x{bit:x})")),
-        }
-    }
-    names.join(", ")
-}
-
-/// Which group descriptor checksum the filesystem uses.
-#[derive(Debug, Clone, Copy)]
-enum DescCsum {
-    /// None (ext2/ext3 without `uninit_bg`): `BLOCK_UNINIT` is ignored.
-    None,
-    /// `gdt_csum`/`uninit_bg`: CRC16 over UUID, group number and descriptor.
-    Crc16,
-    /// `metadata_csum`: CRC32C from the checksum seed; bitmaps checksummed too.
-    Crc32c { seed: u32 },
-}
-
 /// Everything about the filesystem's layout the scan needs, validated.
 #[derive(Debug)]
 struct Geometry {
@@ -371,11 +187,9 @@ struct Geometry {
     /// Descriptor blocks kept right after the superblock (all of them
     /// without `meta_bg`); later ones live in their meta group.
     first_meta_bg: u64,
-    sparse_super: bool,
-    sparse_super2: Option<[u64; 2]>,
+    super_backups: SuperBackups,
     is_64bit: bool,
     csum: DescCsum,
-    uuid: [u8; 16],
     mmp_block: Option<u64>,
     fs_bytes: u64,
     device_bytes: u64,
@@ -384,20 +198,20 @@ struct Geometry {
 impl Geometry {
     fn read(dev: &dyn BlockIo) -> Result<Self> {
         let device_bytes = dev.size();
-        if device_bytes < SB_OFFSET + SB_LEN as u64 {
+        if device_bytes < superblock::OFFSET + superblock::LEN as u64 {
             return Err(Error::NotExt4 {
                 reason: format!("device of {device_bytes} bytes is too small to hold a superblock"),
             });
         }
-        let mut sb = [0u8; SB_LEN];
-        dev.read_at(&mut sb, SB_OFFSET)
+        let mut sb = [0u8; superblock::LEN];
+        dev.read_at(&mut sb, superblock::OFFSET)
             .map_err(|e| Error::block("read superblock", e))?;
         Self::parse(&sb, device_bytes)
     }
 
-    fn parse(sb: &[u8; SB_LEN], device_bytes: u64) -> Result<Self> {
+    fn parse(sb: &[u8; superblock::LEN], device_bytes: u64) -> Result<Self> {
         let magic = le16(sb, S_MAGIC);
-        if magic != EXT4_MAGIC {
+        if magic != superblock::MAGIC {
             return Err(Error::NotExt4 {
                 reason: format!("superblock magic is 0x{magic:04x}, not 0xef53"),
             });
@@ -415,14 +229,14 @@ impl Geometry {
         };
 
         if ro_compat & RO_COMPAT_METADATA_CSUM != 0 {
-            let kind = sb.get(S_CHECKSUM_TYPE).copied().unwrap_or(0);
-            if kind != 1 {
+            let kind = get8(sb, S_CHECKSUM_TYPE);
+            if kind != CHECKSUM_CRC32C {
                 return Err(Error::corrupt(format!(
                     "superblock: metadata_csum with unknown checksum type {kind} (only 1, crc32c, exists)"
                 )));
             }
-            let stored = le32(sb, S_CHECKSUM);
-            let computed = ext4_crc32c(!0, sb.get(..S_CHECKSUM).unwrap_or_default());
+            let stored = superblock::stored_checksum(sb);
+            let computed = superblock::checksum(sb);
             if stored != computed {
                 return Err(Error::corrupt(format!(
                     "superblock checksum mismatch: stored 0x{stored:08x}, computed 0x{computed:08x}"
@@ -619,13 +433,15 @@ impl Geometry {
             )));
         }
 
-        let sparse_super2 = if compat & COMPAT_SPARSE_SUPER2 != 0 {
-            Some([
+        let super_backups = if compat & COMPAT_SPARSE_SUPER2 != 0 {
+            SuperBackups::Sparse2([
                 u64::from(le32(sb, S_BACKUP_BGS)),
                 u64::from(le32(sb, S_BACKUP_BGS + 4)),
             ])
+        } else if ro_compat & RO_COMPAT_SPARSE_SUPER != 0 {
+            SuperBackups::Sparse
         } else {
-            None
+            SuperBackups::All
         };
 
         let mut uuid = [0u8; 16];
@@ -636,11 +452,11 @@ impl Geometry {
             let seed = if incompat & INCOMPAT_CSUM_SEED != 0 {
                 le32(sb, S_CHECKSUM_SEED)
             } else {
-                ext4_crc32c(!0, &uuid)
+                fs_seed(&uuid)
             };
             DescCsum::Crc32c { seed }
         } else if ro_compat & RO_COMPAT_GDT_CSUM != 0 {
-            DescCsum::Crc16
+            DescCsum::Crc16 { uuid, is_64bit }
         } else {
             DescCsum::None
         };
@@ -669,11 +485,9 @@ impl Geometry {
             reserved_gdt,
             meta_bg,
             first_meta_bg,
-            sparse_super: ro_compat & RO_COMPAT_SPARSE_SUPER != 0,
-            sparse_super2,
+            super_backups,
             is_64bit,
             csum,
-            uuid,
             mmp_block,
             fs_bytes,
             device_bytes,
@@ -697,19 +511,7 @@ impl Geometry {
 
     /// Whether group `g` holds a superblock backup (`ext4_bg_has_super`).
     fn has_super(&self, g: u64) -> bool {
-        if g == 0 {
-            return true;
-        }
-        if let Some(backups) = self.sparse_super2 {
-            return backups.contains(&g);
-        }
-        if g <= 1 || !self.sparse_super {
-            return true;
-        }
-        if g.is_multiple_of(2) {
-            return false;
-        }
-        is_power_of(g, 3) || is_power_of(g, 5) || is_power_of(g, 7)
+        self.super_backups.has_super(g)
     }
 
     /// Blocks at the start of group `g` used by the superblock copy and the
@@ -744,14 +546,6 @@ impl Geometry {
         }
         self.group_first_block(g) + has_super
     }
-}
-
-/// Whether `n` is a power of `base` (`test_root` in the kernel).
-fn is_power_of(mut n: u64, base: u64) -> bool {
-    while n > 1 && n.is_multiple_of(base) {
-        n /= base;
-    }
-    n == 1
 }
 
 /// The parts of one group descriptor the scan uses.
@@ -816,25 +610,9 @@ impl DescReader {
 }
 
 fn parse_desc(geo: &Geometry, g: u64, raw: &[u8]) -> Result<Desc> {
-    let le_group = u32::try_from(g).unwrap_or(u32::MAX).to_le_bytes();
-    let head = raw.get(..BG_CHECKSUM).unwrap_or_default();
-    let tail = raw.get(BG_CHECKSUM + 2..).unwrap_or_default();
     let stored = le16(raw, BG_CHECKSUM);
-    let computed = match geo.csum {
-        DescCsum::None => None,
-        DescCsum::Crc32c { seed } => {
-            let c = ext4_crc32c(seed, &le_group);
-            let c = ext4_crc32c(c, head);
-            let c = ext4_crc32c(c, &[0, 0]);
-            Some((ext4_crc32c(c, tail) & 0xFFFF) as u16)
-        }
-        DescCsum::Crc16 => {
-            let c = crc16(!0, &geo.uuid);
-            let c = crc16(c, &le_group);
-            let c = crc16(c, head);
-            Some(if geo.is_64bit { crc16(c, tail) } else { c })
-        }
-    };
+    // Group numbers fit in 32 bits (checked when the superblock was parsed).
+    let computed = geo.csum.compute(u32::try_from(g).unwrap_or(u32::MAX), raw);
     if let Some(computed) = computed {
         if computed != stored {
             return Err(Error::corrupt(format!(
@@ -933,8 +711,8 @@ fn merge_extents(v: &mut Vec<(u64, u64)>) {
 
 /// Collects free clusters into merged byte ranges and hands them on.
 struct RangeSink<'a> {
-    visit: &'a mut dyn FnMut(FreeRange) -> Result<()>,
-    pending: Option<FreeRange>,
+    visit: &'a mut dyn FnMut(ByteRange) -> Result<()>,
+    pending: Option<ByteRange>,
     free_bytes: u64,
     range_count: u64,
 }
@@ -951,7 +729,7 @@ impl RangeSink<'_> {
                 return Ok(());
             }
         }
-        if let Some(p) = self.pending.replace(FreeRange { offset, len }) {
+        if let Some(p) = self.pending.replace(ByteRange { offset, len }) {
             self.range_count += 1;
             (self.visit)(p)?;
         }
@@ -964,26 +742,6 @@ impl RangeSink<'_> {
             (self.visit)(p)?;
         }
         Ok(())
-    }
-}
-
-/// Set bits `from..to` of `bitmap` (bits past its end are ignored).
-fn set_bits(bitmap: &mut [u8], from: u64, to: u64) {
-    let mut bit = from;
-    while bit < to {
-        let Ok(byte) = usize::try_from(bit / 8) else {
-            return;
-        };
-        let Some(b) = bitmap.get_mut(byte) else {
-            return;
-        };
-        if bit.is_multiple_of(8) && to - bit >= 8 {
-            *b = 0xFF;
-            bit += 8;
-        } else {
-            *b |= 1 << (bit % 8);
-            bit += 1;
-        }
     }
 }
 
@@ -1110,7 +868,7 @@ fn scan_groups(
             set_bits(&mut bitmap, from, to);
         }
 
-        emit_free(&bitmap, nclusters, |first, count| {
+        for_each_clear_run(&bitmap, nclusters, |first, count| {
             let off = (start + (first << geo.cluster_bits)) * bs;
             let len = (count * cluster_bytes).min(geo.fs_bytes - off);
             out.add(off, len)
@@ -1119,106 +877,10 @@ fn scan_groups(
     Ok(())
 }
 
-/// Call `f(first, count)` for each run of clear bits among the first `nbits`
-/// bits of `bitmap`.
-fn emit_free(bitmap: &[u8], nbits: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
-    let mut run_start: Option<u64> = None;
-    let mut bit = 0u64;
-    while bit < nbits {
-        let byte_idx = (bit / 8) as usize;
-        // Fast path over whole 64-bit words that are all used or all free.
-        if bit.is_multiple_of(64) && nbits - bit >= 64 {
-            if let Some(word) = bitmap
-                .get(byte_idx..byte_idx + 8)
-                .and_then(|s| <[u8; 8]>::try_from(s).ok())
-                .map(u64::from_le_bytes)
-            {
-                if word == u64::MAX {
-                    if let Some(s) = run_start.take() {
-                        f(s, bit - s)?;
-                    }
-                    bit += 64;
-                    continue;
-                }
-                if word == 0 {
-                    run_start.get_or_insert(bit);
-                    bit += 64;
-                    continue;
-                }
-            }
-        }
-        let used = bitmap
-            .get(byte_idx)
-            .is_none_or(|b| b & (1 << (bit % 8)) != 0);
-        if used {
-            if let Some(s) = run_start.take() {
-                f(s, bit - s)?;
-            }
-        } else {
-            run_start.get_or_insert(bit);
-        }
-        bit += 1;
-    }
-    if let Some(s) = run_start {
-        f(s, nbits - s)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    #[test]
-    fn crc16_matches_kernel_check_value() {
-        // CRC-16/ARC of "123456789" is 0xBB3D with init 0; the kernel's crc16
-        // is the same algorithm.
-        assert_eq!(crc16(0, b"123456789"), 0xBB3D);
-    }
-
-    #[test]
-    fn ext4_crc32c_is_raw_crc32c() {
-        // Standard CRC-32C of "123456789" is 0xE3069283; ext4 omits the final
-        // inversion when seeded with !0.
-        assert_eq!(ext4_crc32c(!0, b"123456789"), !0xE306_9283);
-        // Continuation equals one pass.
-        let one = ext4_crc32c(7, b"hello world");
-        let two = ext4_crc32c(ext4_crc32c(7, b"hello "), b"world");
-        assert_eq!(one, two);
-    }
-
-    #[test]
-    fn powers() {
-        for (n, yes) in [
-            (1, true),
-            (3, true),
-            (9, true),
-            (27, true),
-            (25, true),
-            (49, true),
-        ] {
-            assert_eq!(
-                is_power_of(n, 3) || is_power_of(n, 5) || is_power_of(n, 7),
-                yes
-            );
-        }
-        assert!(!is_power_of(15, 3) && !is_power_of(15, 5));
-    }
-
-    #[test]
-    fn emit_free_runs() {
-        let mut bm = vec![0u8; 32];
-        set_bits(&mut bm, 0, 3);
-        set_bits(&mut bm, 70, 200);
-        let mut runs = Vec::new();
-        emit_free(&bm, 250, |s, n| {
-            runs.push((s, n));
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(runs, vec![(3, 67), (200, 50)]);
-    }
 
     #[test]
     fn is_free_lookup() {
@@ -1230,11 +892,11 @@ mod tests {
             group_count: 1,
             free_bytes: 8192,
             ranges: vec![
-                FreeRange {
+                ByteRange {
                     offset: 4096,
                     len: 4096,
                 },
-                FreeRange {
+                ByteRange {
                     offset: 16384,
                     len: 4096,
                 },

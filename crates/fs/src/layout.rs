@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::ext4::group::SuperBackups;
 use crate::{Error, Result};
 
 /// Inode size in bytes (the only one vmvol writes).
@@ -43,38 +44,13 @@ pub(crate) fn default_journal_blocks(blocks: u64) -> Option<u64> {
     })
 }
 
-/// Whether group `g` holds a superblock backup (`sparse_super`: 0, 1 and powers of 3, 5, 7).
-pub(crate) fn has_super(g: u32) -> bool {
-    if g <= 1 {
-        return true;
-    }
-    for base in [3u32, 5, 7] {
-        let mut p = base;
-        while p < g {
-            match p.checked_mul(base) {
-                Some(n) => p = n,
-                None => break,
-            }
-        }
-        if p == g {
-            return true;
-        }
-    }
-    false
-}
+/// Superblock backups of the filesystems vmvol writes (`sparse_super`, as
+/// `mke2fs -t ext4` by default).
+pub(crate) const SUPER_BACKUPS: SuperBackups = SuperBackups::Sparse;
 
-/// Backup groups in the order `ext2fs_list_backups` yields them (1, 3, 5, 7, 9, 25, ...), below `groups`.
-pub(crate) fn backup_groups(groups: u32) -> Vec<u32> {
-    let mut v: Vec<u32> = (1..groups.min(2)).collect();
-    for base in [3u64, 5, 7] {
-        let mut p = base;
-        while p < u64::from(groups) {
-            v.push(p as u32);
-            p *= base;
-        }
-    }
-    v.sort_unstable();
-    v
+/// Whether group `g` of a filesystem vmvol writes holds a superblock backup.
+pub(crate) fn has_super(g: u32) -> bool {
+    SUPER_BACKUPS.has_super(u64::from(g))
 }
 
 impl Geometry {
@@ -300,14 +276,6 @@ impl Used {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    #[test]
-    fn backups() {
-        assert_eq!(backup_groups(100), vec![1, 3, 5, 7, 9, 25, 27, 49, 81]);
-        for g in 0..1000 {
-            assert_eq!(has_super(g), g == 0 || backup_groups(1000).contains(&g));
-        }
-    }
 
     #[test]
     fn geometry_matches_mke2fs_1g() {

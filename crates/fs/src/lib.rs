@@ -24,16 +24,19 @@
 //! ```
 
 mod build;
-mod disk;
 mod error;
+mod ext4;
 mod freemap;
 mod layout;
 mod mkfs;
 mod populate;
+mod unused;
 
 pub use error::{Error, Result};
-pub use freemap::{free_map, scan_free, FreeMap, FreeRange, FreeSummary};
-pub use mkfs::{mkfs, Journal, MkfsOptions, MkfsReport};
+pub use freemap::{free_map, scan_free, FreeMap, FreeSummary};
+pub use mkfs::{mkfs, mkfs_with_control, Journal, MkfsOptions, MkfsReport};
 pub use populate::{
     populate, populate_tar, required_size, PopulateLimits, PopulateOptions, PopulateReport, Source,
 };
+pub use unused::unused_ranges;
+pub use vmvol_format::ByteRange;

@@ -1,9 +1,9 @@
 //! `mkfs`: make an ext4 filesystem on a block image.
 
 use serde::{Deserialize, Serialize};
-use vmvol_format::BlockIo;
+use vmvol_format::{BlockIo, Control};
 
-use crate::build::{Builder, Finished};
+use crate::build::{discard_on_error, Builder, Finished};
 use crate::Result;
 
 /// Journal choice for [`mkfs`].
@@ -126,8 +126,26 @@ impl MkfsReport {
 /// Only metadata that must exist is written: where `dev` reports
 /// [`BlockIo::known_zero`], inode tables and the journal body are not written.
 /// The primary superblock is written last, after a flush.
+///
+/// Invalid options are refused before anything is written; any later error
+/// discards the whole device (it reads as zeros afterwards).
 pub fn mkfs(dev: &dyn BlockIo, opts: &MkfsOptions) -> Result<MkfsReport> {
-    let b = Builder::new(dev, opts)?;
-    let f = b.finish()?;
-    Ok(MkfsReport::from_finished(&f))
+    mkfs_with_control(dev, opts, &Control::new())
+}
+
+/// Like [`mkfs`], reporting progress to `control` (bytes of the filesystem
+/// whose metadata is written, of its size) and stopping with
+/// [`Error::Cancelled`](crate::Error::Cancelled) when it is cancelled. A
+/// cancel, like any error after the options were checked, discards the whole
+/// device: it reads as zeros afterwards, no half-made filesystem is left.
+pub fn mkfs_with_control(
+    dev: &dyn BlockIo,
+    opts: &MkfsOptions,
+    control: &Control,
+) -> Result<MkfsReport> {
+    discard_on_error(dev, opts, || {
+        let b = Builder::new(dev, opts, control, "mkfs")?;
+        let f = b.finish()?;
+        Ok(MkfsReport::from_finished(&f))
+    })
 }

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use vmvol_format::{BlockIo, Control};
 
 use crate::build::{Builder, DirBuild};
-use crate::disk::{self, put32, Inode, Times};
+use crate::ext4::field::{put32, put_bytes};
+use crate::ext4::records::{self as disk, Inode, Times};
 use crate::layout::{default_journal_blocks, Geometry};
 use crate::mkfs::{Journal, MkfsOptions, MkfsReport};
 use crate::{Error, Result};
@@ -159,12 +160,11 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl<'a> Populator<'a> {
+    /// Report progress (file data bytes copied so far; the total is not
+    /// known in advance, so it is reported as 0), then stop if cancelled.
     fn check_cancel(&self) -> Result<()> {
-        if self.control.is_cancelled() {
-            Err(Error::Cancelled { op: "populate" })
-        } else {
-            Ok(())
-        }
+        self.control.report(self.report.data, 0);
+        self.b.check_cancel()
     }
 
     fn count_entry(&mut self, entry: &[u8]) -> Result<()> {
@@ -370,7 +370,7 @@ impl<'a> Populator<'a> {
         let (ino, mut inode) = self.new_node(path, &meta)?;
         inode.set_size(target.len() as u64);
         if target.len() < 60 {
-            disk::put_bytes(inode.i_block(), 0, target);
+            put_bytes(inode.i_block(), 0, target);
             inode.set_blocks(0, self.b.g.block_size);
             self.b.inodes.insert(ino, inode);
         } else {
@@ -380,7 +380,7 @@ impl<'a> Populator<'a> {
                 .copied()
                 .ok_or_else(|| Error::corrupt("internal: no block"))?;
             let mut blk = vec![0u8; bs];
-            disk::put_bytes(&mut blk, 0, target);
+            put_bytes(&mut blk, 0, target);
             self.b.write_data(s, &blk)?;
             let tree = self.b.map_extents(ino, &mut inode, &[(0, s, 1)])?;
             inode.set_blocks(1 + tree, self.b.g.block_size);
@@ -479,7 +479,9 @@ pub fn populate(
                     dir.display()
                 )));
             }
-            guarded(dev, opts, || populate_dir_inner(dev, dir, opts, control))
+            crate::build::discard_on_error(dev, &opts.mkfs, || {
+                populate_dir_inner(dev, dir, opts, control)
+            })
         }
         Source::Tar(path) => {
             let f = File::open(path).map_err(|e| Error::Io {
@@ -487,7 +489,9 @@ pub fn populate(
                 op: "open tar archive",
                 source: e,
             })?;
-            guarded(dev, opts, || populate_tar_inner(dev, f, opts, control))
+            crate::build::discard_on_error(dev, &opts.mkfs, || {
+                populate_tar_inner(dev, f, opts, control)
+            })
         }
     }
 }
@@ -499,24 +503,9 @@ pub fn populate_tar(
     opts: &PopulateOptions,
     control: &Control,
 ) -> Result<PopulateReport> {
-    guarded(dev, opts, || populate_tar_inner(dev, reader, opts, control))
-}
-
-fn guarded(
-    dev: &dyn BlockIo,
-    opts: &PopulateOptions,
-    f: impl FnOnce() -> Result<PopulateReport>,
-) -> Result<PopulateReport> {
-    crate::build::check_options(dev, &opts.mkfs)?;
-    match f() {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            // Leave nothing half-written: the device reads as zeros again.
-            let _ = dev.discard(0, dev.size());
-            let _ = dev.flush();
-            Err(e)
-        }
-    }
+    crate::build::discard_on_error(dev, &opts.mkfs, || {
+        populate_tar_inner(dev, reader, opts, control)
+    })
 }
 
 fn start<'a>(
@@ -524,7 +513,7 @@ fn start<'a>(
     opts: &PopulateOptions,
     control: &'a Control,
 ) -> Result<Populator<'a>> {
-    let b = Builder::new(dev, &opts.mkfs)?;
+    let b = Builder::new(dev, &opts.mkfs, control, "populate")?;
     let mut paths = HashMap::new();
     paths.insert(Vec::new(), ROOT_INO);
     Ok(Populator {

@@ -2,15 +2,13 @@
 //! ext4-view and the kernel; e2fsck -fn clean.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use support::{can_mount, debugfs, e2fsck_clean, have, Mount};
+use crate::support::{debugfs, e2fsck_clean, require_loop_mount, require_tool, Mount};
 use vmvol_format::{Control, Prealloc, RawImage};
 use vmvol_fs::{populate, required_size, MkfsOptions, PopulateOptions, Source};
 
@@ -167,8 +165,7 @@ fn debugfs_field(stat: &str, key: &str) -> String {
 
 #[test]
 fn tree_reads_back_everywhere() {
-    if !have("e2fsck") || !have("debugfs") {
-        eprintln!("skipping: e2fsprogs missing");
+    if !require_tool("e2fsck") || !require_tool("debugfs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -257,7 +254,7 @@ fn tree_reads_back_everywhere() {
     let blocks = String::from_utf8_lossy(&debugfs(&img_path, "blocks /big/sparse")).into_owned();
     assert_eq!(blocks.split_whitespace().count(), 2 + 2 + 1, "{blocks}");
 
-    if can_mount() {
+    if require_loop_mount() {
         let m = Mount::new(&img_path, true);
         let mounted = walk(&m.dir);
         let mut expected: Vec<&PathBuf> = entries.keys().collect();
@@ -355,8 +352,7 @@ fn cancel_leaves_nothing() {
 /// tree, a directory of many blocks; checked through qemu-img convert + e2fsck.
 #[test]
 fn qcow2_one_kib_blocks_deep_extent_tree() {
-    if !have("e2fsck") || !have("qemu-img") {
-        eprintln!("skipping: e2fsprogs or qemu-img missing");
+    if !require_tool("e2fsck") || !require_tool("qemu-img") {
         return;
     }
     use vmvol_format::{BlockIo, OpenOptions, Qcow2CreateOptions, Qcow2Image};
@@ -389,16 +385,7 @@ fn qcow2_one_kib_blocks_deep_extent_tree() {
     drop(img);
     assert_eq!(r.files, 501);
     let raw = dir.path().join("v.raw");
-    support::run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            q.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    crate::support::qcow2_to_raw(&q, &raw);
     e2fsck_clean(&raw);
     let stat = String::from_utf8_lossy(&debugfs(&raw, "ex /frag")).into_owned();
     assert!(

@@ -2,8 +2,6 @@
 //! back byte for byte through ext4-view, and e2fsck -fn stays clean.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
@@ -93,8 +91,8 @@ proptest! {
             let target = fs.read_link(abs.as_str()).unwrap();
             prop_assert_eq!(target.as_ref(), t.as_bytes());
         }
-        if support::have("e2fsck") {
-            support::e2fsck_clean(&img_path);
+        if crate::support::require_tool("e2fsck") {
+            crate::support::e2fsck_clean(&img_path);
         }
     }
 }

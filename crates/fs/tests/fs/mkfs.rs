@@ -2,13 +2,11 @@
 //! journal matrix on raw and qcow2, dumpe2fs features, kernel mount, resize2fs.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
-use support::{can_mount, e2fsck_clean, features, have, run, Mount};
+use crate::support::{e2fsck_clean, features, require_loop_mount, require_tool, run, Mount};
 use vmvol_format::{
     BlockIo, Control, OpenOptions, Prealloc, Qcow2CreateOptions, Qcow2Image, RawImage,
 };
@@ -36,11 +34,7 @@ const FEATURES: &[&str] = &[
 ];
 
 fn tools() -> bool {
-    let ok = have("e2fsck") && have("dumpe2fs");
-    if !ok {
-        eprintln!("skipping: e2fsprogs not installed");
-    }
-    ok
+    require_tool("e2fsck") && require_tool("dumpe2fs")
 }
 
 fn opts(bs: u32, journal: bool) -> MkfsOptions {
@@ -176,8 +170,7 @@ fn sixteen_tib() {
 
 #[test]
 fn qcow2_images() {
-    if !tools() || !have("qemu-img") {
-        eprintln!("skipping: qemu-img missing");
+    if !tools() || !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -202,16 +195,7 @@ fn qcow2_images() {
         run("qemu-img", &["check", q.to_str().unwrap()]);
         let raw = dir.path().join("v.raw");
         let _ = std::fs::remove_file(&raw);
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-O",
-                "raw",
-                q.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        );
+        crate::support::qcow2_to_raw(&q, &raw);
         e2fsck_clean(&raw);
         assert!(features(&raw).contains("metadata_csum"));
         std::fs::remove_file(&raw).unwrap();
@@ -252,7 +236,7 @@ fn dirty_device() {
 
 #[test]
 fn kernel_mount_and_resize2fs() {
-    if !tools() || !have("resize2fs") {
+    if !tools() || !require_tool("resize2fs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +253,7 @@ fn kernel_mount_and_resize2fs() {
         )
         .unwrap();
         drop(img);
-        if can_mount() {
+        if require_loop_mount() {
             let payload: Vec<u8> = (0..3 * M + 17).map(|i| (i % 251) as u8).collect();
             {
                 let m = Mount::new(&p, false);
@@ -305,7 +289,7 @@ fn kernel_mount_and_resize2fs() {
             h.contains(&format!("Block count:              {blocks}")),
             "{h}"
         );
-        if can_mount() {
+        if require_loop_mount() {
             let m = Mount::new(&p, true);
             assert_eq!(
                 std::fs::read_to_string(m.dir.join("d/f7")).unwrap(),
@@ -387,7 +371,7 @@ fn ext4_view_reads_fresh_fs() {
 /// on the mounted filesystem (uses the reserved GDT blocks), then e2fsck.
 #[test]
 fn online_resize2fs() {
-    if !tools() || !have("resize2fs") || !can_mount() {
+    if !tools() || !require_tool("resize2fs") || !require_loop_mount() {
         return;
     }
     // The kernel's online resize ioctl needs CAP_SYS_RESOURCE (containers often drop it).
@@ -395,7 +379,9 @@ fn online_resize2fs() {
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
     let caps = u64::from_str_radix(eff.split_whitespace().nth(1).unwrap(), 16).unwrap();
     if caps & (1 << 24) == 0 {
-        eprintln!("skipping online resize: no CAP_SYS_RESOURCE here (the resize ioctl is refused)");
+        crate::support::host_forbids(
+            "online resize needs CAP_SYS_RESOURCE (the resize ioctl is refused without it)",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -4,13 +4,11 @@
 //! never panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::process::Command;
 use std::sync::OnceLock;
 
+use crate::support::{require_tool, run_cmd as run};
 use proptest::prelude::*;
-use support::{have, run_cmd as run};
 use vmvol_format::{BlockIo, RawImage};
 use vmvol_fs::{free_map, Error, FreeMap};
 
@@ -152,7 +150,7 @@ fn set_incompat(img: &mut [u8], bits: u32) {
 
 #[test]
 fn needs_recovery_set_by_debugfs_is_refused() {
-    if !have("mkfs.ext4") || !have("debugfs") {
+    if !require_tool("mkfs.ext4") || !require_tool("debugfs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -170,7 +168,7 @@ fn needs_recovery_set_by_debugfs_is_refused() {
 
 #[test]
 fn needs_recovery_bit_edited_is_refused() {
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     let mut img = base_csum().clone();
@@ -182,7 +180,7 @@ fn needs_recovery_bit_edited_is_refused() {
 
 #[test]
 fn unknown_incompat_bit_is_refused_and_named() {
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     for (bit, name) in [
@@ -207,7 +205,7 @@ fn unknown_incompat_bit_is_refused_and_named() {
 
 #[test]
 fn error_and_unclean_states_are_refused() {
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     // Errors recorded.
@@ -227,7 +225,7 @@ fn error_and_unclean_states_are_refused() {
 
 #[test]
 fn checksum_mismatches_are_corruption() {
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     let base = base_csum();
@@ -265,7 +263,7 @@ fn not_ext4_and_truncated_devices() {
         Err(Error::NotExt4 { .. })
     ));
     assert!(matches!(map_of(&[0u8; 100]), Err(Error::NotExt4 { .. })));
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     // A filesystem longer than its device is refused, not read past the end.
@@ -280,7 +278,7 @@ fn not_ext4_and_truncated_devices() {
 /// group 4's own); dumpe2fs agrees because groups 5-7 are uninitialised too.
 #[test]
 fn uninit_group_holding_other_groups_metadata() {
-    if !have("mkfs.ext4") || !have("dumpe2fs") {
+    if !require_tool("mkfs.ext4") || !require_tool("dumpe2fs") {
         return;
     }
     let mut img = mkfs_bytes(
@@ -436,7 +434,7 @@ proptest! {
         plain in any::<bool>(),
         fix in any::<bool>(),
     ) {
-        if !have("mkfs.ext4") {
+        if !require_tool("mkfs.ext4") {
             return Ok(());
         }
         let base = if plain { base_plain() } else { base_csum() };
@@ -471,7 +469,7 @@ proptest! {
         edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..64),
         plain in any::<bool>(),
     ) {
-        if !have("mkfs.ext4") {
+        if !require_tool("mkfs.ext4") {
             return Ok(());
         }
         let base = if plain { base_plain() } else { base_csum() };
@@ -509,7 +507,7 @@ fn fix_bitmap_csums(img: &mut [u8]) {
 /// re-checksumming an unchanged image changes nothing.
 #[test]
 fn helpers_are_faithful() {
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     let mut img = base_csum().clone();

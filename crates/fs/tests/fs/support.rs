@@ -1,21 +1,45 @@
 //! Helpers shared by the fs tests: external tools and loop mounts.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Whether an external tool can be run; says so when a test will skip.
-pub fn have(tool: &str) -> bool {
+/// Whether the environment demands every external tool (`VMVOL_REQUIRE_TOOLS=1`,
+/// set by `.ci/run`): then a missing tool fails the test instead of skipping it.
+pub fn tools_required() -> bool {
+    std::env::var("VMVOL_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Something a test needs is missing: skip (saying why) or, when tools are
+/// required, fail naming it.
+pub fn unavailable(what: &str) -> bool {
+    assert!(!tools_required(), "VMVOL_REQUIRE_TOOLS=1 but {what}");
+    eprintln!("SKIP: {what}");
+    false
+}
+
+/// A capability the host withholds even from root (containers drop
+/// `CAP_SYS_RESOURCE`, which online resize needs): skip, saying why, even
+/// under `VMVOL_REQUIRE_TOOLS=1` — no tool is missing, and CI runs in such
+/// containers. Returns false.
+pub fn host_forbids(what: &str) -> bool {
+    eprintln!("SKIP (host restriction, not a missing tool): {what}");
+    false
+}
+
+/// Whether the external tool `tool` can be run. When it cannot, the calling
+/// test skips the check (this prints why) — or, under `VMVOL_REQUIRE_TOOLS=1`,
+/// this panics naming the tool.
+pub fn require_tool(tool: &str) -> bool {
     let ok = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: {tool} not installed");
-    }
-    ok
+    ok || unavailable(&format!(
+        "required tool {tool} is not installed (not on PATH)"
+    ))
 }
 
 /// Run a prepared command, return stdout; panics with its output on failure.
@@ -64,6 +88,20 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img convert -O raw QCOW2 RAW`: the raw image e2fsprogs can read.
+pub fn qcow2_to_raw(qcow2: &Path, raw: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            qcow2.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+}
+
 /// `debugfs -R REQ IMG` stdout.
 pub fn debugfs(img: &Path, req: &str) -> Vec<u8> {
     let out = Command::new("debugfs")
@@ -75,19 +113,19 @@ pub fn debugfs(img: &Path, req: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// Whether we can loop-mount (root, mount available, loop devices work).
-pub fn can_mount() -> bool {
+/// Whether we can loop-mount: root, `/dev/loop-control`, and `mount`,
+/// `umount` and `losetup` on PATH. Like [`require_tool`], a missing piece
+/// skips, or fails under `VMVOL_REQUIRE_TOOLS=1`.
+pub fn require_loop_mount() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("skipping kernel mount: not root");
-        return false;
+        return unavailable("loop mounts need root (not running as root)");
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipping kernel mount: no /dev/loop-control");
-        return false;
+        return unavailable("loop mounts need /dev/loop-control (absent)");
     }
-    true
+    require_tool("mount") && require_tool("umount") && require_tool("losetup")
 }
 
 /// A loop mount that unmounts on drop.

@@ -4,18 +4,16 @@
 //! file (per `debugfs`) may be reported free.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{have, run_cmd as run};
+use crate::support::{require_loop_mount, require_tool, run_cmd as run};
 use vmvol_format::{Image, OpenOptions, RawImage};
-use vmvol_fs::{free_map, scan_free, Error, FreeMap, FreeRange};
+use vmvol_fs::{free_map, scan_free, ByteRange, Error, FreeMap};
 
 /// A sparse file of `size` bytes formatted by `prog` (mkfs.ext4, mkfs.ext2, ...).
-fn mkfs(dir: &Path, prog: &str, size: u64, args: &[&str]) -> PathBuf {
+pub(crate) fn mkfs(dir: &Path, prog: &str, size: u64, args: &[&str]) -> PathBuf {
     let path = dir.join("fs.img");
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(size).unwrap();
@@ -104,7 +102,7 @@ fn as_pairs(m: &FreeMap) -> Vec<(u64, u64)> {
 }
 
 /// Our map must equal dumpe2fs's free list exactly.
-fn assert_same_as_dumpe2fs(path: &Path) -> FreeMap {
+pub(crate) fn assert_same_as_dumpe2fs(path: &Path) -> FreeMap {
     let m = ours(path);
     check_shape(&m);
     let theirs = dumpe2fs_free(path);
@@ -137,7 +135,7 @@ macro_rules! layout_tests {
     ($($name:ident: $prog:expr, $size:expr, [$($arg:expr),*];)*) => {$(
         #[test]
         fn $name() {
-            if !have($prog) || !have("dumpe2fs") || !have("e2fsck") {
+            if !require_tool($prog) || !require_tool("dumpe2fs") || !require_tool("e2fsck") {
                 return;
             }
             let m = layout($prog, $size, &[$($arg),*]);
@@ -187,14 +185,14 @@ layout_tests! {
 /// The streaming scan and the collected map agree, and the map serialises.
 #[test]
 fn scan_free_streams_the_same_ranges() {
-    if !have("mkfs.ext4") {
+    if !require_tool("mkfs.ext4") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let path = mkfs(dir.path(), "mkfs.ext4", 128 * MIB, &["-b", "1024"]);
     let img = RawImage::open(&path, true).unwrap();
     let m = free_map(&img).unwrap();
-    let mut streamed: Vec<FreeRange> = Vec::new();
+    let mut streamed: Vec<ByteRange> = Vec::new();
     let summary = scan_free(&img, &mut |r| {
         streamed.push(r);
         Ok(())
@@ -216,7 +214,7 @@ fn scan_free_streams_the_same_ranges() {
 /// A qcow2 image read through the qcow2 layer gives the same map as its raw source.
 #[test]
 fn qcow2_image_gives_same_map_as_raw() {
-    if !have("mkfs.ext4") || !have("qemu-img") {
+    if !require_tool("mkfs.ext4") || !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -241,20 +239,6 @@ fn debugfs_blocks(img: &Path, file: &str) -> Vec<u64> {
     out.split_whitespace().map(|s| s.parse().unwrap()).collect()
 }
 
-/// Whether we can loop-mount (root, loop devices present).
-fn can_mount() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: not root, cannot loop-mount");
-        return false;
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIP: no /dev/loop-control");
-        return false;
-    }
-    have("mount") && have("umount") && have("debugfs")
-}
-
 struct Mounted<'a>(&'a Path);
 impl Drop for Mounted<'_> {
     fn drop(&mut self) {
@@ -274,7 +258,7 @@ fn write_file(path: &Path, len: usize, seed: u8) {
 /// active, so the map is refused.
 #[test]
 fn kernel_mount_write_delete_no_live_block_free() {
-    if !have("mkfs.ext4") || !can_mount() {
+    if !require_tool("mkfs.ext4") || !require_tool("debugfs") || !require_loop_mount() {
         return;
     }
     for args in [&["-b", "4096"][..], &["-b", "1024", "-O", "^flex_bg"][..]] {
@@ -289,10 +273,10 @@ fn kernel_mount_write_delete_no_live_block_free() {
             .output()
             .unwrap();
         if !st.status.success() {
-            eprintln!(
-                "SKIP: mount -o loop failed: {}",
+            crate::support::unavailable(&format!(
+                "mount -o loop failed: {}",
                 String::from_utf8_lossy(&st.stderr)
-            );
+            ));
             return;
         }
         let guard = Mounted(&mnt);
@@ -348,7 +332,7 @@ fn kernel_mount_write_delete_no_live_block_free() {
 /// online resize (through a mount), map exactly as dumpe2fs lists them.
 #[test]
 fn grown_by_resize2fs_offline_and_online() {
-    if !have("mkfs.ext4") || !have("resize2fs") || !have("dumpe2fs") {
+    if !require_tool("mkfs.ext4") || !require_tool("resize2fs") || !require_tool("dumpe2fs") {
         return;
     }
     for args in [&["-b", "4096"][..], &["-b", "1024"][..]] {
@@ -369,7 +353,7 @@ fn grown_by_resize2fs_offline_and_online() {
             m.fs_bytes
         );
 
-        if !can_mount() {
+        if !require_loop_mount() {
             continue;
         }
         std::fs::OpenOptions::new()
@@ -386,7 +370,10 @@ fn grown_by_resize2fs_offline_and_online() {
             .output()
             .unwrap();
         if !out.status.success() {
-            eprintln!("SKIP online resize: losetup failed");
+            crate::support::unavailable(&format!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
             continue;
         }
         let loopdev = String::from_utf8(out.stdout).unwrap().trim().to_string();
@@ -404,10 +391,10 @@ fn grown_by_resize2fs_offline_and_online() {
         let online = resized.status.success();
         if !online {
             // Containers often lack CAP_SYS_RESOURCE, which EXT4_IOC_RESIZE_FS needs.
-            eprintln!(
-                "SKIP online resize part: {}",
+            crate::support::host_forbids(&format!(
+                "online resize2fs refused: {}",
                 String::from_utf8_lossy(&resized.stderr).trim()
-            );
+            ));
         }
         write_file(&mnt.join("after"), 9 << 20, 2);
         drop(guard);
@@ -429,7 +416,7 @@ fn grown_by_resize2fs_offline_and_online() {
 /// and the free total equals the free block count mkfs reported.
 #[test]
 fn our_mkfs_output_matches_dumpe2fs() {
-    if !have("dumpe2fs") || !have("e2fsck") {
+    if !require_tool("dumpe2fs") || !require_tool("e2fsck") {
         return;
     }
     use vmvol_fs::{mkfs as make_fs, Journal, MkfsOptions};
@@ -470,7 +457,7 @@ fn our_mkfs_output_matches_dumpe2fs() {
 /// A filesystem smaller than its device: the map covers the filesystem only.
 #[test]
 fn filesystem_smaller_than_device() {
-    if !have("mkfs.ext4") || !have("dumpe2fs") {
+    if !require_tool("mkfs.ext4") || !require_tool("dumpe2fs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -493,7 +480,7 @@ fn filesystem_smaller_than_device() {
 /// equals dumpe2fs's list for the image converted to raw.
 #[test]
 fn our_mkfs_on_qcow2_matches_dumpe2fs() {
-    if !have("dumpe2fs") || !have("qemu-img") {
+    if !require_tool("dumpe2fs") || !require_tool("qemu-img") {
         return;
     }
     use vmvol_format::{Qcow2CreateOptions, Qcow2Image};

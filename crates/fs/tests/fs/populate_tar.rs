@@ -2,13 +2,11 @@
 //! hostile corpus, each refused with its reason and nothing left behind.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use support::{can_mount, debugfs, e2fsck_clean, have, run, Mount};
+use crate::support::{debugfs, e2fsck_clean, require_loop_mount, require_tool, run, Mount};
 use vmvol_format::{Control, Prealloc, RawImage};
 use vmvol_fs::{
     populate, populate_tar, required_size, Error, PopulateLimits, PopulateOptions, Source,
@@ -77,8 +75,7 @@ fn image(dir: &Path, name: &str, size: u64) -> (std::path::PathBuf, RawImage) {
 
 #[test]
 fn plain_and_gzip_tar() {
-    if !have("e2fsck") || !have("debugfs") {
-        eprintln!("skipping: e2fsprogs missing");
+    if !require_tool("e2fsck") || !require_tool("debugfs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +129,7 @@ fn plain_and_gzip_tar() {
             stat.contains("Blockcount: 0"),
             "all-zero file must be a hole: {stat}"
         );
-        if can_mount() {
+        if require_loop_mount() {
             let m = Mount::new(&p, true);
             let k = std::fs::metadata(m.dir.join("dev/zero")).unwrap();
             assert_eq!(k.rdev(), libc::makedev(1, 5));
@@ -145,13 +142,12 @@ fn plain_and_gzip_tar() {
 /// An archive made by GNU tar from a real tree, sparse file included.
 #[test]
 fn gnu_tar_with_sparse_file() {
-    if !have("e2fsck")
+    if !require_tool("e2fsck")
         || std::process::Command::new("tar")
             .arg("--version")
             .output()
             .is_err()
     {
-        eprintln!("skipping: tar or e2fsprogs missing");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -393,7 +389,7 @@ fn deep_nesting_within_limits() {
     let r = populate_tar(&img, &tar[..], &PopulateOptions::default(), &Control::new()).unwrap();
     drop(img);
     assert_eq!(r.directories, 1501);
-    if have("e2fsck") && have("debugfs") {
+    if require_tool("e2fsck") && require_tool("debugfs") {
         e2fsck_clean(&p);
         assert_eq!(debugfs(&p, &format!("cat /{path}")), b"deep");
     }

@@ -1,56 +1,51 @@
-//! On-disk encodings: little-endian field helpers, ext4 crc32c, inodes,
-//! extent blocks and directory blocks.
+//! Records the writer builds: inodes, extent tree blocks and directory
+//! blocks, with their `metadata_csum` checksums.
 
+use super::csum::crc32c as crc;
+use super::field::{get16, get32, put16, put32, put_bytes};
 use crate::layout::INODE_SIZE;
-
-pub(crate) fn put16(buf: &mut [u8], off: usize, v: u16) {
-    if let Some(s) = buf.get_mut(off..off + 2) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-pub(crate) fn put32(buf: &mut [u8], off: usize, v: u32) {
-    if let Some(s) = buf.get_mut(off..off + 4) {
-        s.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-pub(crate) fn put32be(buf: &mut [u8], off: usize, v: u32) {
-    if let Some(s) = buf.get_mut(off..off + 4) {
-        s.copy_from_slice(&v.to_be_bytes());
-    }
-}
-
-pub(crate) fn get16(buf: &[u8], off: usize) -> u16 {
-    buf.get(off..off + 2)
-        .and_then(|s| s.try_into().ok())
-        .map(u16::from_le_bytes)
-        .unwrap_or(0)
-}
-
-pub(crate) fn get32(buf: &[u8], off: usize) -> u32 {
-    buf.get(off..off + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_le_bytes)
-        .unwrap_or(0)
-}
-
-pub(crate) fn put_bytes(buf: &mut [u8], off: usize, v: &[u8]) {
-    if let Some(s) = buf.get_mut(off..off + v.len()) {
-        s.copy_from_slice(v);
-    }
-}
-
-/// The kernel's raw crc32c (`ext4_chksum`): no pre/post inversion.
-pub(crate) fn crc(seed: u32, data: &[u8]) -> u32 {
-    !crc32c::crc32c_append(!seed, data)
-}
 
 /// ext4 timestamp split into seconds (low 32 bits) and the `_extra` word
 /// (epoch bits + nanoseconds).
 pub(crate) fn time_parts(sec: i64, nsec: u32) -> (u32, u32) {
     let epoch = ((sec - i64::from(sec as i32)) >> 32) as u32 & 3;
     (sec as u32, (nsec.min(999_999_999) << 2) | epoch)
+}
+
+// Inode field offsets (kernel `struct ext4_inode`).
+pub(crate) const I_MODE: usize = 0x0;
+pub(crate) const I_UID: usize = 0x2;
+pub(crate) const I_SIZE_LO: usize = 0x4;
+pub(crate) const I_ATIME: usize = 0x8;
+pub(crate) const I_CTIME: usize = 0xC;
+pub(crate) const I_MTIME: usize = 0x10;
+pub(crate) const I_GID: usize = 0x18;
+pub(crate) const I_LINKS_COUNT: usize = 0x1A;
+pub(crate) const I_BLOCKS_LO: usize = 0x1C;
+pub(crate) const I_FLAGS: usize = 0x20;
+pub(crate) const I_BLOCK: usize = 0x28;
+/// Size of `i_block` (15 words).
+pub(crate) const I_BLOCK_LEN: usize = 60;
+pub(crate) const I_GENERATION: usize = 0x64;
+pub(crate) const I_SIZE_HIGH: usize = 0x6C;
+pub(crate) const I_BLOCKS_HIGH: usize = 0x74;
+pub(crate) const I_UID_HIGH: usize = 0x78;
+pub(crate) const I_GID_HIGH: usize = 0x7A;
+pub(crate) const I_CHECKSUM_LO: usize = 0x7C;
+/// Start of the extra (large inode) fields.
+pub(crate) const I_EXTRA_ISIZE: usize = 0x80;
+pub(crate) const I_CHECKSUM_HI: usize = 0x82;
+pub(crate) const I_CTIME_EXTRA: usize = 0x84;
+pub(crate) const I_MTIME_EXTRA: usize = 0x88;
+pub(crate) const I_ATIME_EXTRA: usize = 0x8C;
+pub(crate) const I_CRTIME: usize = 0x90;
+pub(crate) const I_CRTIME_EXTRA: usize = 0x94;
+/// `i_extra_isize` vmvol writes (and `s_min/want_extra_isize`): all extra fields.
+pub(crate) const EXTRA_ISIZE: u16 = 32;
+
+/// The `i_block` area of a raw inode.
+pub(crate) fn i_block_of(raw: &[u8]) -> &[u8] {
+    raw.get(I_BLOCK..I_BLOCK + I_BLOCK_LEN).unwrap_or_default()
 }
 
 pub(crate) const S_IFIFO: u16 = 0o010000;
@@ -104,12 +99,12 @@ impl Times {
 impl Inode {
     pub fn new(mode: u16, uid: u32, gid: u32, times: Times) -> Self {
         let mut b = [0u8; INODE_SIZE as usize];
-        put16(&mut b, 0x0, mode);
-        put16(&mut b, 0x2, uid as u16);
-        put16(&mut b, 0x78, (uid >> 16) as u16);
-        put16(&mut b, 0x18, gid as u16);
-        put16(&mut b, 0x7A, (gid >> 16) as u16);
-        put16(&mut b, 0x80, 32); // i_extra_isize
+        put16(&mut b, I_MODE, mode);
+        put16(&mut b, I_UID, uid as u16);
+        put16(&mut b, I_UID_HIGH, (uid >> 16) as u16);
+        put16(&mut b, I_GID, gid as u16);
+        put16(&mut b, I_GID_HIGH, (gid >> 16) as u16);
+        put16(&mut b, I_EXTRA_ISIZE, EXTRA_ISIZE);
         let mut i = Inode(b);
         i.set_times(times);
         i
@@ -118,34 +113,34 @@ impl Inode {
     pub fn set_times(&mut self, t: Times) {
         let b = &mut self.0;
         let (s, x) = time_parts(t.atime.0, t.atime.1);
-        put32(b, 0x8, s);
-        put32(b, 0x8C, x);
+        put32(b, I_ATIME, s);
+        put32(b, I_ATIME_EXTRA, x);
         let (s, x) = time_parts(t.ctime.0, t.ctime.1);
-        put32(b, 0xC, s);
-        put32(b, 0x84, x);
+        put32(b, I_CTIME, s);
+        put32(b, I_CTIME_EXTRA, x);
         let (s, x) = time_parts(t.mtime.0, t.mtime.1);
-        put32(b, 0x10, s);
-        put32(b, 0x88, x);
+        put32(b, I_MTIME, s);
+        put32(b, I_MTIME_EXTRA, x);
         let (s, x) = time_parts(t.crtime.0, t.crtime.1);
-        put32(b, 0x90, s);
-        put32(b, 0x94, x);
+        put32(b, I_CRTIME, s);
+        put32(b, I_CRTIME_EXTRA, x);
     }
 
     pub fn mode(&self) -> u16 {
-        get16(&self.0, 0)
+        get16(&self.0, I_MODE)
     }
 
     pub fn set_size(&mut self, size: u64) {
-        put32(&mut self.0, 0x4, size as u32);
-        put32(&mut self.0, 0x6C, (size >> 32) as u32);
+        put32(&mut self.0, I_SIZE_LO, size as u32);
+        put32(&mut self.0, I_SIZE_HIGH, (size >> 32) as u32);
     }
 
     pub fn links(&self) -> u16 {
-        get16(&self.0, 0x1A)
+        get16(&self.0, I_LINKS_COUNT)
     }
 
     pub fn set_links(&mut self, n: u16) {
-        put16(&mut self.0, 0x1A, n);
+        put16(&mut self.0, I_LINKS_COUNT, n);
     }
 
     /// Set `i_blocks` from a count of filesystem blocks.
@@ -154,39 +149,39 @@ impl Inode {
         if sectors >= 1 << 48 {
             // huge_file: count in filesystem blocks instead of sectors.
             self.set_flags(self.flags() | HUGE_FILE_FL);
-            put32(&mut self.0, 0x1C, fs_blocks as u32);
-            put16(&mut self.0, 0x74, (fs_blocks >> 32) as u16);
+            put32(&mut self.0, I_BLOCKS_LO, fs_blocks as u32);
+            put16(&mut self.0, I_BLOCKS_HIGH, (fs_blocks >> 32) as u16);
         } else {
-            put32(&mut self.0, 0x1C, sectors as u32);
-            put16(&mut self.0, 0x74, (sectors >> 32) as u16);
+            put32(&mut self.0, I_BLOCKS_LO, sectors as u32);
+            put16(&mut self.0, I_BLOCKS_HIGH, (sectors >> 32) as u16);
         }
     }
 
     pub fn flags(&self) -> u32 {
-        get32(&self.0, 0x20)
+        get32(&self.0, I_FLAGS)
     }
 
     pub fn set_flags(&mut self, f: u32) {
-        put32(&mut self.0, 0x20, f);
+        put32(&mut self.0, I_FLAGS, f);
     }
 
     /// The 60-byte `i_block` area.
     pub fn i_block(&mut self) -> &mut [u8] {
-        &mut self.0[0x28..0x28 + 60]
+        &mut self.0[I_BLOCK..I_BLOCK + I_BLOCK_LEN]
     }
 
     /// Fill in `i_checksum_lo/hi` for inode number `ino`.
     pub fn finish(&mut self, seed: u32, ino: u32) {
-        put16(&mut self.0, 0x7C, 0);
-        put16(&mut self.0, 0x82, 0);
-        let gen = get32(&self.0, 0x64);
+        put16(&mut self.0, I_CHECKSUM_LO, 0);
+        put16(&mut self.0, I_CHECKSUM_HI, 0);
+        let gen = get32(&self.0, I_GENERATION);
         let mut c = crc(seed, &ino.to_le_bytes());
         c = crc(c, &gen.to_le_bytes());
         c = crc(c, &self.0);
-        put16(&mut self.0, 0x7C, c as u16);
+        put16(&mut self.0, I_CHECKSUM_LO, c as u16);
         // i_checksum_hi exists only when the extra fields reach it.
-        if get16(&self.0, 0x80) >= 4 {
-            put16(&mut self.0, 0x82, (c >> 16) as u16);
+        if get16(&self.0, I_EXTRA_ISIZE) >= 4 {
+            put16(&mut self.0, I_CHECKSUM_HI, (c >> 16) as u16);
         }
     }
 }
@@ -266,12 +261,6 @@ pub(crate) fn extent_tail(buf: &mut [u8], iseed: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc_matches_known_vectors() {
-        // crc32c("123456789") = 0xE3069283 with standard inversion.
-        assert_eq!(!crc(!0, b"123456789"), 0xE306_9283);
-    }
 
     #[test]
     fn time_extra_epoch() {
