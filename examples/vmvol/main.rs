@@ -22,10 +22,8 @@ use vmvol::format::{
     OpenOptions, Prealloc, Qcow2CreateOptions, RawImage, RepairMode,
 };
 
-#[path = "vmvol/cli_fs.rs"]
-mod cli_fs;
-#[path = "vmvol/cli_pool.rs"]
-mod cli_pool;
+mod fs;
+mod pool;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -47,9 +45,9 @@ enum Cmd {
     Image(ImageCmd),
     /// ext4 filesystems on images.
     #[command(subcommand)]
-    Fs(cli_fs::FsCmd),
+    Fs(fs::FsCmd),
     /// Storage pools (like virsh pool-*).
-    Pool(cli_pool::PoolArgs),
+    Pool(pool::PoolArgs),
 }
 
 /// Output style of commands that report.
@@ -382,7 +380,7 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
                     .read_only(false)
                     .policy(BackingPolicy::image_dir(&file));
                 let img = Image::open(&file, &opts)?;
-                if let Err(e) = cli_fs::mkfs_on(&img, label, out.output) {
+                if let Err(e) = fs::mkfs_on(&img, label, out.output) {
                     drop(img);
                     let _ = std::fs::remove_file(&file);
                     return Err(e);
@@ -582,7 +580,7 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             let unused = if no_fs_free {
                 Vec::new()
             } else {
-                cli_fs::unused_ranges(&file, &chain.open_options(&file, true))
+                fs::unused_ranges(&file, &chain.open_options(&file, true))
             };
             let opts = format::CompactOptions {
                 compression: compress.then(|| compression_type.into()),
@@ -611,8 +609,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Image(c) => image_cmd(c),
-        Cmd::Fs(c) => cli_fs::run(c),
-        Cmd::Pool(c) => cli_pool::run(c),
+        Cmd::Fs(c) => fs::run(c),
+        Cmd::Pool(c) => pool::run(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
