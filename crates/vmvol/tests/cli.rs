@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 /// The CLI binary of this build: `cargo build --example vmvol` with the
 /// profile and target directory this test was built with (a no-op when
 /// `cargo test` already built it, a rebuild when the sources changed since).
-/// Panics when the binary can be neither built nor found: a CLI test must
-/// never pass without the CLI.
+/// Panics when the build fails, or when cargo cannot run and no binary is
+/// there: a CLI test must never pass without the CLI, nor test a stale one.
 fn vmvol() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -23,7 +23,10 @@ fn vmvol() -> &'static Path {
             .and_then(Path::parent)
             .expect("test executable lives in <target>/<profile>/deps");
         let bin = profile_dir.join("examples").join("vmvol");
-        let dir_name = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let dir_name = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
         // `cargo test` builds examples with the test profile ("bench" with
         // --release); both write to the dev/release profile's directory.
         let profile = match dir_name {
@@ -41,33 +44,30 @@ fn vmvol() -> &'static Path {
                 build.arg("--target-dir").arg(target);
             }
         }
-        let built = build.output();
-        match &built {
-            Ok(o) if o.status.success() && bin.exists() => {}
-            _ if bin.exists() => eprintln!(
-                "warning: `cargo build --example vmvol` failed ({}); testing the existing {}",
-                describe(&built),
+        match build.output() {
+            Ok(o) if o.status.success() => assert!(
+                bin.exists(),
+                "`cargo build --example vmvol --profile {profile}` succeeded but {} is missing",
                 bin.display()
             ),
-            _ => panic!(
-                "the vmvol CLI is neither built nor buildable: {} missing, `cargo build --example vmvol --profile {profile}` gave: {}",
-                bin.display(),
-                describe(&built)
+            // The sources do not build: an older binary must not be tested.
+            Ok(o) => panic!(
+                "`cargo build --example vmvol --profile {profile}` failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            // No cargo here (a copied test binary): use the one built beside it.
+            Err(e) if bin.exists() => eprintln!(
+                "warning: cannot run cargo ({e}); testing the existing {}",
+                bin.display()
+            ),
+            Err(e) => panic!(
+                "the vmvol CLI is neither built ({} missing) nor buildable (cannot run cargo: {e})",
+                bin.display()
             ),
         }
         bin
     })
-}
-
-fn describe(r: &std::io::Result<Output>) -> String {
-    match r {
-        Ok(o) => format!(
-            "{}: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => e.to_string(),
-    }
 }
 
 /// Whether the external `tool` can be run. When it cannot: with
