@@ -518,19 +518,29 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Run `vmvol args` in the background, wait until it has started writing its
-/// temporary output (a `*.vmvol-tmp` file in `dir`: the operation is under
-/// way), send `signal`, and return its exit status and stderr.
-fn interrupt_midway(dir: &Path, args: &[&str], signal: libc::c_int) -> (Option<i32>, String) {
+/// Whether `dir` holds a temporary output (`*.vmvol-tmp`): convert or compact
+/// is under way.
+fn temp_output_in(dir: &Path) -> impl Fn() -> bool + '_ {
+    move || names(dir).iter().any(|n| n.ends_with(".vmvol-tmp"))
+}
+
+/// Run `vmvol args` in the background, wait until `started` says the
+/// operation is under way, send `signal`, and return its exit status and
+/// stderr.
+fn interrupt_midway(
+    args: &[&str],
+    started: impl Fn() -> bool,
+    signal: libc::c_int,
+) -> (Option<i32>, String) {
     let mut child = Command::new(vmvol())
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
+    let spawned = Instant::now();
     loop {
-        if names(dir).iter().any(|n| n.ends_with(".vmvol-tmp")) {
+        if started() {
             break;
         }
         if let Some(st) = child.try_wait().unwrap() {
@@ -544,8 +554,8 @@ fn interrupt_midway(dir: &Path, args: &[&str], signal: libc::c_int) -> (Option<i
             panic!("vmvol {args:?} ended ({st}) before it could be interrupted: {err}");
         }
         assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "vmvol {args:?} made no temporary output in 60 s"
+            spawned.elapsed() < Duration::from_secs(60),
+            "vmvol {args:?} did not get under way in 60 s"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -579,7 +589,6 @@ fn ctrl_c_cancels_convert_and_leaves_no_output() {
     write_busy_raw(&src, 512);
     let dst = d.path().join("out.qcow2");
     let (code, err) = interrupt_midway(
-        d.path(),
         &[
             "image",
             "convert",
@@ -591,6 +600,7 @@ fn ctrl_c_cancels_convert_and_leaves_no_output() {
             src.to_str().unwrap(),
             dst.to_str().unwrap(),
         ],
+        temp_output_in(d.path()),
         libc::SIGINT,
     );
     assert_eq!(code, Some(130), "exit status after Ctrl-C; stderr: {err}");
@@ -629,8 +639,8 @@ fn sigint_and_sigterm_cancel_compact_and_keep_the_image() {
     let before = meta(&img);
     for (signal, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let (code, err) = interrupt_midway(
-            d.path(),
             &["image", "compact", "-c", "--no-fs-free", img_s],
+            temp_output_in(d.path()),
             signal,
         );
         assert_eq!(
@@ -713,4 +723,63 @@ fn closed_stdout_ends_quietly() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2 * 4096);
+}
+
+/// Whether `path` exists and has at least `bytes` allocated on the host.
+fn allocated_at_least(path: &Path, bytes: u64) -> impl Fn() -> bool + '_ {
+    move || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).is_ok_and(|m| m.blocks() * 512 >= bytes)
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_populate_and_preallocation_and_removes_the_new_image() {
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    // Many files: populate polls the cancel flag between files and between a
+    // file's data segments, not inside one dense segment.
+    for i in 0..256 {
+        write_busy_raw(&tree.join(format!("f{i:03}.bin")), 2);
+    }
+
+    // fs populate into an image it creates: the image goes with the cancel.
+    let img = d.path().join("vol.raw");
+    let (code, err) = interrupt_midway(
+        &[
+            "fs",
+            "populate",
+            img.to_str().unwrap(),
+            "--from",
+            tree.to_str().unwrap(),
+        ],
+        allocated_at_least(&img, 8 << 20),
+        libc::SIGINT,
+    );
+    assert_eq!(code, Some(130), "exit status after Ctrl-C; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("populate cancelled"), "{err}");
+    assert_eq!(names(d.path()), ["tree"]);
+
+    // image create with full preallocation: the half-written file goes.
+    let img = d.path().join("full.raw");
+    let (code, err) = interrupt_midway(
+        &[
+            "image",
+            "create",
+            "-f",
+            "raw",
+            "--preallocation",
+            "full",
+            img.to_str().unwrap(),
+            "8G",
+        ],
+        allocated_at_least(&img, 8 << 20),
+        libc::SIGINT,
+    );
+    assert_eq!(code, Some(130), "exit status after Ctrl-C; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(names(d.path()), ["tree"]);
 }
