@@ -182,6 +182,9 @@ pub fn run(cmd: FsCmd) -> AnyResult<()> {
             if let Some(n) = max_entries {
                 popts.limits.max_entries = n;
             }
+            // Ctrl-C from here on cancels (and removes an image made below)
+            // instead of killing the process between creating and filling it.
+            let (ctl, progress) = progress_control("populating")?;
             let created = !image.exists();
             if created {
                 let size = match size {
@@ -197,11 +200,11 @@ pub fn run(cmd: FsCmd) -> AnyResult<()> {
             }
             let result = (|| -> AnyResult<PopulateReport> {
                 let img = open_rw(&image)?;
-                let (ctl, _progress) = progress_control("populating")?;
                 let r = vfs::populate(&img, &source, &popts, &ctl)?;
                 img.flush()?;
                 Ok(r)
             })();
+            drop(progress);
             let r = match result {
                 Ok(r) => r,
                 Err(e) => {

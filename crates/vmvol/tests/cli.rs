@@ -199,6 +199,8 @@ fn image_commands_agree_with_qemu_img() {
     ))
     .unwrap();
     let theirs = qemu_json(&["map", "--output=json", &p("top.qcow2")]);
+    // The fields qemu-img 7.2 and 10.x both print; 10.x added "compressed"
+    // (and "offset" is host-layout specific), so whole objects are not compared.
     let strip = |v: &serde_json::Value| -> Vec<(u64, u64, u64, bool, bool)> {
         v.as_array()
             .unwrap()
