@@ -17,8 +17,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Every line this binary prints goes through [`output::write_stdout`], which
-/// ends the process quietly when stdout's reader has gone; shadowing the std
-/// macros covers all modules (declared below) without a second spelling.
+/// ends the process quietly when stdout's reader has gone; shadowing std's
+/// `println!` covers every module declared below without a second spelling.
 macro_rules! println {
     () => {
         $crate::output::write_stdout(format_args!("\n"))
@@ -35,7 +35,7 @@ mod pool;
 mod signals;
 mod size;
 
-// The names the noun modules import from the crate root.
+// pool.rs imports these through `super::`.
 use output::{report, OutputArg};
 use size::{human, parse_size};
 
