@@ -1,36 +1,107 @@
-//! End-to-end tests of `examples/vmvol.rs`: the binary `cargo test` builds,
+//! End-to-end tests of the `vmvol` CLI (`examples/vmvol/`): the real binary,
 //! driven like an operator would, checked with `qemu-img` and e2fsprogs.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-/// `target/<profile>/examples/vmvol`, built by `cargo test` before tests run.
-fn vmvol_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?;
-    let p = dir.join("examples").join("vmvol");
-    p.exists().then_some(p)
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
-        || Command::new(tool).arg("-V").output().is_ok()
-}
-
-/// The built example, or `None` (with the reason printed) when it or a tool is missing.
-fn require(tools: &[&str]) -> Option<PathBuf> {
-    let Some(bin) = vmvol_bin() else {
-        eprintln!("skipped: examples/vmvol not built (run via `cargo test --workspace`)");
-        return None;
-    };
-    for t in tools {
-        if !have(t) {
-            eprintln!("skipped: {t} not installed");
-            return None;
+/// The CLI binary of this build: `cargo build --example vmvol` with the
+/// profile and target directory this test was built with (a no-op when
+/// `cargo test` already built it, a rebuild when the sources changed since).
+/// Panics when the build fails, or when cargo cannot run and no binary is
+/// there: a CLI test must never pass without the CLI, nor test a stale one.
+fn vmvol() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // <target>/<profile dir>/deps/cli-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable lives in <target>/<profile>/deps");
+        let bin = profile_dir.join("examples").join("vmvol");
+        let dir_name = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        // `cargo test` builds examples with the test profile ("bench" with
+        // --release); both write to the dev/release profile's directory.
+        let profile = match dir_name {
+            "debug" => "test",
+            "release" => "bench",
+            other => other,
+        };
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .args(["build", "--quiet", "-p", "vmvol", "--example", "vmvol"])
+            .args(["--profile", profile])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(target) = profile_dir.parent() {
+            if target.join("CACHEDIR.TAG").exists() {
+                build.arg("--target-dir").arg(target);
+            }
         }
+        match build.output() {
+            Ok(o) if o.status.success() => assert!(
+                bin.exists(),
+                "`cargo build --example vmvol --profile {profile}` succeeded but {} is missing",
+                bin.display()
+            ),
+            // The sources do not build: an older binary must not be tested.
+            Ok(o) => panic!(
+                "`cargo build --example vmvol --profile {profile}` failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            // No cargo here (a copied test binary): use the one built beside it.
+            Err(e) if bin.exists() => eprintln!(
+                "warning: cannot run cargo ({e}); testing the existing {}",
+                bin.display()
+            ),
+            Err(e) => panic!(
+                "the vmvol CLI is neither built ({} missing) nor buildable (cannot run cargo: {e})",
+                bin.display()
+            ),
+        }
+        bin
+    })
+}
+
+/// Whether the external `tool` can be run. When it cannot: with
+/// `VMVOL_REQUIRE_TOOLS=1` (CI) the test fails naming the tool, otherwise it
+/// prints why it skips and the caller returns.
+fn require_tool(tool: &str) -> bool {
+    let found = match Command::new(tool)
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    };
+    if found {
+        return true;
     }
-    Some(bin)
+    if std::env::var("VMVOL_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+        panic!("{tool} is not installed (or not on PATH), and VMVOL_REQUIRE_TOOLS=1 requires it");
+    }
+    eprintln!("skipped: {tool} is not installed (set VMVOL_REQUIRE_TOOLS=1 to fail instead)");
+    false
+}
+
+/// Return from the test (skipping) unless every tool is present.
+macro_rules! require_tools {
+    ($($tool:expr),+) => {
+        $(
+            if !require_tool($tool) {
+                return;
+            }
+        )+
+    };
 }
 
 fn run(bin: &Path, args: &[&str], env_root: Option<&Path>) -> Output {
@@ -83,20 +154,19 @@ fn qemu_io(args: &[&str]) {
 
 #[test]
 fn image_commands_agree_with_qemu_img() {
-    let Some(bin) = require(&["qemu-img", "qemu-io"]) else {
-        return;
-    };
+    require_tools!("qemu-img", "qemu-io");
+    let bin = vmvol();
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
 
     // A raw base with data, a qcow2 overlay on it.
     ok(
-        &bin,
+        bin,
         &["image", "create", "-f", "raw", &p("base.raw"), "64M"],
     );
     qemu_io(&["-f", "raw", "-c", "write -P 0x5a 1M 3M", &p("base.raw")]);
     ok(
-        &bin,
+        bin,
         &[
             "image",
             "create",
@@ -113,7 +183,7 @@ fn image_commands_agree_with_qemu_img() {
 
     // info --output json matches qemu-img's view.
     let ours: serde_json::Value = serde_json::from_str(&ok(
-        &bin,
+        bin,
         &["image", "info", &p("top.qcow2"), "--output", "json"],
     ))
     .unwrap();
@@ -124,11 +194,13 @@ fn image_commands_agree_with_qemu_img() {
 
     // map --output json: same extents as qemu-img map.
     let ours: serde_json::Value = serde_json::from_str(&ok(
-        &bin,
+        bin,
         &["image", "map", &p("top.qcow2"), "--output", "json"],
     ))
     .unwrap();
     let theirs = qemu_json(&["map", "--output=json", &p("top.qcow2")]);
+    // The fields qemu-img 7.2 and 10.x both print; 10.x added "compressed"
+    // (and "offset" is host-layout specific), so whole objects are not compared.
     let strip = |v: &serde_json::Value| -> Vec<(u64, u64, u64, bool, bool)> {
         v.as_array()
             .unwrap()
@@ -148,17 +220,17 @@ fn image_commands_agree_with_qemu_img() {
 
     // check: clean, JSON.
     let c: serde_json::Value = serde_json::from_str(&ok(
-        &bin,
+        bin,
         &["image", "check", &p("top.qcow2"), "--output", "json"],
     ))
     .unwrap();
     assert_eq!(c["corruptions"], 0);
 
     // resize: +SIZE grows; shrinking fails with a message naming both sizes.
-    ok(&bin, &["image", "resize", &p("top.qcow2"), "+64M"]);
+    ok(bin, &["image", "resize", &p("top.qcow2"), "+64M"]);
     let i = qemu_json(&["info", "--output=json", &p("top.qcow2")]);
     assert_eq!(i["virtual-size"], 128u64 << 20);
-    let o = run(&bin, &["image", "resize", &p("top.qcow2"), "32M"], None);
+    let o = run(bin, &["image", "resize", &p("top.qcow2"), "32M"], None);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -169,7 +241,7 @@ fn image_commands_agree_with_qemu_img() {
 
     // convert flattens; compact -c shrinks; both compare equal.
     ok(
-        &bin,
+        bin,
         &[
             "image",
             "convert",
@@ -182,7 +254,7 @@ fn image_commands_agree_with_qemu_img() {
     qemu_ok(&["compare", &p("top.qcow2"), &p("flat.qcow2")]);
     qemu_ok(&["check", &p("flat.qcow2")]);
     let r: serde_json::Value = serde_json::from_str(&ok(
-        &bin,
+        bin,
         &[
             "image",
             "compact",
@@ -198,16 +270,15 @@ fn image_commands_agree_with_qemu_img() {
     qemu_ok(&["check", &p("flat.qcow2")]);
 
     // Errors: a missing file is one line and a non-zero exit.
-    let o = run(&bin, &["image", "info", &p("missing.qcow2")], None);
+    let o = run(bin, &["image", "info", &p("missing.qcow2")], None);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.qcow2"));
 }
 
 #[test]
 fn backing_outside_the_image_directory_is_refused_unless_allowed() {
-    let Some(bin) = require(&["qemu-img"]) else {
-        return;
-    };
+    require_tools!("qemu-img");
+    let bin = vmvol();
     let d = tempfile::tempdir().unwrap();
     let other = tempfile::tempdir().unwrap();
     let base = other.path().join("base.raw");
@@ -223,13 +294,13 @@ fn backing_outside_the_image_directory_is_refused_unless_allowed() {
         "raw",
         top.to_str().unwrap(),
     ]);
-    let o = run(&bin, &["image", "info", top.to_str().unwrap()], None);
+    let o = run(bin, &["image", "info", top.to_str().unwrap()], None);
     assert!(
         !o.status.success(),
         "a backing file outside the image's directory must be refused"
     );
     let out = ok(
-        &bin,
+        bin,
         &[
             "image",
             "info",
@@ -243,58 +314,55 @@ fn backing_outside_the_image_directory_is_refused_unless_allowed() {
 
 #[test]
 fn pool_commands() {
-    let Some(bin) = require(&[]) else {
-        return;
-    };
+    let bin = vmvol();
     let root = tempfile::tempdir().unwrap();
     let r = Some(root.path());
     let o = run(
-        &bin,
+        bin,
         &["pool", "define", "p1", "--quota", "10G", "--activate"],
         r,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = run(&bin, &["pool", "info", "p1", "--output", "json"], r);
+    let o = run(bin, &["pool", "info", "p1", "--output", "json"], r);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["capacity"], 10u64 << 30);
-    let o = run(&bin, &["pool", "list", "--output", "json"], r);
+    let o = run(bin, &["pool", "list", "--output", "json"], r);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
     // Defining twice fails with a one-line error naming the pool.
-    let o = run(&bin, &["pool", "define", "p1"], r);
+    let o = run(bin, &["pool", "define", "p1"], r);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("p1"));
     // A bad name says which rule it broke.
-    let o = run(&bin, &["pool", "define", "a/b"], r);
+    let o = run(bin, &["pool", "define", "a/b"], r);
     assert!(!o.status.success());
     for cmd in [
         ["pool", "deactivate", "p1"],
         ["pool", "refresh", "p1"],
         ["pool", "undefine", "p1"],
     ] {
-        let o = run(&bin, &cmd, r);
+        let o = run(bin, &cmd, r);
         assert!(
             o.status.success(),
             "{cmd:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    let o = run(&bin, &["pool", "list", "--output", "json"], r);
+    let o = run(bin, &["pool", "list", "--output", "json"], r);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v.as_array().unwrap().is_empty());
 }
 
 #[test]
 fn ext4_create_free_and_compact() {
-    let Some(bin) = require(&["qemu-img", "e2fsck"]) else {
-        return;
-    };
+    require_tools!("qemu-img", "e2fsck");
+    let bin = vmvol();
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("vol.qcow2");
     let img_s = img.to_str().unwrap();
     ok(
-        &bin,
+        bin,
         &[
             "image", "create", "-f", "qcow2", "--ext4", "--label", "data", img_s, "256M",
         ],
@@ -312,17 +380,16 @@ fn ext4_create_free_and_compact() {
         String::from_utf8_lossy(&o.stdout)
     );
     let v: serde_json::Value =
-        serde_json::from_str(&ok(&bin, &["fs", "free", img_s, "--output", "json"])).unwrap();
+        serde_json::from_str(&ok(bin, &["fs", "free", img_s, "--output", "json"])).unwrap();
     assert!(v["free_bytes"].as_u64().unwrap() > 200 << 20);
-    ok(&bin, &["image", "compact", img_s]);
+    ok(bin, &["image", "compact", img_s]);
     qemu_ok(&["check", img_s]);
 }
 
 #[test]
 fn compact_drops_deleted_files_using_the_ext4_free_map() {
-    let Some(bin) = require(&["qemu-img", "e2fsck", "debugfs"]) else {
-        return;
-    };
+    require_tools!("qemu-img", "e2fsck", "debugfs");
+    let bin = vmvol();
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
     // A tree with one file to keep and one big file to delete.
@@ -342,7 +409,7 @@ fn compact_drops_deleted_files_using_the_ext4_free_map() {
     std::fs::write(tree.join("big.bin"), &big).unwrap();
 
     ok(
-        &bin,
+        bin,
         &[
             "fs",
             "populate",
@@ -363,7 +430,7 @@ fn compact_drops_deleted_files_using_the_ext4_free_map() {
     // Its blocks still hold data: qemu-img convert keeps them, and so does a
     // compaction told not to read the filesystem.
     ok(
-        &bin,
+        bin,
         &[
             "image",
             "convert",
@@ -377,7 +444,7 @@ fn compact_drops_deleted_files_using_the_ext4_free_map() {
     );
     std::fs::copy(p("a.qcow2"), p("b.qcow2")).unwrap();
     let plain: serde_json::Value = serde_json::from_str(&ok(
-        &bin,
+        bin,
         &[
             "image",
             "compact",
@@ -389,7 +456,7 @@ fn compact_drops_deleted_files_using_the_ext4_free_map() {
     ))
     .unwrap();
     let aware: serde_json::Value = serde_json::from_str(&ok(
-        &bin,
+        bin,
         &["image", "compact", &p("b.qcow2"), "--output", "json"],
     ))
     .unwrap();
@@ -423,4 +490,298 @@ fn compact_drops_deleted_files_using_the_ext4_free_map() {
         .output()
         .unwrap();
     assert_eq!(o.stdout, keep);
+}
+
+/// A raw file of `mib` MiB of non-zero, poorly compressible bytes (every
+/// cluster allocated, so convert and compact must copy and compress all of it).
+fn write_busy_raw(path: &Path, mib: usize) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for w in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&chunk).unwrap();
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+}
+
+/// Names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether `dir` holds a temporary output (`*.vmvol-tmp`): convert or compact
+/// is under way.
+fn temp_output_in(dir: &Path) -> impl Fn() -> bool + '_ {
+    move || names(dir).iter().any(|n| n.ends_with(".vmvol-tmp"))
+}
+
+/// Run `vmvol args` in the background, wait until `started` says the
+/// operation is under way, send `signal`, and return its exit status and
+/// stderr.
+fn interrupt_midway(
+    args: &[&str],
+    started: impl Fn() -> bool,
+    signal: libc::c_int,
+) -> (Option<i32>, String) {
+    let mut child = Command::new(vmvol())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let spawned = Instant::now();
+    loop {
+        if started() {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("vmvol {args:?} ended ({st}) before it could be interrupted: {err}");
+        }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(60),
+            "vmvol {args:?} did not get under way in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Let it get well into the copy.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "vmvol {args:?} finished within 200 ms: the input is too small to interrupt"
+    );
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped yet (so the
+    // pid cannot have been reused).
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid})");
+    let signalled = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "cancellation took {:?}",
+        signalled.elapsed()
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn ctrl_c_cancels_convert_and_leaves_no_output() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    write_busy_raw(&src, 512);
+    let dst = d.path().join("out.qcow2");
+    let (code, err) = interrupt_midway(
+        &[
+            "image",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ],
+        temp_output_in(d.path()),
+        libc::SIGINT,
+    );
+    assert_eq!(code, Some(130), "exit status after Ctrl-C; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Neither the output nor its temporary file is left.
+    assert_eq!(names(d.path()), ["src.raw"]);
+}
+
+#[test]
+fn sigint_and_sigterm_cancel_compact_and_keep_the_image() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    write_busy_raw(&src, 512);
+    let img = d.path().join("a.qcow2");
+    let img_s = img.to_str().unwrap();
+    ok(
+        vmvol(),
+        &[
+            "image",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            img_s,
+        ],
+    );
+    let meta = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+    };
+    let before = meta(&img);
+    for (signal, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let (code, err) = interrupt_midway(
+            &["image", "compact", "-c", "--no-fs-free", img_s],
+            temp_output_in(d.path()),
+            signal,
+        );
+        assert_eq!(
+            code,
+            Some(status),
+            "exit status after signal {signal}; stderr: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.contains("compact cancelled"), "{err}");
+        // No temporary file; the image is the very file it was (same inode,
+        // untouched), not a replacement.
+        assert_eq!(names(d.path()), ["a.qcow2", "src.raw"]);
+        assert_eq!(meta(&img), before, "signal {signal}");
+    }
+    // Still a whole, valid image with the source's content.
+    if require_tool("qemu-img") {
+        qemu_ok(&["check", img_s]);
+        qemu_ok(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            src.to_str().unwrap(),
+            img_s,
+        ]);
+    }
+}
+
+/// A sparse raw image whose map has thousands of extents: 4 KiB of data every
+/// 64 KiB over 256 MiB (far more output than a pipe buffers).
+fn fragmented_raw(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(256 << 20).unwrap();
+    for off in (0..256u64 << 20).step_by(64 << 10) {
+        f.write_all_at(&[0xa5; 4096], off).unwrap();
+    }
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("frag.raw");
+    fragmented_raw(&img);
+    let img_s = img.to_str().unwrap();
+
+    // `vmvol image map … | head -1`: read one line, then close the pipe.
+    let mut child = Command::new(vmvol())
+        .args(["image", "map", img_s])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("Offset"), "{first:?}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.is_empty(), "nothing on stderr, got: {err}");
+    assert_eq!(out.status.code(), Some(141), "{:?}", out.status);
+
+    // JSON output, reader closed before anything is read.
+    let mut child = Command::new(vmvol())
+        .args(["image", "map", img_s, "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.is_empty(), "nothing on stderr, got: {err}");
+    assert_eq!(out.status.code(), Some(141), "{:?}", out.status);
+
+    // The same command with a reader that stays: all of it arrives.
+    let o = run(vmvol(), &["image", "map", img_s, "--output", "json"], None);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2 * 4096);
+}
+
+/// Whether `path` exists and has at least `bytes` allocated on the host.
+fn allocated_at_least(path: &Path, bytes: u64) -> impl Fn() -> bool + '_ {
+    move || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).is_ok_and(|m| m.blocks() * 512 >= bytes)
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_populate_and_preallocation_and_removes_the_new_image() {
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    // Many files: populate polls the cancel flag between files and between a
+    // file's data segments, not inside one dense segment.
+    for i in 0..256 {
+        write_busy_raw(&tree.join(format!("f{i:03}.bin")), 2);
+    }
+
+    // fs populate into an image it creates: the image goes with the cancel.
+    let img = d.path().join("vol.raw");
+    let (code, err) = interrupt_midway(
+        &[
+            "fs",
+            "populate",
+            img.to_str().unwrap(),
+            "--from",
+            tree.to_str().unwrap(),
+        ],
+        allocated_at_least(&img, 8 << 20),
+        libc::SIGINT,
+    );
+    assert_eq!(code, Some(130), "exit status after Ctrl-C; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("populate cancelled"), "{err}");
+    assert_eq!(names(d.path()), ["tree"]);
+
+    // image create with full preallocation: the half-written file goes.
+    let img = d.path().join("full.raw");
+    let (code, err) = interrupt_midway(
+        &[
+            "image",
+            "create",
+            "-f",
+            "raw",
+            "--preallocation",
+            "full",
+            img.to_str().unwrap(),
+            "8G",
+        ],
+        allocated_at_least(&img, 8 << 20),
+        libc::SIGINT,
+    );
+    assert_eq!(code, Some(130), "exit status after Ctrl-C; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(names(d.path()), ["tree"]);
 }

@@ -10,7 +10,9 @@ use vmvol::format::{
 };
 use vmvol::fs::{self as vfs, Journal, MkfsOptions, PopulateOptions, PopulateReport, Source};
 
-use super::{human, report, AnyResult, Output, OutputArg};
+use crate::output::{progress_control, report, Output, OutputArg};
+use crate::size::{human, parse_size};
+use crate::AnyResult;
 
 #[derive(Subcommand)]
 pub enum FsCmd {
@@ -35,10 +37,10 @@ pub enum FsCmd {
         #[arg(short = 'f', long = "format", default_value = "raw")]
         format: Format,
         /// Size of an image to create (default: computed from the content).
-        #[arg(long, value_parser = super::parse_size)]
+        #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
         /// Largest total of file data accepted from the source.
-        #[arg(long, value_parser = super::parse_size)]
+        #[arg(long, value_parser = parse_size)]
         max_bytes: Option<u64>,
         /// Largest number of entries accepted from the source.
         #[arg(long)]
@@ -138,18 +140,6 @@ pub fn mkfs_on(img: &Image, label: Option<String>, out: Output) -> AnyResult<()>
     })
 }
 
-/// The byte ranges an image's ext4 does not use, for `image compact`; empty
-/// (compact keeps everything) when the image holds no ext4 we can read.
-pub fn unused_ranges(image: &Path, opts: &OpenOptions) -> Vec<(u64, u64)> {
-    let Ok(img) = Image::open(image, opts) else {
-        return Vec::new();
-    };
-    match vfs::free_map(&img) {
-        Ok(m) => m.ranges.iter().map(|r| (r.offset, r.len)).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
 pub fn run(cmd: FsCmd) -> AnyResult<()> {
     match cmd {
         FsCmd::Mkfs { image, opts, out } => {
@@ -192,6 +182,9 @@ pub fn run(cmd: FsCmd) -> AnyResult<()> {
             if let Some(n) = max_entries {
                 popts.limits.max_entries = n;
             }
+            // Ctrl-C from here on cancels (and removes an image made below)
+            // instead of killing the process between creating and filling it.
+            let (ctl, progress) = progress_control("populating")?;
             let created = !image.exists();
             if created {
                 let size = match size {
@@ -207,14 +200,11 @@ pub fn run(cmd: FsCmd) -> AnyResult<()> {
             }
             let result = (|| -> AnyResult<PopulateReport> {
                 let img = open_rw(&image)?;
-                let (ctl, bar) = super::progress_control("populating");
                 let r = vfs::populate(&img, &source, &popts, &ctl)?;
-                if let Some(b) = bar {
-                    b.finish_and_clear();
-                }
                 img.flush()?;
                 Ok(r)
             })();
+            drop(progress);
             let r = match result {
                 Ok(r) => r,
                 Err(e) => {

@@ -1,76 +1,21 @@
-//! `vmvol`: a qemu-img / virsh style command line over the whole library.
-//!
-//! ```sh
-//! cargo run --example vmvol -- image create -f qcow2 disk.qcow2 10G
-//! cargo run --example vmvol -- image info disk.qcow2 --output json
-//! ```
-//!
-//! Errors are printed as one line on stderr and the exit status is 1.
-#![allow(missing_docs)]
+//! `vmvol image …`: disk images, like `qemu-img`.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use vmvol::format::{
-    self, BackingMode, BackingPolicy, Compression, Control, ConvertOptions, Format, Image,
-    OpenOptions, Prealloc, Qcow2CreateOptions, RawImage, RepairMode,
+    self, BackingMode, BackingPolicy, Compression, ConvertOptions, Format, Image, OpenOptions,
+    Prealloc, Qcow2CreateOptions, RawImage, RepairMode,
 };
 
-#[path = "vmvol/cli_fs.rs"]
-mod cli_fs;
-#[path = "vmvol/cli_pool.rs"]
-mod cli_pool;
-
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-#[derive(Parser)]
-#[command(
-    name = "vmvol",
-    version,
-    about = "Persistent VM block volumes: images, ext4, pools"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Disk images (like qemu-img).
-    #[command(subcommand)]
-    Image(ImageCmd),
-    /// ext4 filesystems on images.
-    #[command(subcommand)]
-    Fs(cli_fs::FsCmd),
-    /// Storage pools (like virsh pool-*).
-    Pool(cli_pool::PoolArgs),
-}
-
-/// Output style of commands that report.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// Human-readable text.
-    #[default]
-    Human,
-    /// JSON on stdout, for scripts.
-    Json,
-}
+use crate::output::{progress_control, report, Output, OutputArg};
+use crate::size::{human, parse_size};
+use crate::AnyResult;
 
 #[derive(Args, Clone)]
-pub struct OutputArg {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Output::Human)]
-    pub output: Output,
-}
-
-#[derive(Args, Clone)]
-struct ChainArgs {
+pub struct ChainArgs {
     /// Image format (probed from the magic when omitted).
     #[arg(short = 'f', long = "format")]
     format: Option<Format>,
@@ -95,7 +40,7 @@ impl ChainArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum PreallocArg {
+pub enum PreallocArg {
     Off,
     Falloc,
     Full,
@@ -112,7 +57,7 @@ impl From<PreallocArg> for Prealloc {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum CompressionArg {
+pub enum CompressionArg {
     Zstd,
     Zlib,
 }
@@ -127,7 +72,7 @@ impl From<CompressionArg> for Compression {
 }
 
 #[derive(Subcommand)]
-enum ImageCmd {
+pub enum ImageCmd {
     /// Create an image.
     Create {
         /// Format of the new image.
@@ -244,95 +189,11 @@ enum ImageCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum RepairArg {
+pub enum RepairArg {
     Leaks,
 }
 
-/// Parse `10G`, `512M`, `1.5T`, `4096`, `64K`, `2MiB` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let idx = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(idx);
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit.trim_end_matches("ib").trim_end_matches('b');
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        _ => return Err(format!("{s:?}: unknown size unit (use K, M, G, T, P)")),
-    };
-    if num.is_empty() {
-        return Err(format!("{s:?}: not a size"));
-    }
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| format!("{s:?}: size too large"));
-    }
-    let f: f64 = num.parse().map_err(|_| format!("{s:?}: not a size"))?;
-    let v = f * mult as f64;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-        return Err(format!("{s:?}: size out of range"));
-    }
-    Ok(v.round() as u64)
-}
-
-/// `1.5 GiB`-style rendering.
-pub fn human(n: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
-
-/// Print `value` as JSON, or run `human` to print it for people.
-pub fn report<T: Serialize>(out: Output, value: &T, human: impl FnOnce(&T)) -> AnyResult<()> {
-    match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Human => human(value),
-    }
-    Ok(())
-}
-
-/// A [`Control`] that draws a progress bar when stdout is a terminal and
-/// cancels on Ctrl-C-free paths (the flag is kept for embedders' use).
-pub fn progress_control(what: &str) -> (Control, Option<indicatif::ProgressBar>) {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let ctl = Control::new().with_cancel(cancel.clone());
-    if !std::io::stdout().is_terminal() {
-        return (ctl, None);
-    }
-    let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_string());
-    let b = bar.clone();
-    let ctl = ctl.with_progress(move |done, total| {
-        b.set_length(total);
-        b.set_position(done);
-    });
-    // Keep the flag reachable so the bar's owner could cancel; nothing sets it here.
-    let _ = cancel.load(Ordering::Relaxed);
-    (ctl, Some(bar))
-}
-
-fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
+pub fn run(cmd: ImageCmd) -> AnyResult<()> {
     match cmd {
         ImageCmd::Create {
             format: fmt,
@@ -361,11 +222,8 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             };
             match fmt {
                 Format::Raw => {
-                    let (ctl, bar) = progress_control("preallocating");
+                    let (ctl, _progress) = progress_control("preallocating")?;
                     RawImage::create(&file, size, preallocation.into(), &ctl)?;
-                    if let Some(b) = bar {
-                        b.finish_and_clear();
-                    }
                 }
                 Format::Qcow2 => {
                     let mut o = Qcow2CreateOptions::new(size).cluster_size(cluster_size);
@@ -382,7 +240,7 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
                     .read_only(false)
                     .policy(BackingPolicy::image_dir(&file));
                 let img = Image::open(&file, &opts)?;
-                if let Err(e) = cli_fs::mkfs_on(&img, label, out.output) {
+                if let Err(e) = crate::fs::mkfs_on(&img, label, out.output) {
                     drop(img);
                     let _ = std::fs::remove_file(&file);
                     return Err(e);
@@ -506,11 +364,8 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             };
             match img.as_raw() {
                 Some(raw) => {
-                    let (ctl, bar) = progress_control("preallocating");
+                    let (ctl, _progress) = progress_control("preallocating")?;
                     raw.grow_with(new, preallocation.into(), &ctl)?;
-                    if let Some(b) = bar {
-                        b.finish_and_clear();
-                    }
                 }
                 None => img.grow(new)?,
             }
@@ -556,11 +411,10 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
                 },
                 ..ConvertOptions::default()
             };
-            let (ctl, bar) = progress_control("converting");
-            let r = format::convert(&src, &chain.open_options(&src, true), &dst, &opts, &ctl)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
+            let r = {
+                let (ctl, _progress) = progress_control("converting")?;
+                format::convert(&src, &chain.open_options(&src, true), &dst, &opts, &ctl)?
+            };
             report(out.output, &r, |r| {
                 println!(
                     "{} -> {} ({}, {} allocated)",
@@ -582,18 +436,17 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             let unused = if no_fs_free {
                 Vec::new()
             } else {
-                cli_fs::unused_ranges(&file, &chain.open_options(&file, true))
+                fs_unused_ranges(&file, &chain.open_options(&file, true))
             };
             let opts = format::CompactOptions {
                 compression: compress.then(|| compression_type.into()),
                 unused_ranges: unused,
                 ..format::CompactOptions::default()
             };
-            let (ctl, bar) = progress_control("compacting");
-            let r = format::compact(&file, &opts, &ctl)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
+            let r = {
+                let (ctl, _progress) = progress_control("compacting")?;
+                format::compact(&file, &opts, &ctl)?
+            };
             report(out.output, &r, |r| {
                 println!(
                     "{}: {} -> {}",
@@ -607,18 +460,21 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let res = match cli.cmd {
-        Cmd::Image(c) => image_cmd(c),
-        Cmd::Fs(c) => cli_fs::run(c),
-        Cmd::Pool(c) => cli_pool::run(c),
+/// The guest byte ranges the image's ext4 does not use, which compaction may
+/// drop; empty (keep every cluster) when the image holds no ext4. An ext4 we
+/// cannot trust (checksum mismatch, journal to replay, unknown feature) keeps
+/// every cluster too, with a warning: dropping "free" space of such a
+/// filesystem could drop live data.
+fn fs_unused_ranges(file: &Path, opts: &OpenOptions) -> Vec<(u64, u64)> {
+    let Ok(img) = Image::open(file, opts) else {
+        return Vec::new();
     };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
+    match vmvol::fs::unused_ranges(&img) {
+        Ok(Some(ranges)) => ranges.iter().map(|r| (r.offset, r.len)).collect(),
+        Ok(None) => Vec::new(),
         Err(e) => {
-            eprintln!("vmvol: {e}");
-            ExitCode::FAILURE
+            eprintln!("vmvol: warning: keeping every cluster: {e}");
+            Vec::new()
         }
     }
 }
