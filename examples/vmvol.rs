@@ -586,7 +586,10 @@ fn image_cmd(cmd: ImageCmd) -> AnyResult<()> {
             };
             let opts = format::CompactOptions {
                 compression: compress.then(|| compression_type.into()),
-                unused_ranges: unused,
+                unused_ranges: unused
+                    .into_iter()
+                    .map(|(o, l)| format::ByteRange::new(o, l))
+                    .collect(),
                 ..format::CompactOptions::default()
             };
             let (ctl, bar) = progress_control("compacting");

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use vmvol_format::{check, L2Entry, Qcow2Meta, RepairMode};
+use vmvol_format::qcow2::{L2Entry, Qcow2Meta};
+use vmvol_format::{check, RepairMode};
 
 fn qemu_io(img: &Path, cmd: &str) {
     let o = Command::new("qemu-io")

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use vmvol_format::{compact, CompactOptions, Compression, Control, Error, Qcow2Meta};
+use vmvol_format::qcow2::Qcow2Meta;
+use vmvol_format::{compact, ByteRange, CompactOptions, Compression, Control, Error};
 
 fn qemu_io(img: &Path, cmd: &str) {
     let o = Command::new("qemu-io")
@@ -110,7 +111,7 @@ fn unused_ranges_read_as_zero() {
         &CompactOptions {
             compression: Some(Compression::Zstd),
             threads: 0,
-            unused_ranges: ranges.clone(),
+            unused_ranges: ranges.iter().map(|&(o, l)| ByteRange::new(o, l)).collect(),
         },
         &Control::new(),
     )
@@ -155,7 +156,7 @@ fn backing_kept_and_unused_ranges_hide_it() {
     compact(
         &top,
         &CompactOptions {
-            unused_ranges: ranges,
+            unused_ranges: ranges.iter().map(|&(o, l)| ByteRange::new(o, l)).collect(),
             ..CompactOptions::default()
         },
         &Control::new(),

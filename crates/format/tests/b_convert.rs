@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::*;
+use vmvol_format::qcow2::Qcow2Meta;
 use vmvol_format::{
     convert, BackingMode, BackingPolicy, Compression, Control, ConvertOptions, CopyMethod, Error,
-    Format, OpenOptions, Qcow2Meta,
+    Format, OpenOptions,
 };
 
 fn opts_in(dir: &Path) -> OpenOptions {

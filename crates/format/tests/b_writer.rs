@@ -7,9 +7,8 @@ use std::fs::File;
 use std::path::Path;
 
 use common::*;
-use vmvol_format::{
-    ClusterCompressor, Compression, Format, L2Entry, Qcow2Meta, Qcow2Writer, Qcow2WriterOptions,
-};
+use vmvol_format::qcow2::{ClusterCompressor, L2Entry, Qcow2Meta, Qcow2Writer, Qcow2WriterOptions};
+use vmvol_format::{BackingRef, Compression, Format};
 
 /// Write `model` (a raw file's bytes) through the writer, cluster by cluster.
 fn write_model(
@@ -28,7 +27,10 @@ fn write_model(
             size: model.len() as u64,
             cluster_size: cs,
             compression: comp.unwrap_or(Compression::Zlib),
-            backing,
+            backing: backing.map(|(n, f)| BackingRef {
+                path: n.into(),
+                format: f,
+            }),
         },
     )
     .unwrap();
@@ -152,7 +154,10 @@ fn writer_records_backing_and_zero_clusters_hide_it() {
             size,
             cluster_size: 65536,
             compression: Compression::Zlib,
-            backing: Some(("base.raw".into(), Format::Raw)),
+            backing: Some(BackingRef {
+                path: "base.raw".into(),
+                format: Format::Raw,
+            }),
         },
     )
     .unwrap();
