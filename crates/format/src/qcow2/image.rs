@@ -91,7 +91,8 @@ pub(super) struct Layer {
 ///
 /// Backed by `imago`. Reads, writes and write-zeroes run concurrently from any
 /// number of threads; discard takes an exclusive lock because it may free
-/// clusters other requests are using. Writes copy-on-write from the backing
+/// clusters other requests are using, and grow because it zeroes the new
+/// range after publishing the new size. Writes copy-on-write from the backing
 /// chain, which was resolved under the caller's [`BackingPolicy`].
 #[derive(Debug)]
 pub struct Qcow2Image {
@@ -283,7 +284,9 @@ impl Qcow2Image {
     /// backing file has data. Shrinking is refused with [`Error::Shrink`].
     pub fn grow(&self, new_size: u64) -> Result<()> {
         self.writable("grow")?;
-        let acc = self.io_guard();
+        // Exclusive: once resize_grow publishes the new size, a request could
+        // write into [cur, new) and the zeroing below would erase it.
+        let acc = self.write_lock();
         let cur = acc.size();
         if new_size < cur {
             return Err(Error::Shrink {
@@ -595,6 +598,47 @@ mod tests {
         (0..len / 8)
             .flat_map(|_| (cluster << 32 | version).to_le_bytes())
             .collect()
+    }
+
+    /// grow over a longer backing file zeroes the new range after publishing
+    /// the new size; a write into that range by another thread meanwhile
+    /// must not be erased (grow must exclude every other request).
+    #[test]
+    fn grow_does_not_erase_concurrent_writes_into_the_new_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0xaau8; 8 << 20]).unwrap();
+        let mut lost = 0;
+        for round in 0..40u64 {
+            let p = dir.path().join(format!("o{round}.qcow2"));
+            Qcow2Image::create(
+                &p,
+                &Qcow2CreateOptions::new(1 << 20).backing("base.raw", Format::Raw),
+            )
+            .unwrap();
+            let img = Arc::new(Qcow2Image::open(&p, &open_opts(dir.path())).unwrap());
+            let at = (1 << 20) + (round % 7) * CS;
+            let data = stamp(at / CS, round + 1, 4096);
+            let writer = {
+                let (img, data) = (img.clone(), data.clone());
+                std::thread::spawn(move || loop {
+                    // Write as soon as the new size is visible.
+                    if img.size() > at {
+                        img.write_at(&data, at).unwrap();
+                        return;
+                    }
+                    std::hint::spin_loop();
+                })
+            };
+            img.grow(8 << 20).unwrap();
+            writer.join().unwrap();
+            let mut buf = vec![0u8; 4096];
+            img.read_at(&mut buf, at).unwrap();
+            if buf != data {
+                lost += 1;
+            }
+        }
+        assert_eq!(lost, 0, "grow erased {lost} of 40 completed writes");
     }
 
     #[test]
