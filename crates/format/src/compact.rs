@@ -15,10 +15,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::convert::{commit_output, new_output};
+use crate::convert::{commit_output, new_output, qcow2_output};
 use crate::host;
 use crate::qcow2::{
-    is_zero, thread_count, write_items, ClusterCompressor, Item, L2Entry, Qcow2Meta, Qcow2Writer,
+    is_zero, thread_count, write_items, ClusterCompressor, Item, L2Entry, Qcow2Meta,
     Qcow2WriterOptions, L1E_OFFSET_MASK,
 };
 use crate::{ByteRange, Compression, Control, Error, Result};
@@ -112,14 +112,8 @@ pub fn compact(path: &Path, opts: &CompactOptions, control: &Control) -> Result<
     let size = h.size;
     let unused = merge_ranges(&opts.unused_ranges);
     let temp = new_output(path)?;
-    let tp = temp.path().to_path_buf();
-    let file = temp
-        .file()
-        .try_clone()
-        .map_err(|e| Error::io(&tp, "dup", e))?;
-    let mut w = Qcow2Writer::new(
-        file,
-        &tp,
+    let mut w = qcow2_output(
+        &temp,
         &Qcow2WriterOptions {
             size,
             cluster_size: cs,

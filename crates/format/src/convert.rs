@@ -232,6 +232,16 @@ pub(crate) fn new_output(dst: &Path) -> Result<AtomicFile> {
     AtomicFile::new(dst).map_err(|e| Error::io(dst, "create temporary file", e))
 }
 
+/// A [`Qcow2Writer`] writing into the temporary output `temp`.
+pub(crate) fn qcow2_output(temp: &AtomicFile, opts: &Qcow2WriterOptions) -> Result<Qcow2Writer> {
+    let tp = temp.path();
+    let file = temp
+        .file()
+        .try_clone()
+        .map_err(|e| Error::io(tp, "duplicate descriptor", e))?;
+    Qcow2Writer::new(file, tp, opts)
+}
+
 /// Put the finished output at `dst` (replacing what is there only with
 /// `replace`); returns the host bytes it occupies.
 pub(crate) fn commit_output(
@@ -567,13 +577,8 @@ fn stream_to_qcow2(
     let size = img.size();
     let tp = temp.path().to_path_buf();
     let keep = backing.is_some();
-    let file = temp
-        .file()
-        .try_clone()
-        .map_err(|e| Error::io(&tp, "dup", e))?;
-    let mut w = Qcow2Writer::new(
-        file,
-        &tp,
+    let mut w = qcow2_output(
+        temp,
         &Qcow2WriterOptions {
             size,
             cluster_size: opts.cluster_size,

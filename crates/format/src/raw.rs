@@ -127,14 +127,7 @@ impl RawImage {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let cur = self.size();
-        if new_size < cur {
-            return Err(Error::Shrink {
-                path: self.path.clone(),
-                current: cur,
-                requested: new_size,
-            });
-        }
-        if new_size == cur {
+        if !Error::check_grow(&self.path, cur, new_size)? {
             return Ok(());
         }
         match self.extend(cur, new_size, prealloc, ctl, "grow") {

@@ -5,17 +5,22 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// Whether qemu-img is installed; tests print why and return early if not.
-pub fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
+/// Whether the external `tool` (an oracle such as `qemu-img`) is on `PATH`.
+/// Missing, a test skips (returns early, saying why) unless
+/// `VMVOL_REQUIRE_TOOLS=1` is set, in which case it fails naming the tool.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new(tool)
         .arg("--version")
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: qemu-img not installed");
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("VMVOL_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{tool} is required (VMVOL_REQUIRE_TOOLS=1) but not found on PATH"
+        );
+        eprintln!("SKIP: {tool} not found on PATH");
     }
-    ok
+    found
 }
 
 /// Run qemu-img with `args`; panics with its stderr if it fails.

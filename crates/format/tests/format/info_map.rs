@@ -2,11 +2,9 @@
 //! images (made by us and by qemu-img).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 use vmvol_format::{
     info, BackingPolicy, BlockIo, Control, Format, Image, OpenOptions, Prealloc,
     Qcow2CreateOptions, Qcow2Image, RawImage,
@@ -102,7 +100,7 @@ fn raw_with_holes(p: &Path, size: u64) -> Vec<u8> {
 
 #[test]
 fn raw_image() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -117,7 +115,7 @@ fn raw_image() {
 
 #[test]
 fn qcow2_made_by_us() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     for cluster in [512u64, 65536] {
@@ -139,7 +137,7 @@ fn qcow2_made_by_us() {
 
 #[test]
 fn chains_made_by_qemu() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -236,7 +234,7 @@ fn chains_made_by_qemu() {
 
 #[test]
 fn qcow2_over_our_own_chain() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

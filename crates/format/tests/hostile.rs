@@ -2,14 +2,15 @@
 //! no panic and no large allocation (a counting allocator watches).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+#[path = "format/support.rs"]
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
+use support::*;
 use vmvol_format::{
     info, BackingPolicy, Error, Format, Image, OpenOptions, Qcow2CreateOptions, Qcow2Image,
 };
@@ -126,7 +127,7 @@ fn plain(dir: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn backing_outside_roots() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -172,7 +173,7 @@ fn backing_outside_roots() {
 
 #[test]
 fn chain_loop_and_depth() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -204,7 +205,7 @@ fn chain_loop_and_depth() {
 
 #[test]
 fn missing_backing_format() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -235,7 +236,7 @@ fn missing_backing_format() {
 
 #[test]
 fn hostile_headers() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
