@@ -10,16 +10,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use imago::file::File as ImFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{FormatAccess, FormatCreateBuilder, Mapping, StorageOpenOptions};
+use imago::{FormatAccess, Mapping, StorageOpenOptions};
 use serde::{Deserialize, Serialize};
 
 use super::header::{Compression, Qcow2Header};
 use super::mapcache::MapCache;
 use super::spec::*;
 use super::storage::HStore;
+use super::writer::{write_empty, Qcow2WriterOptions};
 use crate::host::{allocated_bytes, remove_dead_temps};
 use crate::policy::BackingPolicy;
 use crate::raw::create_new;
@@ -164,26 +164,15 @@ impl Qcow2Image {
             });
         }
         let file = create_new(path)?;
-        let result = (|| {
-            let st =
-                ImFile::from_open_file(file, StorageOpenOptions::new().write(true).filename(path))?;
-            let mut b = Qcow2::<ImFile>::create_builder(st)
-                .size(size)
-                .cluster_size(cs as usize);
-            if let Some(bk) = &opts.backing {
-                let name = bk.path.to_str().ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "backing file name is not UTF-8",
-                    )
-                })?;
-                b = b.backing(name.to_string(), bk.format.as_str().to_string());
-            }
-            b.create()
-        })();
-        if let Err(e) = result {
+        let wopts = Qcow2WriterOptions {
+            size,
+            cluster_size: cs,
+            compression: Compression::Zlib,
+            backing: opts.backing.clone(),
+        };
+        if let Err(e) = write_empty(&file, path, &wopts) {
             let _ = std::fs::remove_file(path);
-            return Err(im_err(path, "create qcow2", e));
+            return Err(e);
         }
         Ok(())
     }

@@ -603,3 +603,86 @@ fn header_bytes(opts: &Qcow2WriterOptions) -> Vec<u8> {
     }
     h
 }
+
+/// Host alignment of the first data cluster of a new image. Data written at
+/// 2 MiB-aligned host offsets lands in large page-cache folios; at QEMU's
+/// layout (data from 0x50000) random 4 KiB reads measured 10-25 % slower
+/// than the same reads from an aligned file (docs/performance.md).
+const DATA_ALIGN: u64 = 2 << 20;
+
+/// Write a new, empty image into `file` (empty, opened for writing), laid
+/// out so that the first data cluster imago allocates is 2 MiB-aligned:
+/// header, L1 table, refcount table, refcount blocks, then as many
+/// (empty, preallocated) L2 tables as fit before the 2 MiB mark, and the
+/// refcount table stretched to fill the rest. imago allocates first-fit, so
+/// data then starts at the mark, and an image of up to 14 GiB (64 KiB
+/// clusters) never interleaves L2 tables with its data.
+pub(crate) fn write_empty(file: &File, path: &Path, opts: &Qcow2WriterOptions) -> Result<()> {
+    let cs = opts.cluster_size;
+    let bad = |reason: String| Error::InvalidArgument {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let guest_clusters = opts.size.div_ceil(cs);
+    let l1_size = guest_clusters.div_ceil(cs / 8);
+    if l1_size * 8 > MAX_L1_BYTES {
+        return Err(bad(format!(
+            "size {} needs an L1 table beyond 32 MiB at cluster size {cs}",
+            opts.size
+        )));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // 16-bit refcounts: cs / 2 entries per refcount block.
+    let blocks_for = |clusters: u64| clusters.div_ceil(cs / 2);
+    let step = DATA_ALIGN.max(cs) / cs;
+    let mut total = step;
+    while 1 + l1_clusters + blocks_for(total) + 1 > total {
+        total += step;
+    }
+    let rb = blocks_for(total);
+    let l2 = l1_size.min(total - 1 - l1_clusters - rb - 1);
+    let rt = total - 1 - l1_clusters - rb - l2;
+    if rt * cs > MAX_REFTABLE_BYTES || rt * cs / 8 < rb {
+        return Err(bad(format!(
+            "no layout for size {} at cluster size {cs}",
+            opts.size
+        )));
+    }
+    let l1_at = cs;
+    let rt_at = l1_at + l1_clusters * cs;
+    let rb_at = rt_at + rt * cs;
+    let l2_at = rb_at + rb * cs;
+
+    let mut hdr = header_bytes(opts);
+    if hdr.len() as u64 > cs {
+        return Err(bad(format!(
+            "backing file name does not fit the header cluster of {cs} bytes"
+        )));
+    }
+    put64(&mut hdr, 40, l1_at);
+    put32(&mut hdr, 36, l1_size as u32);
+    put64(&mut hdr, 48, rt_at);
+    put32(&mut hdr, 56, rt as u32);
+    let l1: Vec<u8> = (0..l1_size)
+        .flat_map(|i| {
+            let e = if i < l2 {
+                (l2_at + i * cs) | OFLAG_COPIED
+            } else {
+                0
+            };
+            e.to_be_bytes()
+        })
+        .collect();
+    let table: Vec<u8> = (0..rb)
+        .flat_map(|k| (rb_at + k * cs).to_be_bytes())
+        .collect();
+    // Every cluster up to the mark is in use: refcount 1.
+    let refs: Vec<u8> = (0..total).flat_map(|_| 1u16.to_be_bytes()).collect();
+    let io = |e| Error::io(path, "write new image", e);
+    file.set_len(total * cs).map_err(io)?;
+    file.write_all_at(&l1, l1_at).map_err(io)?;
+    file.write_all_at(&table, rt_at).map_err(io)?;
+    file.write_all_at(&refs, rb_at).map_err(io)?;
+    // The header last: until it is written the file is no image.
+    file.write_all_at(&hdr, 0).map_err(io)
+}
