@@ -636,10 +636,11 @@ pub(crate) fn write_empty(file: &File, path: &Path, opts: &Qcow2WriterOptions) -
     let blocks_for = |clusters: u64| clusters.div_ceil(cs / 2);
     let step = DATA_ALIGN.max(cs) / cs;
     let mut total = step;
-    while 1 + l1_clusters + blocks_for(total) + 1 > total {
+    while 1 + l1_clusters + blocks_for(total + 1) + 1 > total {
         total += step;
     }
-    let rb = blocks_for(total);
+    // One cluster past the mark too: that is the first data cluster.
+    let rb = blocks_for(total + 1);
     let l2 = l1_size.min(total - 1 - l1_clusters - rb - 1);
     let rt = total - 1 - l1_clusters - rb - l2;
     if rt * cs > MAX_REFTABLE_BYTES || rt * cs / 8 < rb {

@@ -141,7 +141,7 @@ fn backing_kept_and_unused_ranges_hide_it() {
     qemu_io("qcow2", &top, &["write -P 0 3M 64k"]); // zeros that hide the base
     let before = dir.join("before.raw");
     snapshot_raw(&top, &before);
-    let ranges = vec![(6u64 << 20, 1 << 20)];
+    let ranges = [(6u64 << 20, 1 << 20)];
     compact(
         &top,
         &CompactOptions {
