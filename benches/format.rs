@@ -309,6 +309,36 @@ fn bench_io(c: &mut Criterion) {
             black_box(&sbuf);
         })
     });
+    // Two threads reading at random through one shared handle, as a VMM
+    // drives one disk from several queues: the time per read of both
+    // together (scaling = single-thread time / this).
+    for kind in ["raw", "qcow2"] {
+        g.bench_function(BenchmarkId::new("rand_read_4k_2threads", kind), |b| {
+            let imgs = imgs();
+            settle();
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for t in 0..2u64 {
+                        s.spawn(move || {
+                            let mut x = 1234 + t;
+                            let mut buf = vec![0u8; 4096];
+                            for _ in 0..iters.div_ceil(2) {
+                                let o = (xorshift(&mut x) % pages) * 4096;
+                                if kind == "raw" {
+                                    imgs.raw.read_exact_at(&mut buf, o).unwrap();
+                                } else {
+                                    imgs.qcow2.read_at(&mut buf, o).unwrap();
+                                }
+                                black_box(&buf);
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
     g.bench_function("rand_overwrite_4k/raw", |b| {
         let imgs = imgs();
         settle();

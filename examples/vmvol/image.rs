@@ -465,12 +465,12 @@ pub fn run(cmd: ImageCmd) -> AnyResult<()> {
 /// cannot trust (checksum mismatch, journal to replay, unknown feature) keeps
 /// every cluster too, with a warning: dropping "free" space of such a
 /// filesystem could drop live data.
-fn fs_unused_ranges(file: &Path, opts: &OpenOptions) -> Vec<(u64, u64)> {
+fn fs_unused_ranges(file: &Path, opts: &OpenOptions) -> Vec<format::ByteRange> {
     let Ok(img) = Image::open(file, opts) else {
         return Vec::new();
     };
     match vmvol::fs::unused_ranges(&img) {
-        Ok(Some(ranges)) => ranges.iter().map(|r| (r.offset, r.len)).collect(),
+        Ok(Some(ranges)) => ranges,
         Ok(None) => Vec::new(),
         Err(e) => {
             eprintln!("vmvol: warning: keeping every cluster: {e}");

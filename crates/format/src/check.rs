@@ -14,8 +14,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::qcow2meta::{L1E_OFFSET_MASK, REFT_OFFSET_MASK};
-use crate::{detect_format, Error, Format, L2Entry, Qcow2Meta, Result};
+use crate::qcow2::{L2Entry, Qcow2Meta};
+use crate::qcow2::{L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
+use crate::{detect_format, Error, Format, Result};
 
 /// What [`check`] may repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -465,7 +466,7 @@ fn run(meta: &Qcow2Meta, repair: RepairMode) -> Result<CheckReport> {
             let Ok(r) = stored.get(l2_off / cs) else {
                 continue;
             };
-            let copied = e & crate::qcow2meta::OFLAG_COPIED != 0;
+            let copied = e & OFLAG_COPIED != 0;
             if (r == 1) != copied {
                 c.corrupt(format!(
                     "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:#x} refcount={r}"

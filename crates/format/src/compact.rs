@@ -15,12 +15,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::convert::{allocated_bytes, Temp};
-use crate::qcow2meta::{is_zero, thread_count, write_items, Item, L1E_OFFSET_MASK};
-use crate::{
-    ClusterCompressor, Compression, Control, Error, Format, L2Entry, Qcow2Meta, Qcow2Writer,
-    Qcow2WriterOptions, Result,
+use crate::convert::{commit_output, new_output, qcow2_output};
+use crate::host;
+use crate::qcow2::{
+    is_zero, thread_count, write_items, ClusterCompressor, Item, L2Entry, Qcow2Meta,
+    Qcow2WriterOptions, L1E_OFFSET_MASK,
 };
+use crate::{ByteRange, Compression, Control, Error, Result};
 
 /// Options of [`compact`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,9 +31,9 @@ pub struct CompactOptions {
     pub compression: Option<Compression>,
     /// Compression threads; 0 = all cores.
     pub threads: usize,
-    /// Guest byte ranges `(offset, length)` whose content does not matter;
-    /// afterwards they read as zeros.
-    pub unused_ranges: Vec<(u64, u64)>,
+    /// Guest byte ranges whose content does not matter; afterwards they
+    /// read as zeros.
+    pub unused_ranges: Vec<ByteRange>,
 }
 
 /// What [`compact`] did.
@@ -53,11 +54,11 @@ pub struct CompactReport {
 }
 
 /// Sorted, merged `[start, end)` ranges.
-fn merge_ranges(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+fn merge_ranges(ranges: &[ByteRange]) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = ranges
         .iter()
-        .filter(|r| r.1 > 0)
-        .map(|&(o, l)| (o, o.saturating_add(l)))
+        .filter(|r| r.len > 0)
+        .map(|r| (r.offset, r.end()))
         .collect();
     v.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
@@ -95,27 +96,10 @@ pub fn compact(path: &Path, opts: &CompactOptions, control: &Control) -> Result<
             reason: "the corrupt bit is set; run check first".into(),
         });
     }
-    let backing = match (&h.backing_file, &h.backing_format) {
-        (None, _) => None,
-        (Some(name), Some(fmt)) => {
-            let f: Format = fmt.parse().map_err(|reason| Error::BackingRefused {
-                path: path.to_path_buf(),
-                backing: name.clone(),
-                reason,
-            })?;
-            Some((name.clone(), f))
-        }
-        (Some(name), None) => {
-            return Err(Error::BackingRefused {
-                path: path.to_path_buf(),
-                backing: name.clone(),
-                reason: "no backing format recorded".into(),
-            })
-        }
-    };
+    let backing = h.backing(path)?;
     let has_backing = backing.is_some();
     let orig = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
-    let bytes_before = allocated_bytes(&orig, path)?;
+    let bytes_before = host::allocated_bytes(&orig).map_err(|e| Error::io(path, "stat", e))?;
     let mode = orig
         .metadata()
         .map_err(|e| Error::io(path, "stat", e))?
@@ -127,15 +111,9 @@ pub fn compact(path: &Path, opts: &CompactOptions, control: &Control) -> Result<
     let cs = h.cluster_size();
     let size = h.size;
     let unused = merge_ranges(&opts.unused_ranges);
-    let temp = Temp::new(path)?;
-    let tp = temp.path().to_path_buf();
-    let file = temp
-        .file
-        .try_clone()
-        .map_err(|e| Error::io(&tp, "dup", e))?;
-    let mut w = Qcow2Writer::new(
-        file,
-        &tp,
+    let temp = new_output(path)?;
+    let mut w = qcow2_output(
+        &temp,
         &Qcow2WriterOptions {
             size,
             cluster_size: cs,
@@ -251,7 +229,8 @@ pub fn compact(path: &Path, opts: &CompactOptions, control: &Control) -> Result<
     report.data_clusters = stats.data_clusters;
     report.compressed_clusters = stats.compressed_clusters;
     report.zero_clusters = stats.zero_clusters;
-    report.bytes_after = temp.finish_replace(path, mode)?;
+    // Always durable: it replaces a file that was.
+    report.bytes_after = commit_output(temp, path, mode, true, true)?;
     control.report(size, size);
     Ok(report)
 }
@@ -259,11 +238,18 @@ pub fn compact(path: &Path, opts: &CompactOptions, control: &Control) -> Result<
 #[cfg(test)]
 mod tests {
     use super::merge_ranges;
+    use crate::ByteRange;
 
     #[test]
     fn ranges_merge() {
         assert_eq!(
-            merge_ranges(&[(10, 5), (0, 4), (12, 10), (30, 0), (4, 1)]),
+            merge_ranges(&[
+                ByteRange::new(10, 5),
+                ByteRange::new(0, 4),
+                ByteRange::new(12, 10),
+                ByteRange::new(30, 0),
+                ByteRange::new(4, 1)
+            ]),
             vec![(0, 5), (10, 22)]
         );
     }

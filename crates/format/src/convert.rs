@@ -7,16 +7,18 @@
 //! allocation map window) whatever the image size.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::qcow2meta::{is_zero, thread_count, write_items, Item};
+use crate::host::{self, AtomicFile, Commit, Falloc};
+use crate::qcow2::{
+    is_zero, thread_count, write_items, ClusterCompressor, Item, Qcow2Meta, Qcow2Writer,
+    Qcow2WriterOptions,
+};
 use crate::{
-    BlockIo, ClusterCompressor, Compression, Control, Error, Format, Image, OpenOptions, Qcow2Meta,
-    Qcow2Writer, Qcow2WriterOptions, Result,
+    BackingRef, BlockIo, ByteRange, Compression, Control, Error, Format, Image, OpenOptions, Result,
 };
 
 /// What to do with the source's backing chain.
@@ -169,7 +171,7 @@ pub fn convert(
             reason: "a raw image cannot record a backing file (use flatten)".into(),
         });
     }
-    let temp = Temp::new(dst)?;
+    let temp = new_output(dst)?;
     let size = img.size();
     let (method, bytes_read) = match (img.format(), opts.format) {
         (Format::Raw, Format::Raw) => raw_to_raw(src, &temp, size, opts.sparse, control)?,
@@ -183,7 +185,7 @@ pub fn convert(
         ),
     };
     control.check(dst, "convert")?;
-    let bytes_allocated = temp.finish(dst, 0o644, opts.durable)?;
+    let bytes_allocated = commit_output(temp, dst, 0o644, false, opts.durable)?;
     control.report(size, size);
     Ok(ConvertReport {
         output: dst.to_path_buf(),
@@ -192,200 +194,122 @@ pub fn convert(
         bytes_read,
         bytes_allocated,
         method,
-        backing_file: backing.map(|b| b.0),
+        backing_file: backing.map(|b| b.path.display().to_string()),
     })
 }
 
 /// The backing file the output should record for [`BackingMode::Keep`].
-fn kept_backing(img: &Image, src: &Path, dst: &Path) -> Result<Option<(String, Format)>> {
+fn kept_backing(img: &Image, src: &Path, dst: &Path) -> Result<Option<BackingRef>> {
     if img.format() != Format::Qcow2 {
         return Ok(None);
     }
-    let meta = Qcow2Meta::open(src, false)?;
-    let h = meta.header();
-    let Some(name) = h.backing_file.clone() else {
+    let Some(b) = Qcow2Meta::open(src, false)?.header().backing(src)? else {
         return Ok(None);
     };
-    let format: Format = match h.backing_format.as_deref() {
-        Some(f) => f.parse().map_err(|reason| Error::BackingRefused {
-            path: src.to_path_buf(),
-            backing: name.clone(),
-            reason,
-        })?,
-        None => {
-            return Err(Error::BackingRefused {
-                path: src.to_path_buf(),
-                backing: name,
-                reason: "no backing format recorded".into(),
-            })
-        }
-    };
-    if Path::new(&name).is_absolute() {
-        return Ok(Some((name, format)));
+    if b.path.is_absolute() {
+        return Ok(Some(b));
     }
-    let src_dir = parent_dir(src)
+    let src_dir = host::parent_dir(src)
         .canonicalize()
         .map_err(|e| Error::io(src, "resolve directory", e))?;
-    let dst_dir = parent_dir(dst)
+    let dst_dir = host::parent_dir(dst)
         .canonicalize()
         .map_err(|e| Error::io(dst, "resolve directory", e))?;
     if src_dir == dst_dir {
-        Ok(Some((name, format)))
+        Ok(Some(b))
     } else {
-        Ok(Some((src_dir.join(&name).display().to_string(), format)))
+        Ok(Some(BackingRef {
+            path: src_dir.join(&b.path),
+            format: b.format,
+        }))
     }
 }
 
-pub(crate) fn parent_dir(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+/// Create the temporary output for `dst` beside it, after removing the
+/// leftovers of killed earlier runs (see [`host::AtomicFile`]).
+pub(crate) fn new_output(dst: &Path) -> Result<AtomicFile> {
+    host::remove_dead_temps(dst).map_err(|e| Error::io(dst, "remove dead temporary files", e))?;
+    AtomicFile::new(dst).map_err(|e| Error::io(dst, "create temporary file", e))
 }
 
-/// A temporary file next to the final destination, removed unless finished.
-pub(crate) struct Temp {
-    pub(crate) file: File,
-    path: tempfile::TempPath,
+/// A [`Qcow2Writer`] writing into the temporary output `temp`.
+pub(crate) fn qcow2_output(temp: &AtomicFile, opts: &Qcow2WriterOptions) -> Result<Qcow2Writer> {
+    let tp = temp.path();
+    let file = temp
+        .file()
+        .try_clone()
+        .map_err(|e| Error::io(tp, "duplicate descriptor", e))?;
+    Qcow2Writer::new(file, tp, opts)
 }
 
-impl Temp {
-    pub(crate) fn new(dst: &Path) -> Result<Temp> {
-        let name = dst
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let t = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".vmvol-tmp")
-            .tempfile_in(parent_dir(dst))
-            .map_err(|e| Error::io(dst, "create temporary file", e))?;
-        let (file, path) = t.into_parts();
-        Ok(Temp { file, path })
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// fsync, set `mode`, rename to `dst` (refusing to replace when `mode`
-    /// asks for a fresh file: `replace == false`), fsync the directory.
-    /// Returns the allocated bytes of the result.
-    fn finish_inner(self, dst: &Path, mode: u32, replace: bool, sync: bool) -> Result<u64> {
-        if sync {
-            self.file
-                .sync_all()
-                .map_err(|e| Error::io(&*self.path, "fsync", e))?;
-        }
-        self.file
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::io(&*self.path, "chmod", e))?;
-        let allocated = allocated_bytes(&self.file, dst)?;
-        drop(self.file);
-        if replace {
-            self.path
-                .persist(dst)
-                .map_err(|e| Error::io(dst, "rename into place", e.error))?;
-        } else {
-            self.path.persist_noclobber(dst).map_err(|e| {
-                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::Exists {
-                        path: dst.to_path_buf(),
-                    }
-                } else {
-                    Error::io(dst, "rename into place", e.error)
+/// Put the finished output at `dst` (replacing what is there only with
+/// `replace`); returns the host bytes it occupies.
+pub(crate) fn commit_output(
+    temp: AtomicFile,
+    dst: &Path,
+    mode: u32,
+    replace: bool,
+    durable: bool,
+) -> Result<u64> {
+    let file = temp
+        .commit(
+            dst,
+            Commit {
+                replace,
+                mode,
+                durable,
+            },
+        )
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Exists {
+                    path: dst.to_path_buf(),
                 }
-            })?;
-        }
-        if sync {
-            let dir =
-                File::open(parent_dir(dst)).map_err(|e| Error::io(dst, "open directory", e))?;
-            dir.sync_all()
-                .map_err(|e| Error::io(dst, "fsync directory", e))?;
-        }
-        Ok(allocated)
-    }
-
-    /// Rename to `dst`, which must not exist.
-    pub(crate) fn finish(self, dst: &Path, mode: u32, sync: bool) -> Result<u64> {
-        self.finish_inner(dst, mode, false, sync)
-    }
-
-    /// Rename over `dst` (always durable: it replaces a file that was).
-    pub(crate) fn finish_replace(self, dst: &Path, mode: u32) -> Result<u64> {
-        self.finish_inner(dst, mode, true, true)
-    }
-}
-
-/// Host bytes a file occupies.
-pub(crate) fn allocated_bytes(f: &File, path: &Path) -> Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let m = f.metadata().map_err(|e| Error::io(path, "stat", e))?;
-    Ok(m.blocks() * 512)
+            } else {
+                Error::io(dst, "rename into place", e)
+            }
+        })?;
+    host::allocated_bytes(&file).map_err(|e| Error::io(dst, "stat", e))
 }
 
 fn raw_to_raw(
     src: &Path,
-    temp: &Temp,
+    temp: &AtomicFile,
     size: u64,
     sparse: bool,
     control: &Control,
 ) -> Result<(CopyMethod, u64)> {
     let s = File::open(src).map_err(|e| Error::io(src, "open", e))?;
     let tp = temp.path().to_path_buf();
-    // SAFETY: both descriptors are open for the duration of the call; FICLONE
-    // takes the source descriptor as its integer argument and touches no memory.
-    let rc = unsafe { libc::ioctl(temp.file.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) };
-    if rc == 0 {
+    if host::reflink(&s, temp.file()).is_ok() {
         return Ok((CopyMethod::Reflink, size));
     }
-    temp.file
+    temp.file()
         .set_len(size)
         .map_err(|e| Error::io(&tp, "set length", e))?;
     if !sparse && size > 0 {
-        let len = libc::off_t::try_from(size).map_err(|_| Error::InvalidArgument {
-            path: tp.clone(),
-            reason: "size too large".into(),
-        })?;
-        // SAFETY: plain syscall on an open descriptor, no memory passed.
-        let r = unsafe { libc::fallocate(temp.file.as_raw_fd(), 0, 0, len) };
-        if r != 0 {
-            return Err(Error::io(&tp, "fallocate", std::io::Error::last_os_error()));
-        }
+        host::fallocate(temp.file(), Falloc::Allocate, 0, size)
+            .map_err(|e| Error::io(&tp, "fallocate", e))?;
     }
     // One thread walks the data extents in pieces: the in-kernel copy is
     // bound by the page cache, and two workers measured slower (they contend
     // on the same inodes).
-    struct Cursor {
-        pos: u64,
-        extent: Option<(u64, u64)>,
-    }
-    let mut c = Cursor {
-        pos: 0,
-        extent: None,
-    };
     let mut use_cfr = true;
     let mut copied = 0u64;
+    // Data extents, cut into pieces so progress and cancellation are checked often.
+    let mut extents = host::data_extents(&s, 0, size);
+    let mut current: Option<ByteRange> = None;
     let mut next_piece = || -> Result<Option<(u64, u64)>> {
         loop {
-            if let Some((off, end)) = c.extent {
-                if off < end {
-                    let n = (end - off).min(PIECE);
-                    c.extent = Some((off + n, end));
-                    return Ok(Some((off, n)));
-                }
-                c.pos = end;
-                c.extent = None;
+            if let Some(r) = current.as_mut().filter(|r| r.len > 0) {
+                let n = r.len.min(PIECE);
+                let at = r.offset;
+                *r = ByteRange::new(at + n, r.len - n);
+                return Ok(Some((at, n)));
             }
-            if c.pos >= size {
-                return Ok(None);
-            }
-            match next_data(&s, src, c.pos, size)? {
-                Some(e) => c.extent = Some(e),
-                None => {
-                    c.pos = size;
-                    return Ok(None);
-                }
+            match extents.next() {
+                Some(r) => current = Some(r.map_err(|e| Error::io(src, "seek data", e))?),
+                None => return Ok(None),
             }
         }
     };
@@ -396,9 +320,10 @@ fn raw_to_raw(
             break;
         };
         if use_cfr {
-            match copy_range(&s, &temp.file, off, n) {
-                Ok(()) => {}
-                Err(e) if cfr_unsupported(&e) => use_cfr = false,
+            match host::copy_file_range(&s, temp.file(), off, n) {
+                // A source shorter than expected: the rest reads as a hole.
+                Ok(_) => {}
+                Err(e) if host::is_unsupported(&e) => use_cfr = false,
                 Err(e) => return Err(Error::io(&tp, "copy_file_range", e)),
             }
         }
@@ -411,7 +336,7 @@ fn raw_to_raw(
                 s.read_exact_at(b, o)
                     .map_err(|e| Error::io(src, "read", e))?;
                 if !(sparse && is_zero(b)) {
-                    temp.file
+                    temp.file()
                         .write_all_at(b, o)
                         .map_err(|e| Error::io(&tp, "write", e))?;
                 }
@@ -431,80 +356,6 @@ fn raw_to_raw(
 
 /// Largest piece copied per call, so progress and cancellation are checked often.
 const PIECE: u64 = 16 << 20;
-
-fn cfr_unsupported(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-    )
-}
-
-/// Copy `len` bytes at `off` from `s` to the same offset of `d` with
-/// `copy_file_range`.
-fn copy_range(s: &File, d: &File, off: u64, len: u64) -> std::io::Result<()> {
-    let mut in_off =
-        libc::loff_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut out_off = in_off;
-    let mut left = len;
-    while left > 0 {
-        let n = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
-        // SAFETY: the offsets are valid pointers to locals; both descriptors are open.
-        let r = unsafe {
-            libc::copy_file_range(
-                s.as_raw_fd(),
-                &mut in_off,
-                d.as_raw_fd(),
-                &mut out_off,
-                n,
-                0,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            // Source shorter than expected: the rest reads as a hole.
-            break;
-        }
-        left = left.saturating_sub(r as u64);
-    }
-    Ok(())
-}
-
-/// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE).
-fn next_data(f: &File, path: &Path, pos: u64, size: u64) -> Result<Option<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    let p = libc::off_t::try_from(pos).map_err(|_| Error::InvalidArgument {
-        path: path.to_path_buf(),
-        reason: "offset too large".into(),
-    })?;
-    // SAFETY: plain syscall on an open descriptor.
-    let start = unsafe { libc::lseek(fd, p, libc::SEEK_DATA) };
-    if start < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        // No SEEK_DATA support: treat everything as data.
-        return Ok(Some((pos, size)));
-    }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-    let start = start as u64;
-    let end = if end < 0 {
-        size
-    } else {
-        (end as u64).min(size)
-    };
-    if start >= size {
-        return Ok(None);
-    }
-    Ok(Some((start, end.max(start))))
-}
 
 /// How one range of the source is to be copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -669,10 +520,10 @@ fn pipeline(
     })
 }
 
-fn stream_to_raw(img: &Image, temp: &Temp, sparse: bool, control: &Control) -> Result<u64> {
+fn stream_to_raw(img: &Image, temp: &AtomicFile, sparse: bool, control: &Control) -> Result<u64> {
     let size = img.size();
     let tp = temp.path().to_path_buf();
-    temp.file
+    temp.file()
         .set_len(size)
         .map_err(|e| Error::io(&tp, "set length", e))?;
     const UNIT: u64 = 64 << 10;
@@ -692,7 +543,7 @@ fn stream_to_raw(img: &Image, temp: &Temp, sparse: bool, control: &Control) -> R
             let zero = k == n || (sparse && is_zero(buf.get(k..k + m).unwrap_or_default()));
             if zero {
                 if let Some(a) = run.take() {
-                    temp.file
+                    temp.file()
                         .write_all_at(buf.get(a..k).unwrap_or_default(), off + a as u64)
                         .map_err(|e| Error::io(&tp, "write", e))?;
                 }
@@ -709,34 +560,25 @@ fn stream_to_raw(img: &Image, temp: &Temp, sparse: bool, control: &Control) -> R
         Ok(())
     })?;
     if !sparse && size > 0 {
-        let len = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
-        // SAFETY: plain syscall on an open descriptor; mode 0 only allocates
-        // and keeps existing data.
-        let r = unsafe { libc::fallocate(temp.file.as_raw_fd(), 0, 0, len) };
-        if r != 0 {
-            return Err(Error::io(&tp, "fallocate", std::io::Error::last_os_error()));
-        }
+        // Mode 0 only allocates and keeps existing data.
+        host::fallocate(temp.file(), Falloc::Allocate, 0, size)
+            .map_err(|e| Error::io(&tp, "fallocate", e))?;
     }
     Ok(read)
 }
 
 fn stream_to_qcow2(
     img: &Image,
-    temp: &Temp,
+    temp: &AtomicFile,
     opts: &ConvertOptions,
-    backing: Option<(String, Format)>,
+    backing: Option<BackingRef>,
     control: &Control,
 ) -> Result<u64> {
     let size = img.size();
     let tp = temp.path().to_path_buf();
     let keep = backing.is_some();
-    let file = temp
-        .file
-        .try_clone()
-        .map_err(|e| Error::io(&tp, "dup", e))?;
-    let mut w = Qcow2Writer::new(
-        file,
-        &tp,
+    let mut w = qcow2_output(
+        temp,
         &Qcow2WriterOptions {
             size,
             cluster_size: opts.cluster_size,

@@ -118,6 +118,20 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Vet a grow of the image at `path` from `current` to `requested`
+    /// bytes: refused ([`Error::Shrink`]) if smaller; `Ok(false)` if there
+    /// is nothing to do.
+    pub(crate) fn check_grow(path: &Path, current: u64, requested: u64) -> Result<bool> {
+        if requested < current {
+            return Err(Error::Shrink {
+                path: path.to_path_buf(),
+                current,
+                requested,
+            });
+        }
+        Ok(requested > current)
+    }
+
     /// Wrap an `io::Error` with the file and operation it came from.
     pub fn io(path: impl AsRef<Path>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io {

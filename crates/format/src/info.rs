@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::image::OpenOptions;
-use crate::qcow2::VettedHeader;
+use crate::qcow2::Qcow2Header;
 use crate::{detect_format, Error, Format, Result};
 
 /// What `info` reports about an image. Field names serialise as
@@ -117,22 +117,19 @@ pub fn info(path: &Path, opts: &OpenOptions) -> Result<ImageInfo> {
     if format == Format::Raw {
         return Ok(info);
     }
-    let h = VettedHeader::read(path, &file)?;
+    let h = Qcow2Header::read(path, &file)?;
+    h.vet(path, len)?;
     info.virtual_size = h.size;
     info.cluster_size = Some(h.cluster_size());
-    info.compression_type = Some(h.compression_name().to_string());
-    info.dirty = h.dirty();
-    info.corrupt = h.corrupt();
+    info.compression_type = Some(h.compression.as_str().to_string());
+    info.dirty = h.is_dirty();
+    info.corrupt = h.is_corrupt();
     info.lazy_refcounts = h.lazy_refcounts();
     info.refcount_bits = Some(1u32 << h.refcount_order);
     info.qcow2_version = Some(h.version);
     info.snapshot_count = h.nb_snapshots;
     info.backing_filename = h.backing_file.clone();
-    info.backing_format = h.backing_format.as_deref().and_then(|f| match f {
-        "raw" | "file" => Some(Format::Raw),
-        "qcow2" => Some(Format::Qcow2),
-        _ => None,
-    });
+    info.backing_format = h.backing_format.as_deref().and_then(|f| f.parse().ok());
 
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, "canonicalize", e))?;
     let mut seen = vec![canonical];
@@ -161,7 +158,8 @@ pub fn info(path: &Path, opts: &OpenOptions) -> Result<ImageInfo> {
                 break;
             }
             Format::Qcow2 => {
-                let bh = VettedHeader::read(&rb.canonical, &rb.file)?;
+                let bh = Qcow2Header::read(&rb.canonical, &rb.file)?;
+                bh.vet(&rb.canonical, blen)?;
                 entry.virtual_size = bh.size;
                 entry.cluster_size = Some(bh.cluster_size());
                 info.chain.push(entry);

@@ -8,40 +8,33 @@
 //! qcow2 I/O runs on the `imago` crate (sync feature), kept behind our own
 //! types; check/repair, compressed writes and fresh image layouts are ours.
 
+mod check;
+mod compact;
 mod control;
+mod convert;
 mod error;
-mod io;
-
-pub use control::{Control, ProgressFn};
-pub use error::{Error, Result};
-pub use io::BlockIo;
-mod range;
-pub use range::ByteRange;
-mod probe;
-pub use probe::{detect_format, virtual_size, Format, QCOW2_MAGIC};
-mod qcow2meta;
-pub use qcow2meta::{
-    ClusterCompressor, Compression, L2Entry, Qcow2Header, Qcow2Meta, Qcow2Writer,
-    Qcow2WriterOptions, SnapshotEntry, WriterStats,
-};
+pub mod host;
 mod image;
 mod info;
+mod io;
 mod map;
-mod mapcache;
 mod policy;
-mod qcow2;
+mod probe;
+pub mod qcow2;
+mod range;
 mod raw;
+
+pub use check::{check, CheckReport, RepairMode};
+pub use compact::{compact, CompactOptions, CompactReport};
+pub use control::{Control, ProgressFn};
+pub use convert::{convert, BackingMode, ConvertOptions, ConvertReport, CopyMethod};
+pub use error::{Error, Result};
 pub use image::{Image, OpenOptions};
 pub use info::{info, ChainEntry, ImageInfo};
+pub use io::BlockIo;
 pub use map::MapExtent;
-pub use policy::{BackingPolicy, DEFAULT_MAX_DEPTH};
-pub use qcow2::{
-    Qcow2CreateOptions, Qcow2Image, DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE,
-};
+pub use policy::{BackingPolicy, BackingRef, DEFAULT_MAX_DEPTH};
+pub use probe::{detect_format, virtual_size, Format};
+pub use qcow2::{Compression, Qcow2CreateOptions, Qcow2Image};
+pub use range::ByteRange;
 pub use raw::{Prealloc, RawImage};
-mod check;
-pub use check::{check, CheckReport, RepairMode};
-mod compact;
-mod convert;
-pub use compact::{compact, CompactOptions, CompactReport};
-pub use convert::{convert, BackingMode, ConvertOptions, ConvertReport, CopyMethod};

@@ -160,11 +160,9 @@ impl BackingPolicy {
             )));
         }
         let format = match recorded_format {
-            Some("raw") | Some("file") => Format::Raw,
-            Some("qcow2") => Format::Qcow2,
-            Some(other) => {
-                return Err(refuse(format!("unsupported backing format {other:?}")));
-            }
+            Some(name) => name
+                .parse::<Format>()
+                .map_err(|e| refuse(format!("unsupported backing format: {e}")))?,
             None if self.allow_probe => detect_format(&canonical)?,
             None => {
                 return Err(refuse(
@@ -200,5 +198,15 @@ pub(crate) struct ResolvedBacking {
     /// The recorded name combined with the naming image's directory.
     pub combined: PathBuf,
     /// Its format (recorded, or probed if the policy allows).
+    pub format: Format,
+}
+
+/// A backing file as recorded in (or to be recorded in) an image: its name,
+/// relative names being relative to the image's directory, and its format.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BackingRef {
+    /// The backing file's name or path.
+    pub path: PathBuf,
+    /// Its format.
     pub format: Format,
 }

@@ -6,10 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::qcow2::{Qcow2Header, QCOW2_MAGIC};
 use crate::{Error, Result};
-
-/// The qcow2 magic, `QFI\xfb`.
-pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// An image format vmvol reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,11 +35,14 @@ impl std::fmt::Display for Format {
     }
 }
 
+/// The one parser of format names: the names `qemu-img` uses, as given on a
+/// command line or recorded as a backing format. `"file"` (QEMU's protocol
+/// driver, which reads a file as it is) is raw.
 impl std::str::FromStr for Format {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         match s {
-            "raw" => Ok(Format::Raw),
+            "raw" | "file" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             other => Err(format!(
                 "unknown image format {other:?} (expected raw or qcow2)"
@@ -83,23 +84,8 @@ pub fn virtual_size(path: &Path, format: Format) -> Result<u64> {
             .map(|m| m.len())
             .map_err(|e| Error::io(path, "stat", e)),
         Format::Qcow2 => {
-            let mut f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-            let mut hdr = [0u8; 32];
-            f.read_exact(&mut hdr).map_err(|e| Error::InvalidImage {
-                path: path.to_path_buf(),
-                format: "qcow2",
-                reason: format!("cannot read header: {e}"),
-            })?;
-            if hdr[0..4] != QCOW2_MAGIC {
-                return Err(Error::InvalidImage {
-                    path: path.to_path_buf(),
-                    format: "qcow2",
-                    reason: "bad magic".into(),
-                });
-            }
-            let mut size = [0u8; 8];
-            size.copy_from_slice(&hdr[24..32]);
-            Ok(u64::from_be_bytes(size))
+            let f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+            Ok(Qcow2Header::read(path, &f)?.size)
         }
     }
 }

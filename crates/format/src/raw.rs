@@ -1,14 +1,14 @@
 //! Raw images: a plain file whose bytes are the disk's bytes.
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::host::{self, Falloc};
 use crate::map::{merge_extents, MapExtent};
 use crate::{BlockIo, Control, Error, Result};
 
@@ -89,8 +89,14 @@ impl RawImage {
         let size = if meta.is_file() {
             meta.len()
         } else {
-            block_device_size(&file, path)?
+            host::block_device_size(&file)
+                .map_err(|e| Error::io(path, "get block device size", e))?
         };
+        if !read_only && meta.is_file() {
+            // Outputs of a killed convert/compact of this image.
+            host::remove_dead_temps(path)
+                .map_err(|e| Error::io(path, "remove dead temporary files", e))?;
+        }
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
@@ -121,14 +127,7 @@ impl RawImage {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let cur = self.size();
-        if new_size < cur {
-            return Err(Error::Shrink {
-                path: self.path.clone(),
-                current: cur,
-                requested: new_size,
-            });
-        }
-        if new_size == cur {
+        if !Error::check_grow(&self.path, cur, new_size)? {
             return Ok(());
         }
         match self.extend(cur, new_size, prealloc, ctl, "grow") {
@@ -165,7 +164,7 @@ impl RawImage {
                 while off < to {
                     ctl.check(&self.path, op)?;
                     let n = (to - off).min(CHUNK);
-                    fallocate(&self.file, 0, off, n)
+                    host::fallocate(&self.file, Falloc::Allocate, off, n)
                         .map_err(|e| Error::io(&self.path, "fallocate", e))?;
                     off += n;
                     ctl.report(off - from, total);
@@ -202,7 +201,8 @@ impl RawImage {
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let (data, run) = host_extent(&self.file, &self.path, pos, end)?;
+            let (data, run) = host::extent_at(&self.file, pos, end)
+                .map_err(|e| Error::io(&self.path, "seek data", e))?;
             out.push(MapExtent {
                 start: pos,
                 length: run,
@@ -220,11 +220,7 @@ impl RawImage {
 
     /// Bytes the file occupies on the host (`st_blocks * 512`).
     pub fn allocated_bytes(&self) -> Result<u64> {
-        let m = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(&self.path, "stat", e))?;
-        Ok(m.blocks().saturating_mul(512))
+        host::allocated_bytes(&self.file).map_err(|e| Error::io(&self.path, "stat", e))
     }
 
     fn writable(&self, op: &'static str) -> Result<()> {
@@ -307,18 +303,11 @@ impl BlockIo for RawImage {
         if len == 0 {
             return Ok(());
         }
-        if fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, len).is_ok() {
+        if host::fallocate(&self.file, Falloc::ZeroRange, offset, len).is_ok() {
             return Ok(());
         }
         // Not every filesystem knows ZERO_RANGE; a punched hole reads as zeros too.
-        if fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-        .is_ok()
-        {
+        if host::fallocate(&self.file, Falloc::PunchHole, offset, len).is_ok() {
             return Ok(());
         }
         self.write_zero_bytes(offset, len)
@@ -330,12 +319,7 @@ impl BlockIo for RawImage {
         if len == 0 {
             return Ok(());
         }
-        match fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match host::fallocate(&self.file, Falloc::PunchHole, offset, len) {
             Ok(()) => Ok(()),
             // Discarded data must read as zeros, so write them where holes are impossible.
             Err(_) => self.write_zero_bytes(offset, len),
@@ -356,7 +340,8 @@ impl BlockIo for RawImage {
         if len == 0 {
             return Ok(true);
         }
-        let (data, run) = host_extent(&self.file, &self.path, offset, end)?;
+        let (data, run) = host::extent_at(&self.file, offset, end)
+            .map_err(|e| Error::io(&self.path, "seek data", e))?;
         Ok(!data && offset + run >= end)
     }
 
@@ -365,108 +350,16 @@ impl BlockIo for RawImage {
     }
 }
 
-/// `fallocate(2)` with the given mode; `EINTR` retried.
-pub(crate) fn fallocate(
-    file: &File,
-    mode: libc::c_int,
-    offset: u64,
-    len: u64,
-) -> std::io::Result<()> {
-    let off: libc::off_t = offset
-        .try_into()
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let l: libc::off_t = len
-        .try_into()
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    loop {
-        // SAFETY: fallocate only reads its integer arguments; the descriptor is
-        // owned by `file`, which outlives the call.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, l) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE`; `Ok(None)` for `ENXIO` (no such
-/// region before the end of the file).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-    let off: libc::off_t = offset
-        .try_into()
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek only reads its integer arguments; the descriptor is owned by
-    // `file`. Each caller uses the returned offset, never the file position
-    // (all I/O is positional), so moving the position is harmless.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    Ok(Some(r as u64))
-}
-
-/// Whether the host file holds data at `pos`, and for how long that stays true
-/// (capped at `end`). Positions past the end of the file are holes. A
-/// filesystem without `SEEK_DATA` reports everything as data.
-pub(crate) fn host_extent(file: &File, path: &Path, pos: u64, end: u64) -> Result<(bool, u64)> {
-    let next_data = match seek(file, pos, libc::SEEK_DATA) {
-        Ok(d) => d,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok((true, end - pos)),
-        Err(e) => return Err(Error::io(path, "seek data", e)),
-    };
-    match next_data {
-        Some(d) if d <= pos => {
-            let hole = seek(file, pos, libc::SEEK_HOLE)
-                .map_err(|e| Error::io(path, "seek hole", e))?
-                .unwrap_or(end);
-            Ok((true, hole.clamp(pos + 1, end) - pos))
-        }
-        Some(d) => Ok((false, d.min(end) - pos)),
-        None => Ok((false, end - pos)),
-    }
-}
-
-/// Size of a block device (`BLKGETSIZE64`).
-fn block_device_size(file: &File, path: &Path) -> Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to
-    // a live local of that type.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut size as *mut u64) };
-    if r < 0 {
-        return Err(Error::io(
-            path,
-            "get block device size",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(size)
-}
-
-use std::os::unix::fs::FileTypeExt;
-
 /// Create `path` for reading and writing, failing with [`Error::Exists`] if
 /// anything is there already (images are never overwritten by a create).
 pub(crate) fn create_new(path: &Path) -> Result<File> {
-    FsOpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::Exists {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                Error::io(path, "create", e)
+    host::create_new(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::Exists {
+                path: path.to_path_buf(),
             }
-        })
+        } else {
+            Error::io(path, "create", e)
+        }
+    })
 }

@@ -983,7 +983,10 @@ impl ImageStore for LocalBackend {
         match Image::open(&path, &self.open_opts(image, false)) {
             Ok(img) => {
                 s.virtual_size = Some(img.size());
-                if let Some((bpath, bfmt)) = img
+                if let Some(vmvol_format::BackingRef {
+                    path: bpath,
+                    format: bfmt,
+                }) = img
                     .as_qcow2()
                     .and_then(|q| q.backing_chain().into_iter().next())
                 {

@@ -2,11 +2,9 @@
 //! images (made by us and by qemu-img).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 use vmvol_format::{
     info, BackingPolicy, BlockIo, Control, Format, Image, OpenOptions, Prealloc,
     Qcow2CreateOptions, Qcow2Image, RawImage,
@@ -24,10 +22,7 @@ fn agree(dir: &Path, p: &Path) {
     let img = Image::open(p, &opts(dir).read_only(true)).unwrap();
     let ours = serde_json::to_value(img.map(0, img.size()).unwrap()).unwrap();
     let theirs = qemu_json(&["map", ps]);
-    assert_eq!(
-        ours, theirs,
-        "map of {ps} differs\nours:   {ours}\nqemu's: {theirs}"
-    );
+    assert_map_eq(&ours, &theirs, ps);
     // A sub-range: the same extents clipped.
     let (a, b) = (img.size() / 3 + 1234, img.size() / 2);
     let sub = img.map(a, b - a).unwrap();
@@ -102,7 +97,7 @@ fn raw_with_holes(p: &Path, size: u64) -> Vec<u8> {
 
 #[test]
 fn raw_image() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -117,7 +112,7 @@ fn raw_image() {
 
 #[test]
 fn qcow2_made_by_us() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     for cluster in [512u64, 65536] {
@@ -139,7 +134,7 @@ fn qcow2_made_by_us() {
 
 #[test]
 fn chains_made_by_qemu() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -236,7 +231,7 @@ fn chains_made_by_qemu() {
 
 #[test]
 fn qcow2_over_our_own_chain() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

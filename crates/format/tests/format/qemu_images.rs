@@ -4,11 +4,9 @@
 //! intact.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 use vmvol_format::{BackingPolicy, BlockIo, Image, OpenOptions};
 
 const MIB: usize = 1 << 20;
@@ -94,7 +92,7 @@ fn roundtrip(dir: &Path, img_path: &Path, want: &[u8]) {
 
 #[test]
 fn zlib_compressed_image() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -115,7 +113,7 @@ fn zlib_compressed_image() {
 
 #[test]
 fn zstd_compressed_image() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -138,7 +136,7 @@ fn zstd_compressed_image() {
 
 #[test]
 fn small_and_large_clusters() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -162,7 +160,7 @@ fn small_and_large_clusters() {
 
 #[test]
 fn three_deep_chain() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -237,7 +235,7 @@ fn three_deep_chain() {
 
 #[test]
 fn internal_snapshot_survives_writes() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -275,4 +273,82 @@ fn internal_snapshot_survives_writes() {
         std::fs::read(&snap).unwrap() == data,
         "snapshot data changed"
     );
+}
+
+/// A cluster shared with an internal snapshot (not COPIED) moves on the next
+/// write: a read after that write must see the new data, which a read-side
+/// mapping cache holding the shared cluster would not.
+#[test]
+fn writes_to_snapshot_shared_clusters_read_back() {
+    if !require_tool("qemu-img") {
+        return;
+    }
+    const CS: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.qcow2");
+    let opts = OpenOptions::new().policy(BackingPolicy::within([dir.path().to_path_buf()]));
+    vmvol_format::Qcow2Image::create(&p, &vmvol_format::Qcow2CreateOptions::new(4 << 20)).unwrap();
+    let img = Image::open(&p, &opts).unwrap();
+    let old = pattern(1, CS as usize);
+    img.write_at(&old, CS).unwrap();
+    drop(img);
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    let img = Image::open(&p, &opts).unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, CS).unwrap();
+    assert_eq!(buf, old[..4096]);
+    let new = pattern(2, 4096);
+    img.write_at(&new, CS).unwrap();
+    img.read_at(&mut buf, CS).unwrap();
+    assert_eq!(
+        buf, new,
+        "read after a write to a shared cluster shows old data"
+    );
+    // The rest of the cluster was copied over.
+    img.read_at(&mut buf, CS + 4096).unwrap();
+    assert_eq!(buf, old[4096..8192]);
+    drop(img);
+    // Read-only handles see the same.
+    let ro = Image::open(&p, &opts.clone().read_only(true)).unwrap();
+    ro.read_at(&mut buf, CS).unwrap();
+    assert_eq!(buf, new);
+    drop(ro);
+    assert_qemu_clean(&p);
+}
+
+/// New images place their first data cluster 2 MiB-aligned on the host (the
+/// page cache then uses large folios for it), and qemu-img finds the layout
+/// clean and maps it the same way. (With 512 B clusters a refcount block
+/// covers only 128 KiB of the file, so imago interleaves new ones with the
+/// data; the first data cluster is still at 2 MiB.)
+#[test]
+fn new_images_place_data_2mib_aligned() {
+    let dir = tempfile::tempdir().unwrap();
+    for cs in [512u64, 4096, 65536, 2 << 20] {
+        let p = dir.path().join(format!("a{cs}.qcow2"));
+        vmvol_format::Qcow2Image::create(
+            &p,
+            &vmvol_format::Qcow2CreateOptions::new(64 << 20).cluster_size(cs),
+        )
+        .unwrap();
+        let img = Image::open(&p, &OpenOptions::new()).unwrap();
+        img.write_at(&pattern(cs, 3 << 20), 0).unwrap();
+        img.flush().unwrap();
+        let map = img.map(0, 3 << 20).unwrap();
+        let first = map.first().unwrap();
+        assert!(first.data, "{cs}: {map:?}");
+        // (2 MiB clusters are aligned anyway; the metadata fills the first four.)
+        let at = if cs < 2 << 20 { 2 << 20 } else { 5 * cs };
+        assert_eq!(first.offset, Some(at), "cluster size {cs}: {map:?}");
+        // Data stays contiguous: no L2 table interleaved (a refcount block of
+        // 512 B clusters covers only 128 KiB: imago adds them as it goes).
+        let run = if cs == 512 { 128 << 10 } else { 3 << 20 };
+        assert!(first.length >= run, "cluster size {cs}: {map:?}");
+        drop(img);
+        if require_tool("qemu-img") {
+            assert_qemu_clean(&p);
+            let theirs = qemu_json(&["map", p.to_str().unwrap()]);
+            assert_eq!(theirs[0]["offset"], at, "{theirs}");
+        }
+    }
 }

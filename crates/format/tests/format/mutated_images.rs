@@ -3,13 +3,11 @@
 //! plain random bytes. Any panic fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../fuzz/fuzz_targets/body.rs"]
-mod body;
-mod common;
+use crate::fuzz_body as body;
 
 use std::sync::OnceLock;
 
-use common::*;
+use crate::support::*;
 use proptest::prelude::*;
 use vmvol_format::{BlockIo, OpenOptions, Qcow2CreateOptions, Qcow2Image};
 
@@ -28,11 +26,7 @@ fn seeds() -> &'static Vec<Vec<u8>> {
             drop(img);
             out.push(std::fs::read(&p).unwrap());
         }
-        if std::process::Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok()
-        {
+        if require_tool("qemu-img") {
             let src = dir.path().join("src.qcow2");
             let c = dir.path().join("c.qcow2");
             std::fs::write(dir.path().join("r.raw"), pattern(3, 300_000)).unwrap();

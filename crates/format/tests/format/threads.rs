@@ -2,12 +2,10 @@
 //! end with exactly the model's bytes and a clean `qemu-img check`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use common::*;
+use crate::support::*;
 use vmvol_format::{
     BackingPolicy, BlockIo, Control, Format, Image, OpenOptions, Prealloc, Qcow2CreateOptions,
     Qcow2Image, RawImage,
@@ -103,7 +101,7 @@ fn finish(img: Arc<Image>, path: &Path, fmt: &str, want: &[u8], dir: &Path) {
 
 #[test]
 fn four_threads_one_qcow2_handle() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     for cluster in [4096u64, 65536] {
@@ -118,7 +116,7 @@ fn four_threads_one_qcow2_handle() {
 
 #[test]
 fn four_threads_one_qcow2_handle_over_raw_parent() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -141,7 +139,7 @@ fn four_threads_one_qcow2_handle_over_raw_parent() {
 /// engine's exclusive lock, and the result must still be exact.
 #[test]
 fn four_threads_one_qcow2_handle_over_zstd_parent() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -178,7 +176,7 @@ fn four_threads_one_qcow2_handle_over_zstd_parent() {
 
 #[test]
 fn four_threads_one_raw_handle() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

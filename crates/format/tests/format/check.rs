@@ -1,22 +1,12 @@
 //! check() agrees with `qemu-img check` on clean, leaky and corrupt images.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 
-use common::*;
-use vmvol_format::{check, L2Entry, Qcow2Meta, RepairMode};
-
-fn qemu_io(img: &Path, cmd: &str) {
-    let o = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", cmd, img.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "qemu-io {cmd}: {o:?}");
-}
+use crate::support::*;
+use vmvol_format::qcow2::{L2Entry, Qcow2Meta};
+use vmvol_format::{check, RepairMode};
 
 /// Our report and qemu-img's agree on every count qemu-img reports.
 fn assert_agrees(img: &Path) -> vmvol_format::CheckReport {
@@ -80,16 +70,16 @@ fn written_image(dir: &Path, name: &str, opts: &str) -> std::path::PathBuf {
         img.to_str().unwrap(),
         "16M",
     ]);
-    qemu_io(&img, "write -P 0x11 0 256k");
-    qemu_io(&img, "write -P 0x22 1M 64k");
-    qemu_io(&img, "write -z 2M 128k");
-    qemu_io(&img, "write -P 0x33 8M 4k");
+    qemu_io("qcow2", &img, &["write -P 0x11 0 256k"]);
+    qemu_io("qcow2", &img, &["write -P 0x22 1M 64k"]);
+    qemu_io("qcow2", &img, &["write -z 2M 128k"]);
+    qemu_io("qcow2", &img, &["write -P 0x33 8M 4k"]);
     img
 }
 
 #[test]
 fn agrees_on_clean_images() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -105,9 +95,9 @@ fn agrees_on_clean_images() {
     imgs.push(written_image(dir, "v2.qcow2", "compat=0.10"));
     let snap = written_image(dir, "snap.qcow2", "cluster_size=65536");
     qemu_ok(&["snapshot", "-c", "s1", snap.to_str().unwrap()]);
-    qemu_io(&snap, "write -P 0x44 0 128k");
+    qemu_io("qcow2", &snap, &["write -P 0x44 0 128k"]);
     qemu_ok(&["snapshot", "-c", "s2", snap.to_str().unwrap()]);
-    qemu_io(&snap, "write -P 0x55 64k 128k");
+    qemu_io("qcow2", &snap, &["write -P 0x55 64k 128k"]);
     imgs.push(snap);
     let raw = dir.join("src.raw");
     raw_with(&raw, 8 << 20, &mixed_writes(8 << 20));
@@ -148,7 +138,7 @@ fn raw_has_nothing_to_check() {
 
 #[test]
 fn leaks_are_found_and_repaired() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -185,7 +175,7 @@ fn leaks_are_found_and_repaired() {
 
 #[test]
 fn refcount_too_high_on_used_cluster() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -203,7 +193,7 @@ fn refcount_too_high_on_used_cluster() {
 
 #[test]
 fn corruptions_agree_with_qemu() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -239,7 +229,7 @@ fn corruptions_agree_with_qemu() {
 
 #[test]
 fn compressed_cluster_refcounts_agree_after_damage() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -278,7 +268,7 @@ fn compressed_cluster_refcounts_agree_after_damage() {
 
 #[test]
 fn hostile_metadata_never_panics() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

@@ -4,11 +4,9 @@
 //! (`check` clean, `compare` equal to the model written out as raw).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 use proptest::prelude::*;
 use vmvol_format::{
     BackingPolicy, BlockIo, Control, Error, Format, Image, OpenOptions, Prealloc,
@@ -136,12 +134,7 @@ fn build(setup: Setup) -> (Case, Vec<u8>) {
                     raw.to_str().unwrap(),
                     q.to_str().unwrap(),
                 ]);
-                let m = qemu_json(&["map", q.to_str().unwrap()]);
-                assert!(m
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|e| e["compressed"] == true));
+                assert!(qemu_compressed_clusters(&q) > 0);
                 std::fs::remove_file(&raw).unwrap();
                 ("parent.qcow2", Format::Qcow2)
             } else if matches!(setup, Setup::OverQcow2 { .. }) {
@@ -253,7 +246,7 @@ fn run_case(setup: Setup, ops: &[Op]) {
         let len = last["length"].as_u64().unwrap();
         last["length"] = len.min(end - start).into();
     }
-    assert_eq!(ours, theirs, "map differs ({setup:?})");
+    assert_map_eq(&ours, &theirs, &format!("{setup:?}"));
 
     let model_path = case.dir.path().join("model.raw");
     std::fs::write(&model_path, &model).unwrap();
@@ -283,31 +276,31 @@ proptest! {
 
     #[test]
     fn raw_matches_model(ops in prop::collection::vec(op_strategy(), 1..24)) {
-        if !have_qemu() { return Ok(()); }
+        if !require_tool("qemu-img") { return Ok(()); }
         run_case(Setup::Raw, &ops);
     }
 
     #[test]
     fn qcow2_matches_model(c in cluster(), ops in prop::collection::vec(op_strategy(), 1..24)) {
-        if !have_qemu() { return Ok(()); }
+        if !require_tool("qemu-img") { return Ok(()); }
         run_case(Setup::Qcow2 { cluster: c }, &ops);
     }
 
     #[test]
     fn qcow2_over_raw_matches_model(c in cluster(), ops in prop::collection::vec(op_strategy(), 1..24)) {
-        if !have_qemu() { return Ok(()); }
+        if !require_tool("qemu-img") { return Ok(()); }
         run_case(Setup::OverRaw { cluster: c }, &ops);
     }
 
     #[test]
     fn qcow2_over_zstd_qcow2_matches_model(c in cluster(), ops in prop::collection::vec(op_strategy(), 1..24)) {
-        if !have_qemu() { return Ok(()); }
+        if !require_tool("qemu-img") { return Ok(()); }
         run_case(Setup::OverZstd { cluster: c }, &ops);
     }
 
     #[test]
     fn qcow2_over_qcow2_matches_model(c in cluster(), ops in prop::collection::vec(op_strategy(), 1..24)) {
-        if !have_qemu() { return Ok(()); }
+        if !require_tool("qemu-img") { return Ok(()); }
         run_case(Setup::OverQcow2 { cluster: c }, &ops);
     }
 }
@@ -316,7 +309,7 @@ proptest! {
 /// the backing file's old bytes.
 #[test]
 fn grow_hides_longer_backing_file() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -2,16 +2,15 @@
 //! flattened or kept, compressed, cancellable.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::*;
+use crate::support::*;
+use vmvol_format::qcow2::Qcow2Meta;
 use vmvol_format::{
     convert, BackingMode, BackingPolicy, Compression, Control, ConvertOptions, CopyMethod, Error,
-    Format, OpenOptions, Qcow2Meta,
+    Format, OpenOptions,
 };
 
 fn opts_in(dir: &Path) -> OpenOptions {
@@ -70,7 +69,7 @@ fn chain(dir: &Path) -> PathBuf {
 
 #[test]
 fn raw_qcow2_roundtrip_identical_and_sparse() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -108,7 +107,7 @@ fn raw_qcow2_roundtrip_identical_and_sparse() {
 
 #[test]
 fn raw_to_raw_keeps_holes_and_refuses_existing() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -142,7 +141,7 @@ fn raw_to_raw_keeps_holes_and_refuses_existing() {
 
 #[test]
 fn chain_flattened_to_qcow2_and_raw() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -165,7 +164,7 @@ fn chain_flattened_to_qcow2_and_raw() {
 
 #[test]
 fn chain_kept_copies_only_top_clusters() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -225,7 +224,7 @@ fn chain_kept_copies_only_top_clusters() {
 
 #[test]
 fn compressed_output_zstd_and_zlib() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -266,7 +265,7 @@ fn compressed_output_zstd_and_zlib() {
 
 #[test]
 fn cancelled_convert_leaves_nothing() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -326,7 +325,7 @@ fn cancelled_convert_leaves_nothing() {
 
 #[test]
 fn odd_sizes_convert_and_compact() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

@@ -1,21 +1,11 @@
 //! compact(): content kept, unused ranges dropped, smaller, atomic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::Path;
-use std::process::Command;
 
-use common::*;
-use vmvol_format::{compact, CompactOptions, Compression, Control, Error, Qcow2Meta};
-
-fn qemu_io(img: &Path, cmd: &str) {
-    let o = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", cmd, img.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "qemu-io {cmd}: {o:?}");
-}
+use crate::support::*;
+use vmvol_format::qcow2::Qcow2Meta;
+use vmvol_format::{compact, ByteRange, CompactOptions, Compression, Control, Error};
 
 /// A qcow2 image with data, written zeros, overwritten-by-zero data and
 /// discarded clusters (space that compaction can give back).
@@ -31,8 +21,8 @@ fn wasteful(dir: &Path, name: &str) -> std::path::PathBuf {
         img.to_str().unwrap(),
     ]);
     // Allocated clusters holding zeros.
-    qemu_io(&img, "write -P 0 20M 2M");
-    qemu_io(&img, "write -P 0x5a 24M 1M");
+    qemu_io("qcow2", &img, &["write -P 0 20M 2M"]);
+    qemu_io("qcow2", &img, &["write -P 0x5a 24M 1M"]);
     img
 }
 
@@ -49,7 +39,7 @@ fn snapshot_raw(img: &Path, out: &Path) {
 
 #[test]
 fn compaction_keeps_content_and_shrinks() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -91,7 +81,7 @@ fn compaction_keeps_content_and_shrinks() {
 
 #[test]
 fn unused_ranges_read_as_zero() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -110,7 +100,7 @@ fn unused_ranges_read_as_zero() {
         &CompactOptions {
             compression: Some(Compression::Zstd),
             threads: 0,
-            unused_ranges: ranges.clone(),
+            unused_ranges: ranges.iter().map(|&(o, l)| ByteRange::new(o, l)).collect(),
         },
         &Control::new(),
     )
@@ -128,7 +118,7 @@ fn unused_ranges_read_as_zero() {
 
 #[test]
 fn backing_kept_and_unused_ranges_hide_it() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -147,15 +137,15 @@ fn backing_kept_and_unused_ranges_hide_it() {
         "raw",
         top.to_str().unwrap(),
     ]);
-    qemu_io(&top, "write -P 0x11 1M 1M");
-    qemu_io(&top, "write -P 0 3M 64k"); // zeros that hide the base
+    qemu_io("qcow2", &top, &["write -P 0x11 1M 1M"]);
+    qemu_io("qcow2", &top, &["write -P 0 3M 64k"]); // zeros that hide the base
     let before = dir.join("before.raw");
     snapshot_raw(&top, &before);
-    let ranges = vec![(6u64 << 20, 1 << 20)];
+    let ranges = [(6u64 << 20, 1 << 20)];
     compact(
         &top,
         &CompactOptions {
-            unused_ranges: ranges,
+            unused_ranges: ranges.iter().map(|&(o, l)| ByteRange::new(o, l)).collect(),
             ..CompactOptions::default()
         },
         &Control::new(),
@@ -185,7 +175,7 @@ fn backing_kept_and_unused_ranges_hide_it() {
 
 #[test]
 fn refuses_snapshots_and_raw_and_cancel_keeps_original() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -219,4 +209,48 @@ fn refuses_snapshots_and_raw_and_cancel_keeps_original() {
         .filter(|n| n.contains("vmvol-tmp"))
         .collect();
     assert!(extra.is_empty(), "{extra:?}");
+}
+
+/// An overlay whose backing format is recorded as "file" (QEMU's protocol
+/// driver; `open` reads it as raw) is compacted like one recorded as "raw".
+#[test]
+fn backing_format_file_is_accepted() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let base = dir.join("base.raw");
+    raw_with(&base, 4 << 20, &[(0, text(3, 4 << 20))]);
+    let top = dir.join("top.qcow2");
+    vmvol_format::Qcow2Image::create(
+        &top,
+        &vmvol_format::Qcow2CreateOptions::new(4 << 20)
+            .backing("base.raw", vmvol_format::Format::Raw),
+    )
+    .unwrap();
+    // Rewrite the backing format extension from "raw" to "file".
+    let mut bytes = std::fs::read(&top).unwrap();
+    let ext = bytes
+        .windows(4)
+        .position(|w| w == 0xe279_2acau32.to_be_bytes())
+        .unwrap();
+    assert_eq!(&bytes[ext + 4..ext + 11], &[0, 0, 0, 3, b'r', b'a', b'w']);
+    bytes[ext + 7] = 4;
+    bytes[ext + 8..ext + 12].copy_from_slice(b"file");
+    std::fs::write(&top, &bytes).unwrap();
+    let opts = vmvol_format::OpenOptions::new()
+        .policy(vmvol_format::BackingPolicy::within([dir.to_path_buf()]));
+    {
+        use vmvol_format::BlockIo;
+        let img = vmvol_format::Image::open(&top, &opts).unwrap();
+        img.write_at(&text(4, 65536), 1 << 20).unwrap();
+    }
+    compact(&top, &CompactOptions::default(), &Control::new()).unwrap();
+    let h = Qcow2Meta::open(&top, false).unwrap().header().clone();
+    assert_eq!(h.backing_format.as_deref(), Some("raw"));
+    let img = vmvol_format::Image::open(&top, &opts.read_only(true)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    use vmvol_format::BlockIo;
+    img.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, text(3, 4 << 20)[..65536]);
+    img.read_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(buf, text(4, 65536));
 }

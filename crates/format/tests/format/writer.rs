@@ -1,15 +1,12 @@
 //! Qcow2Writer and Qcow2Meta against qemu-img.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::fs::File;
 use std::path::Path;
 
-use common::*;
-use vmvol_format::{
-    ClusterCompressor, Compression, Format, L2Entry, Qcow2Meta, Qcow2Writer, Qcow2WriterOptions,
-};
+use crate::support::*;
+use vmvol_format::qcow2::{ClusterCompressor, L2Entry, Qcow2Meta, Qcow2Writer, Qcow2WriterOptions};
+use vmvol_format::{BackingRef, Compression, Format};
 
 /// Write `model` (a raw file's bytes) through the writer, cluster by cluster.
 fn write_model(
@@ -28,7 +25,10 @@ fn write_model(
             size: model.len() as u64,
             cluster_size: cs,
             compression: comp.unwrap_or(Compression::Zlib),
-            backing,
+            backing: backing.map(|(n, f)| BackingRef {
+                path: n.into(),
+                format: f,
+            }),
         },
     )
     .unwrap();
@@ -59,7 +59,7 @@ fn model(size: u64) -> Vec<u8> {
 
 #[test]
 fn writer_matches_model_for_cluster_sizes_and_compression() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +109,7 @@ fn writer_matches_model_for_cluster_sizes_and_compression() {
 
 #[test]
 fn compressed_clusters_are_packed() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +132,7 @@ fn compressed_clusters_are_packed() {
 
 #[test]
 fn writer_records_backing_and_zero_clusters_hide_it() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -152,7 +152,10 @@ fn writer_records_backing_and_zero_clusters_hide_it() {
             size,
             cluster_size: 65536,
             compression: Compression::Zlib,
-            backing: Some(("base.raw".into(), Format::Raw)),
+            backing: Some(BackingRef {
+                path: "base.raw".into(),
+                format: Format::Raw,
+            }),
         },
     )
     .unwrap();
@@ -182,7 +185,7 @@ fn writer_records_backing_and_zero_clusters_hide_it() {
 
 #[test]
 fn meta_reads_qemu_made_image_with_snapshot() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -236,7 +239,7 @@ fn meta_reads_qemu_made_image_with_snapshot() {
 /// `qemu-img check`, our own check, and compare equal to their model.
 #[test]
 fn writer_random_layouts_pass_qemu_and_our_check() {
-    if !have_qemu() {
+    if !require_tool("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
