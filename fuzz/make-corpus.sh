@@ -32,8 +32,8 @@ M=4M
 qemu-img create -q -f raw src.raw $M
 qemu-io -f raw -c 'write -P 0xab 0 64k' -c 'write -P 0x11 1M 8k' \
     -c 'write -P 0x5a 3M 512' src.raw >/dev/null
-head -c 65536 /dev/urandom >rand.bin
-dd if=rand.bin of=src.raw bs=64k seek=32 conv=notrunc status=none
+head -c 4096 /dev/urandom >rand.bin
+dd if=rand.bin of=src.raw bs=4k seek=512 conv=notrunc status=none
 
 qemu-img create -q -f qcow2 empty.qcow2 $M
 qemu-img convert -q -O qcow2 src.raw data.qcow2
@@ -66,9 +66,9 @@ qemu-img snapshot -c s2 snap.qcow2
 qio -c 'discard 1M 64k' snap.qcow2
 # lazy_refcounts, left dirty by a crash (qemu-io abort) mid-session.
 qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 $M
-qemu-io -f qcow2 -c 'write -P 0x99 0 192k' -c abort lazy.qcow2 >/dev/null 2>&1 || true
+(qemu-io -f qcow2 -c 'write -P 0x99 0 192k' -c abort lazy.qcow2) >/dev/null 2>&1 || true
 qemu-img convert -q -O qcow2 -o cluster_size=4k,lazy_refcounts=on src.raw lazy4k.qcow2
-qemu-io -f qcow2 -c 'write -P 0x98 64k 64k' -c abort lazy4k.qcow2 >/dev/null 2>&1 || true
+(qemu-io -f qcow2 -c 'write -P 0x98 64k 64k' -c abort lazy4k.qcow2) >/dev/null 2>&1 || true
 # Persistent dirty bitmap (autoclear feature + extension).
 qemu-img convert -q -O qcow2 src.raw bitmap.qcow2
 qemu-img bitmap -q --add bitmap.qcow2 b0 2>/dev/null || qemu-img bitmap --add bitmap.qcow2 b0
@@ -92,7 +92,7 @@ mk() { # name size mke2fs-args...
     local n=$1 s=$2
     shift 2
     mke2fs -q -F -E root_owner=0:0 -T default "$@" "$e/$n.img" "$s" >/dev/null
-    "$seedgen" trim "$e/$n.img" "seeds/ext4/$n" 1048576
+    "$seedgen" trim "$e/$n.img" "seeds/ext4/$n" 524288
 }
 mk ext4-1k 4M -t ext4 -b 1024
 mk ext4-4k 8M -t ext4 -b 4096
@@ -108,7 +108,7 @@ for spec in "own-4k-nojournal 8388608 4096 none" "own-1k 4194304 1024 default" \
     "own-2k-nojournal 4194304 2048 none"; do
     set -- $spec
     "$seedgen" mkfs "$e/$1.img" "$2" "$3" "$4"
-    "$seedgen" trim "$e/$1.img" "seeds/ext4/$1" 1048576
+    "$seedgen" trim "$e/$1.img" "seeds/ext4/$1" 524288
 done
 
 # ---------------------------------------------------------------- tar
@@ -129,14 +129,15 @@ touch -d @1000000000 a.txt
 chmod 4755 d/three-k
 cd "$t"
 for fmt in gnu pax ustar v7 oldgnu; do
-    tar --format=$fmt --owner=1000 --group=1000 -cf "$here/seeds/tar/$fmt.tar" -C src . 2>/dev/null || true
+    tar --format=$fmt -b 1 --owner=1000 --group=1000 --exclude=./sparse.bin \
+        -cf "$here/seeds/tar/$fmt.tar" -C src . 2>/dev/null || true
 done
-tar --format=gnu --sparse -cf "$here/seeds/tar/gnu-sparse.tar" -C src sparse.bin a.txt
-tar --format=pax --sparse -cf "$here/seeds/tar/pax-sparse.tar" -C src sparse.bin a.txt
+tar --format=gnu -b 1 --sparse -cf "$here/seeds/tar/gnu-sparse.tar" -C src sparse.bin a.txt
+tar --format=pax -b 1 --sparse -cf "$here/seeds/tar/pax-sparse.tar" -C src sparse.bin a.txt
 tar --format=pax --pax-option=exthdr.name=%d/PaxHeaders/%f,atime:=0 \
-    --xattrs -cf "$here/seeds/tar/pax-xattr.tar" -C src a.txt d 2>/dev/null || true
+    -b 1 --xattrs -cf "$here/seeds/tar/pax-xattr.tar" -C src a.txt d 2>/dev/null || true
 tar --format=gnu -czf "$here/seeds/tar/gnu.tar.gz" -C src a.txt d/e sym
-tar --format=ustar -cf "$here/seeds/tar/dirs-only.tar" -C src ./d/e
+tar --format=ustar -b 1 -cf "$here/seeds/tar/dirs-only.tar" -C src ./d/e
 cd "$here"
 
 # ---------------------------------------------------------------- pool

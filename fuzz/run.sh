@@ -14,8 +14,8 @@ target=$1
 secs=${2:-900}
 case $target in
 qcow2_open_read | qcow2_write_check) seeds=qcow2 max_len=262144 ;;
-ext4_free_map) seeds=ext4 max_len=1048576 ;;
-tar_populate) seeds=tar max_len=131072 ;;
+ext4_free_map) seeds=ext4 max_len=524288 ;;
+tar_populate) seeds=tar max_len=65536 ;;
 pool_records) seeds=pool max_len=16384 ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac
