@@ -11,7 +11,11 @@ pub const DEVICE_BYTES: u64 = 8 << 20;
 /// with a visitor that stops early, as the compaction caller may.
 pub fn free_map(data: &[u8]) {
     let dev = MemDev::new(DEVICE_BYTES, data, true);
-    if let Ok(map) = vmvol_fs::free_map(&dev) {
+    let r = vmvol_fs::free_map(&dev);
+    if std::env::var_os("VMVOL_FUZZ_DEBUG").is_some() {
+        eprintln!("free_map: {:?}", r.as_ref().map(|m| (m.free_bytes, m.ranges.len())));
+    }
+    if let Ok(map) = r {
         for r in map.ranges.iter().take(64) {
             let _ = map.is_free(r.offset, r.len);
         }

@@ -183,8 +183,11 @@ pub fn records(data: &[u8]) {
         let _ = pool.list::<Vol>(kind, |_, _| true);
         let _ = pool.list::<serde_json::Value>(kind, |_, _| true);
     }
-    let _ = pool.get::<Vol>(EntryKind::Volume, "v1");
-    let _ = pool.refresh();
+    let got = pool.get::<Vol>(EntryKind::Volume, "v1");
+    let d = pool.refresh();
+    if std::env::var_os("VMVOL_FUZZ_DEBUG").is_some() {
+        eprintln!("get: {:?}\nrefresh: {:?}", got.map(|e| e.id), d.map(|d| d.allocation));
+    }
 }
 
 /// Seeds: each real file of a freshly built pool (paths replaced by the
