@@ -4,6 +4,8 @@
 #
 #   fuzz/run.sh qcow2_open_read 900
 #   fuzz/run.sh qcow2_open_read 60 --seeds-only   # no working corpus (fresh start)
+#   fuzz/run.sh qcow2_write_check 900 -- -fork=1 -ignore_crashes=1
+#       # keep going past a known crash (each crash still lands in artifacts/)
 #
 # The working corpus grows in fuzz/corpus/TARGET (not committed); crashes go
 # to fuzz/artifacts/TARGET/. cargo-fuzz wants nightly; RUSTC_BOOTSTRAP=1
@@ -19,13 +21,16 @@ tar_populate) seeds=tar max_len=65536 ;;
 pool_records) seeds=pool max_len=16384 ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac
+shift 2 || shift $#
 corpus=corpus/$target
-if [ "${3:-}" = --seeds-only ]; then
+if [ "${1:-}" = --seeds-only ]; then
     corpus=$(mktemp -d)
+    shift
 fi
+[ "${1:-}" = -- ] && shift
 mkdir -p "$corpus" "artifacts/$target" logs
 export RUSTC_BOOTSTRAP=1
 exec nice -n 10 cargo fuzz run "$target" "$corpus" "seeds/$seeds" -- \
     -max_total_time="$secs" -max_len="$max_len" -timeout=20 -rss_limit_mb=2048 \
-    -print_final_stats=1 -artifact_prefix="artifacts/$target/" \
+    -print_final_stats=1 -artifact_prefix="artifacts/$target/" "$@" \
     >"logs/$target.log" 2>&1
