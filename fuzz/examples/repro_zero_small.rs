@@ -21,7 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut back = vec![0u8; 4096];
     img.read_at(&mut back, 20 << 10)?;
     let kept = back.iter().all(|&b| b == 0xaa);
-    println!("data at 20 KiB after zeroing [0, 8 KiB): {}", if kept { "kept" } else { "LOST" });
+    println!(
+        "data at 20 KiB after zeroing [0, 8 KiB): {}",
+        if kept { "kept" } else { "LOST" }
+    );
     drop(img);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

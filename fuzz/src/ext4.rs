@@ -13,7 +13,10 @@ pub fn free_map(data: &[u8]) {
     let dev = MemDev::new(DEVICE_BYTES, data, true);
     let r = vmvol_fs::free_map(&dev);
     if std::env::var_os("VMVOL_FUZZ_DEBUG").is_some() {
-        eprintln!("free_map: {:?}", r.as_ref().map(|m| (m.free_bytes, m.ranges.len())));
+        eprintln!(
+            "free_map: {:?}",
+            r.as_ref().map(|m| (m.free_bytes, m.ranges.len()))
+        );
     }
     if let Ok(map) = r {
         for r in map.ranges.iter().take(64) {

@@ -35,9 +35,19 @@ impl MemDev {
         }
     }
 
-    fn write_with(&self, offset: u64, len: u64, op: &'static str, f: impl FnOnce(&mut [u8])) -> Result<()> {
+    fn write_with(
+        &self,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+        f: impl FnOnce(&mut [u8]),
+    ) -> Result<()> {
         if self.read_only {
-            return Err(Error::io("memdev", op, std::io::Error::from_raw_os_error(30)));
+            return Err(Error::io(
+                "memdev",
+                op,
+                std::io::Error::from_raw_os_error(30),
+            ));
         }
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         let (s, e) = self.range(offset, len, op)?;
@@ -72,7 +82,9 @@ impl BlockIo for MemDev {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_with(offset, buf.len() as u64, "write", |d| d.copy_from_slice(buf))
+        self.write_with(offset, buf.len() as u64, "write", |d| {
+            d.copy_from_slice(buf)
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

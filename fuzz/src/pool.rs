@@ -186,7 +186,11 @@ pub fn records(data: &[u8]) {
     let got = pool.get::<Vol>(EntryKind::Volume, "v1");
     let d = pool.refresh();
     if std::env::var_os("VMVOL_FUZZ_DEBUG").is_some() {
-        eprintln!("get: {:?}\nrefresh: {:?}", got.map(|e| e.id), d.map(|d| d.allocation));
+        eprintln!(
+            "get: {:?}\nrefresh: {:?}",
+            got.map(|e| e.id),
+            d.map(|d| d.allocation)
+        );
     }
 }
 
@@ -221,7 +225,11 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             continue;
         };
         let b = replace(&replace(&b, &root, ROOT_TOKEN), &live, ROOT_TOKEN);
-        let b = if f.ends_with(".qcow2") { b[..b.len().min(1024)].to_vec() } else { b };
+        let b = if f.ends_with(".qcow2") {
+            b[..b.len().min(1024)].to_vec()
+        } else {
+            b
+        };
         out.push((format!("file{i}"), join(&[(i, b.clone())])));
         all.push((i, b));
     }

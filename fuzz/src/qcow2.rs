@@ -173,10 +173,8 @@ fn scratch_dir() -> Option<PathBuf> {
         raw.write_all_at(&pattern, 0).ok()?;
         raw.set_len(4 << 20).ok()?;
         let q = dir.join(BASE_QCOW2);
-        let created = vmvol_format::Qcow2Image::create(
-            &q,
-            &vmvol_format::Qcow2CreateOptions::new(4 << 20),
-        );
+        let created =
+            vmvol_format::Qcow2Image::create(&q, &vmvol_format::Qcow2CreateOptions::new(4 << 20));
         if created.is_ok() {
             if let Ok(img) = Image::open(&q, &OpenOptions::new().format(Format::Qcow2)) {
                 let _ = img.write_at(&pattern, 0);
