@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prints one table row per fuzz log: target, executions, edges (cov),
-# features (ft), corpus entries/size, crash artifacts.
+# features (ft), corpus entries/size, saved crash inputs (artifacts/).
 #
 #   fuzz/summarise.sh fuzz/logs/*.log
 set -euo pipefail
@@ -11,9 +11,10 @@ for log in "$@"; do
     execs=$(grep -oE 'number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || true)
     [ -n "$execs" ] || execs=$(sed -E 's/^#([0-9]+).*/\1/' <<<"$last")
     rate=$(grep -oE 'average_exec_per_sec: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo '?')
-    cov=$(grep -oE 'cov: [0-9]+' <<<"$last" | cut -d' ' -f2)
-    ft=$(grep -oE 'ft: [0-9]+' <<<"$last" | cut -d' ' -f2)
-    corp=$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]+' <<<"$last" | cut -d' ' -f2)
-    crashes=$(grep -cE 'panicked|ERROR: (libFuzzer|AddressSanitizer)|SUMMARY:' "$log" || true)
+    cov=$(grep -oE 'cov: [0-9]+' <<<"$last" | cut -d" " -f2 || true)
+    ft=$(grep -oE 'ft: [0-9]+' <<<"$last" | cut -d" " -f2 || true)
+    corp=$(grep -oE 'corp: [0-9]+(/[0-9]+[a-zA-Z]+)?' <<<"$last" | cut -d" " -f2 || true)
+    # Crash/timeout/OOM inputs saved by libFuzzer for this target.
+    crashes=$(find "$(dirname "$log")/../artifacts/$t" -type f 2>/dev/null | wc -l)
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$t" "$execs" "$rate" "$cov" "$ft" "$corp" "$crashes"
 done
