@@ -15,6 +15,6 @@ for log in "$@"; do
     ft=$(grep -oE 'ft: [0-9]+' <<<"$last" | cut -d" " -f2 || true)
     corp=$(grep -oE 'corp: [0-9]+(/[0-9]+[a-zA-Z]+)?' <<<"$last" | cut -d" " -f2 || true)
     # Crash/timeout/OOM inputs saved by libFuzzer for this target.
-    crashes=$(find "$(dirname "$log")/../artifacts/$t" -type f 2>/dev/null | wc -l)
+    crashes=$(find "$(dirname "$log")/../artifacts/$t" -type f 2>/dev/null | wc -l || true)
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$t" "$execs" "$rate" "$cov" "$ft" "$corp" "$crashes"
 done
