@@ -7,7 +7,7 @@ set -euo pipefail
 printf '| log | executions | exec/s | edges (cov) | features (ft) | corpus | crashes |\n|---|---|---|---|---|---|---|\n'
 for log in "$@"; do
     t=$(basename "$log" .log)
-    last=$(grep -E '^#[0-9]+' "$log" | tail -1)
+    last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
     execs=$(grep -oE 'number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || true)
     [ -n "$execs" ] || execs=$(sed -E 's/^#([0-9]+).*/\1/' <<<"$last")
     rate=$(grep -oE 'average_exec_per_sec: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo '?')
