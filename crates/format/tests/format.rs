@@ -11,7 +11,7 @@
 mod support;
 
 /// The cargo-fuzz body, run on stable Rust by `mutated_images`.
-#[path = "../fuzz/fuzz_targets/body.rs"]
+#[path = "../../../fuzz/src/qcow2.rs"]
 mod fuzz_body;
 
 #[path = "format/check.rs"]

@@ -1,4 +1,4 @@
-//! The cargo-fuzz body (`fuzz/fuzz_targets/body.rs`) on stable Rust: proptest
+//! The cargo-fuzz body (`fuzz/src/qcow2.rs`) on stable Rust: proptest
 //! feeds it mutated valid images (our own, qemu-compressed, snapshotted) and
 //! plain random bytes. Any panic fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
