@@ -477,7 +477,7 @@ fn dead_process_reservation_and_staging_are_released() {
     reg.undefine("p", Wait::Block).unwrap();
 }
 
-/// Every file under `dir` whose name starts with the temp prefix.
+/// Every temporary record file under `dir` (old or new naming).
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -486,7 +486,7 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            } else if is_temp_name(&e.file_name()) {
                 out.push(e.path());
             }
         }
