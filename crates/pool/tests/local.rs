@@ -535,7 +535,10 @@ fn temp_records_of_both_namings_are_recovered_and_never_listed() {
         assert!(!p.exists(), "{} left", p.display());
         assert!(rec.contains(p), "{} not reported: {rec:?}", p.display());
     }
-    assert!(live.path().exists(), "a live writer's temp file was removed");
+    assert!(
+        live.path().exists(),
+        "a live writer's temp file was removed"
+    );
     assert!(!rec.iter().any(|p| p == live.path()));
     let listed = fresh.list::<Vol>(EntryKind::Volume, |_, _| true).unwrap();
     assert_eq!(listed.len(), 1);
