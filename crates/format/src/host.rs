@@ -1,16 +1,20 @@
 //! Host file system calls, in one place for every vmvol crate: positional
 //! reads, `SEEK_DATA`/`SEEK_HOLE` iteration, `fallocate`, `copy_file_range`,
-//! reflinks (`FICLONE`), allocated bytes, and atomic output files.
+//! reflinks (`FICLONE`), allocated bytes, `statvfs`, device numbers,
+//! directory fsync and atomic output files.
 //!
 //! Everything returns [`std::io::Result`], so each crate wraps errors in its
 //! own type with the object and operation it was working on. This is the
 //! only module of the crate with `unsafe` code (each block is a syscall).
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Error as IoError, ErrorKind, Result as IoResult};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::ByteRange;
 
@@ -212,7 +216,55 @@ pub fn reflink(src: &File, dst: &File) -> IoResult<()> {
 
 /// Bytes the file occupies on the host (`st_blocks * 512`).
 pub fn allocated_bytes(file: &File) -> IoResult<u64> {
-    Ok(file.metadata()?.blocks().saturating_mul(512))
+    Ok(allocated_bytes_of(&file.metadata()?))
+}
+
+/// Bytes occupied on the host by what `meta` describes (`st_blocks * 512`;
+/// `st_blocks` counts 512-byte units whatever the file system's block size).
+pub fn allocated_bytes_of(meta: &std::fs::Metadata) -> u64 {
+    meta.blocks().saturating_mul(512)
+}
+
+/// Size figures of the host file system holding a path ([`statvfs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsSpace {
+    /// Size of the file system in bytes (`f_blocks * f_frsize`).
+    pub total: u64,
+    /// Bytes an unprivileged user may still allocate (`f_bavail * f_frsize`).
+    pub available: u64,
+    /// The fundamental block size (`f_frsize`).
+    pub block_size: u64,
+}
+
+/// `statvfs(2)` of the file system holding `path`.
+// The casts are no-ops on 64-bit Linux but not where fsblkcnt_t is 32 bits.
+#[allow(clippy::unnecessary_cast)]
+pub fn statvfs(path: &Path) -> IoResult<FsSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| IoError::from(ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call and `st`
+    // points to writable memory of the right type, which statvfs fills on
+    // success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(IoError::last_os_error());
+    }
+    // SAFETY: rc == 0, so statvfs initialised `st`.
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize as u64;
+    Ok(FsSpace {
+        total: (st.f_blocks as u64).saturating_mul(frsize),
+        available: (st.f_bavail as u64).saturating_mul(frsize),
+        block_size: frsize,
+    })
+}
+
+/// The major and minor numbers of a device number (`st_rdev`), in the
+/// host C library's encoding.
+pub fn device_numbers(rdev: u64) -> (u32, u32) {
+    (libc::major(rdev), libc::minor(rdev))
 }
 
 /// Size of a block device (`BLKGETSIZE64`).
@@ -240,7 +292,12 @@ pub fn create_new(path: &Path) -> IoResult<File> {
 
 /// fsync the directory holding `path`, so a rename or create in it is durable.
 pub fn fsync_parent(path: &Path) -> IoResult<()> {
-    File::open(parent_dir(path))?.sync_all()
+    fsync_dir(&parent_dir(path))
+}
+
+/// fsync the directory `dir`, so a rename, create or removal in it is durable.
+pub fn fsync_dir(dir: &Path) -> IoResult<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// The directory holding `path` (`.` for a bare name).
@@ -391,6 +448,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> IoResult<()> {
     Ok(())
 }
 
+/// Whether `name` has the form of an [`AtomicFile`]'s temporary file,
+/// `.NAME.XXXXXX.vmvol-tmp`, for any target name. Listings use it to leave
+/// such files out; whether one is dead is for [`remove_if_dead`] to say.
+pub fn is_temp_name(name: &OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.strip_prefix('.')
+        .and_then(|r| r.strip_suffix(TEMP_SUFFIX))
+        .and_then(|r| r.rsplit_once('.'))
+        .is_some_and(|(target, random)| !target.is_empty() && !random.is_empty())
+}
+
+/// Remove `path`, an [`AtomicFile`]'s temporary file, if its writer is gone
+/// (no process holds its lock). Returns whether it was removed; a file that
+/// is gone already, is not a regular file, or is held by a live writer is
+/// left alone (`Ok(false)`).
+pub fn remove_if_dead(path: &Path) -> IoResult<bool> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() || !flock_exclusive(&file, false)? {
+        return Ok(false);
+    }
+    // Holding the lock: the name still being this file means nobody owns it.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if same_file(&m, &file.metadata()?) => match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        },
+        _ => Ok(false),
+    }
+}
+
 /// Remove the temporary files of `target` (see [`AtomicFile`]) whose writer
 /// is gone: killed processes leave them behind. Files still held by a live
 /// writer are left alone. Returns the paths removed.
@@ -418,26 +514,8 @@ pub fn remove_dead_temps(target: &Path) -> IoResult<Vec<PathBuf>> {
             continue;
         }
         let path = entry.path();
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        if !file.metadata()?.is_file() || !flock_exclusive(&file, false)? {
-            continue;
-        }
-        // Holding the lock: the name still being this file means nobody owns it.
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if same_file(&m, &file.metadata()?) => match std::fs::remove_file(&path) {
-                Ok(()) => removed.push(path),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            },
-            _ => {}
+        if remove_if_dead(&path)? {
+            removed.push(path);
         }
     }
     Ok(removed)

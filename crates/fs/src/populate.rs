@@ -4,11 +4,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vmvol_format::{BlockIo, Control};
+use vmvol_format::{host, BlockIo, Control};
 
 use crate::build::{Builder, DirBuild};
 use crate::ext4::field::{put32, put_bytes};
@@ -673,7 +672,8 @@ fn populate_dir_inner(
                     gid,
                     times,
                 };
-                p.add_special(&path, meta, libc::major(rdev), libc::minor(rdev))?;
+                let (major, minor) = host::device_numbers(rdev);
+                p.add_special(&path, meta, major, minor)?;
             }
         }
         // Depth-first, in name order.
@@ -684,32 +684,33 @@ fn populate_dir_inner(
     end(p)
 }
 
-/// Copy a host file's data segments (SEEK_DATA/SEEK_HOLE), leaving holes unmapped.
+/// Copy a host file's data extents (SEEK_DATA/SEEK_HOLE), leaving holes unmapped.
 fn copy_host_file(
     p: &mut Populator<'_>,
     hp: &Path,
     entry: &[u8],
     len: u64,
 ) -> Result<Vec<(u64, u64, u64)>> {
-    let mut f = File::open(hp).map_err(io_err(hp, "open"))?;
+    use std::os::unix::fs::FileExt;
+    let f = File::open(hp).map_err(io_err(hp, "open"))?;
     let bs = p.b.g.bs();
     let mut runs = Vec::new();
-    let mut pos = 0u64;
+    // End of what is copied so far: extents that share a block with the
+    // previous one start after it.
+    let mut copied = 0u64;
     let mut buf = vec![0u8; CHUNK];
-    while pos < len {
+    for ext in host::data_extents(&f, 0, len) {
         p.check_cancel()?;
-        let (data_start, data_end) = match data_segment(&f, pos, len) {
-            Some(seg) => seg,
-            None => break,
-        };
-        // Whole blocks from the one holding `data_start` to the one holding
-        // `data_end` (or the end of the file).
-        let seg_end = (data_end.div_ceil(bs) * bs).min(len);
-        let mut off = data_start / bs * bs;
+        let ext =
+            ext.map_err(|e| refused(entry, format!("finding data in {}: {e}", hp.display())))?;
+        // Whole blocks from the one holding the extent's start to the one
+        // holding its end (or the end of the file).
+        let seg_end = (ext.end().div_ceil(bs) * bs).min(len);
+        let mut off = (ext.offset / bs * bs).max(copied);
         while off < seg_end {
             let want = ((seg_end - off).min(CHUNK as u64)) as usize;
             let chunk = buf.get_mut(..want).unwrap_or_default();
-            read_exact_at(&mut f, chunk, off).map_err(|e| {
+            f.read_exact_at(chunk, off).map_err(|e| {
                 refused(
                     entry,
                     format!(
@@ -722,39 +723,9 @@ fn copy_host_file(
             p.push_data(&mut runs, off / bs, &chunk)?;
             off += want as u64;
         }
-        pos = off.max(data_end);
+        copied = copied.max(off);
     }
     Ok(runs)
-}
-
-fn read_exact_at(f: &mut File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    f.read_exact_at(buf, off)
-}
-
-/// The next data segment at or after `pos` (SEEK_DATA/SEEK_HOLE), clipped to `len`.
-fn data_segment(f: &File, pos: u64, len: u64) -> Option<(u64, u64)> {
-    let fd = f.as_raw_fd();
-    let p = i64::try_from(pos).ok()?;
-    // SAFETY: lseek on a valid open descriptor has no memory effects.
-    let d = unsafe { libc::lseek(fd, p, libc::SEEK_DATA) };
-    if d < 0 {
-        let err = std::io::Error::last_os_error();
-        return if err.raw_os_error() == Some(libc::ENXIO) {
-            None
-        } else {
-            // No SEEK_DATA support: treat everything as data.
-            Some((pos, len))
-        };
-    }
-    // SAFETY: as above.
-    let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-    let d = d as u64;
-    if d >= len {
-        return None;
-    }
-    let h = if h < 0 { len } else { (h as u64).min(len) };
-    Some((d, h))
 }
 
 fn tar_err(entry: &[u8], e: std::io::Error) -> Error {
@@ -980,7 +951,7 @@ fn usage_of(source: &Source, bs: u64) -> Result<Usage> {
                         usage_add_file(
                             &mut u,
                             bs,
-                            (md.blocks() * 512).min(md.len().div_ceil(bs) * bs),
+                            host::allocated_bytes_of(&md).min(md.len().div_ceil(bs) * bs),
                         );
                     } else if md.file_type().is_symlink() {
                         u.data_blocks += 1;

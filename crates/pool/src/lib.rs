@@ -91,6 +91,8 @@ pub use pool::{
     allocation_limit, CapacityPolicy, Pool, PoolConfig, PoolDescription, PoolState, PoolTxn,
     Reservation, Staging,
 };
-pub use record::{fsync_dir, write_atomic, Damaged, Entry, EntryKind, Listed, Record, RecordType};
+pub use record::{
+    fsync_dir, is_temp_name, write_atomic, Damaged, Entry, EntryKind, Listed, Record, RecordType,
+};
 pub use registry::{PoolListing, PoolRef, PoolSpec, Registry};
 pub use spec::{BackendSpec, RbdSpec};

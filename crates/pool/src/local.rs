@@ -21,7 +21,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use vmvol_format::{
-    BackingMode, BackingPolicy, BlockIo, Control, ConvertOptions, Format, Image, Prealloc,
+    host, BackingMode, BackingPolicy, BlockIo, Control, ConvertOptions, Format, Image, Prealloc,
     Qcow2CreateOptions, Qcow2Image, RawImage,
 };
 
@@ -35,8 +35,9 @@ use crate::image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary};
 use crate::lock::{is_held_by_other, Wait};
 pub use crate::lock::{lock_file, FileLock, LockMode};
 use crate::name::validate_name;
+use crate::record::remove_temp;
 use crate::record::EntryKind;
-pub use crate::record::{fsync_dir, write_atomic, TEMP_PREFIX};
+pub use crate::record::{fsync_dir, is_temp_name, write_atomic, TEMP_PREFIX};
 
 /// Name of the config record in a pool directory.
 pub const CONFIG_FILE: &str = "pool.json";
@@ -263,7 +264,7 @@ fn du(path: &Path) -> Result<u64> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(&p, "stat", e)),
         };
-        total = total.saturating_add(meta.blocks().saturating_mul(512));
+        total = total.saturating_add(host::allocated_bytes_of(&meta));
         if meta.is_dir() {
             let rd = match std::fs::read_dir(&p) {
                 Ok(rd) => rd,
@@ -408,7 +409,7 @@ fn img_err(image: &ImageRef, op: &'static str, source: vmvol_format::Error) -> E
 
 fn host_bytes(path: &Path) -> u64 {
     std::fs::symlink_metadata(path)
-        .map(|m| m.blocks().saturating_mul(512))
+        .map(|m| host::allocated_bytes_of(&m))
         .unwrap_or(0)
 }
 
@@ -522,7 +523,7 @@ impl RecordStore for LocalBackend {
             record_path: record_path.clone(),
             record: Err("record file missing".into()),
             images: Vec::new(),
-            physical: dmeta.blocks().saturating_mul(512),
+            physical: host::allocated_bytes_of(&dmeta),
             removed: Vec::new(),
         };
         if !dmeta.is_dir() {
@@ -540,12 +541,10 @@ impl RecordStore for LocalBackend {
             let name = de.file_name();
             let path = de.path();
             let name = name.to_string_lossy();
-            if clean && name.starts_with(TEMP_PREFIX) {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => out.removed.push(path),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(&path, "remove temp record", e)),
-                }
+            // A temp file left by a dead writer goes; a live one is counted
+            // (its name is never a record's or an image's).
+            if clean && is_temp_name(&de.file_name()) && remove_temp(&path)? {
+                out.removed.push(path);
                 continue;
             }
             let bytes = du(&path)?;
@@ -764,9 +763,8 @@ impl Liveness for LocalBackend {
         let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, "list pool", e))?;
         for de in rd {
             let de = de.map_err(|e| Error::io(&self.dir, "list pool", e))?;
-            if de.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                let path = de.path();
-                std::fs::remove_file(&path).map_err(|e| Error::io(&path, "remove temp file", e))?;
+            let path = de.path();
+            if is_temp_name(&de.file_name()) && remove_temp(&path)? {
                 out.push(Recovered {
                     path,
                     what: "half-written record temp file".into(),
@@ -828,7 +826,7 @@ impl SpaceFigures for LocalBackend {
     fn base_physical(&self) -> Result<u64> {
         let meta =
             std::fs::symlink_metadata(&self.dir).map_err(|e| Error::io(&self.dir, "stat", e))?;
-        let mut total = meta.blocks().saturating_mul(512);
+        let mut total = host::allocated_bytes_of(&meta);
         let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, "list pool", e))?;
         for de in rd {
             let de = de.map_err(|e| Error::io(&self.dir, "list pool", e))?;
@@ -841,7 +839,7 @@ impl SpaceFigures for LocalBackend {
                 // Entries are counted per entry by the scan; only the
                 // directory itself here.
                 if let Ok(m) = std::fs::symlink_metadata(&path) {
-                    total = total.saturating_add(m.blocks().saturating_mul(512));
+                    total = total.saturating_add(host::allocated_bytes_of(&m));
                 }
             } else {
                 total = total.saturating_add(du(&path)?);
@@ -1088,26 +1086,12 @@ impl LocalBackend {
     }
 }
 /// `statvfs(2)` of the filesystem holding `path`.
-// The casts are no-ops on 64-bit Linux but not where fsblkcnt_t is 32 bits.
-#[allow(clippy::unnecessary_cast)]
 pub fn statvfs(path: &Path) -> Result<FsStats> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::io(path, "statvfs", std::io::ErrorKind::InvalidInput.into()))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable
-    // memory of the right type; statvfs writes it fully on success.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(Error::io(path, "statvfs", std::io::Error::last_os_error()));
-    }
-    // SAFETY: rc == 0, so statvfs initialised `st`.
-    let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize as u64;
+    let s = host::statvfs(path).map_err(|e| Error::io(path, "statvfs", e))?;
     Ok(FsStats {
-        total: (st.f_blocks as u64).saturating_mul(frsize),
-        available: (st.f_bavail as u64).saturating_mul(frsize),
-        block_size: frsize,
+        total: s.total,
+        available: s.available,
+        block_size: s.block_size,
     })
 }
 
@@ -1145,11 +1129,8 @@ mod tests {
     }
 
     fn temp_free(dir: &Path) -> bool {
-        std::fs::read_dir(dir).unwrap().all(|e| {
-            !e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(TEMP_PREFIX)
-        })
+        std::fs::read_dir(dir)
+            .unwrap()
+            .all(|e| !is_temp_name(&e.unwrap().file_name()))
     }
 }

@@ -1,12 +1,15 @@
 //! Generic records: the envelope every persisted record carries, the entry
 //! kinds a pool holds, and the crash-safe write.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use vmvol_format::host;
 
 use crate::error::{Error, Result};
 use crate::image::ImageSummary;
@@ -168,55 +171,74 @@ pub(crate) fn encode<T: Serialize>(data: &T, schema_version: u32, path: &Path) -
     Ok(v)
 }
 
-/// Prefix of temporary files made by [`write_atomic`]; recovery removes them.
+/// Prefix of the temporary record files written by older versions of
+/// [`write_atomic`] (`.tmp-NAME.UUID`). Those were only written under the
+/// pool's exclusive lock, so recovery (holding it) removes any it finds.
 pub const TEMP_PREFIX: &str = ".tmp-";
 
+/// Whether a directory entry named `name` is a record's temporary file: of
+/// today's [`write_atomic`] (`.NAME.XXXXXX.vmvol-tmp`, see
+/// [`host::AtomicFile`]) or of older versions ([`TEMP_PREFIX`]). Such files
+/// are never entries or records.
+pub fn is_temp_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) || host::is_temp_name(name)
+}
+
+/// Remove `path`, a temporary record file (see [`is_temp_name`]), if its
+/// writer is gone; returns whether it was removed. Today's are held by a
+/// lock while their writer lives, so a live one is left alone; old-style
+/// ones are removed (the caller holds the pool's exclusive lock).
+pub(crate) fn remove_temp(path: &Path) -> Result<bool> {
+    let old_style = path
+        .file_name()
+        .is_some_and(|n| n.as_bytes().starts_with(TEMP_PREFIX.as_bytes()));
+    let res = if old_style {
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    } else {
+        host::remove_if_dead(path)
+    };
+    res.map_err(|e| Error::io(path, "remove temp record", e))
+}
+
 /// Writes `bytes` to `path` so that a crash at any instant leaves either the
-/// old file or the new one, never a mix: temp file in the same directory,
-/// write, fsync, rename over `path`, fsync the directory.
+/// old file or the new one, never a mix: temp file in the same directory
+/// ([`host::AtomicFile`], locked while this runs), write, fsync, rename over
+/// `path`, fsync the directory. New and replaced records get mode 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| {
-        Error::io(
+    if path.file_name().is_none() {
+        return Err(Error::io(
             path,
             "write record",
             std::io::ErrorKind::InvalidInput.into(),
-        )
-    })?;
-    let fname = path.file_name().ok_or_else(|| {
-        Error::io(
-            path,
-            "write record",
-            std::io::ErrorKind::InvalidInput.into(),
-        )
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(TEMP_PREFIX);
-    tmp_name.push(fname);
-    tmp_name.push(format!(".{}", uuid::Uuid::new_v4().simple()));
-    let tmp = dir.join(tmp_name);
-    let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, "create temp record", e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io(&tmp, "write temp record", e))?;
-        f.sync_all()
-            .map_err(|e| Error::io(&tmp, "fsync temp record", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename record into place", e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        ));
     }
-    res?;
-    fsync_dir(dir)
+    // Dropped on error: the temp file is removed.
+    let tmp = host::AtomicFile::new(path).map_err(|e| Error::io(path, "create temp record", e))?;
+    tmp.file()
+        .write_all_at(bytes, 0)
+        .map_err(|e| Error::io(tmp.path(), "write temp record", e))?;
+    tmp.file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), "fsync temp record", e))?;
+    // The fsyncs are ours (each with its own message); the mode change made
+    // by commit is journalled before the directory fsync below completes.
+    let how = host::Commit {
+        replace: true,
+        mode: 0o644,
+        durable: false,
+    };
+    tmp.commit(path, how)
+        .map_err(|e| Error::io(path, "rename record into place", e))?;
+    fsync_dir(&host::parent_dir(path))
 }
 
 /// fsyncs a directory so a rename or create inside it is durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "fsync directory", e))
+    host::fsync_dir(dir).map_err(|e| Error::io(dir, "fsync directory", e))
 }
 
 /// An entry whose record could be read and parsed.

@@ -22,7 +22,7 @@ use crate::local::{write_err, LocalBackend};
 use crate::lock::{lock_file, LockMode, Wait};
 use crate::name::validate_name;
 use crate::pool::{CapacityPolicy, Pool, PoolConfig, PoolDescription};
-use crate::record::{fsync_dir, write_atomic, Record, RecordType, TEMP_PREFIX};
+use crate::record::{fsync_dir, is_temp_name, write_atomic, Record, RecordType};
 use crate::spec::BackendSpec;
 
 /// The registry's record of one pool.
@@ -341,10 +341,10 @@ impl Registry {
         let mut out = Vec::new();
         for de in rd {
             let de = de.map_err(|e| Error::io(&rdir, "list registry", e))?;
-            let fname = de.file_name().to_string_lossy().into_owned();
-            if fname.starts_with(TEMP_PREFIX) {
+            if is_temp_name(&de.file_name()) {
                 continue; // a half-written record's temp file, not a record
             }
+            let fname = de.file_name().to_string_lossy().into_owned();
             let path = de.path();
             let name = fname.strip_suffix(".json").unwrap_or(&fname).to_string();
             let row = match self.read_listing(&name, &path) {

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -477,7 +478,7 @@ fn dead_process_reservation_and_staging_are_released() {
     reg.undefine("p", Wait::Block).unwrap();
 }
 
-/// Every file under `dir` whose name starts with the temp prefix.
+/// Every temporary record file under `dir` (old or new naming).
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -486,12 +487,74 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            } else if is_temp_name(&e.file_name()) {
                 out.push(e.path());
             }
         }
     }
     out
+}
+
+/// Temp record files of both namings: today's (`.NAME.XXXXXX.vmvol-tmp`,
+/// locked while the writer lives) and older versions' (`.tmp-NAME.UUID`).
+/// Recovery removes the dead and the old ones, leaves a live writer's file
+/// alone, and no listing shows any of them.
+#[test]
+fn temp_records_of_both_namings_are_recovered_and_never_listed() {
+    let (t, reg, pool) = setup(quota(GIB, 1.0));
+    make_raw(&pool, "v1", MIB, b"data");
+    let root = pool.location().to_path_buf();
+    let vdir = root.join("volumes/v1");
+    // A live writer of v1's record (as another process would hold it).
+    let live = vmvol_format::host::AtomicFile::new(&vdir.join("volume.json")).unwrap();
+    live.file().write_all_at(b"{half", 0).unwrap();
+    assert!(is_temp_name(live.path().file_name().unwrap()));
+    let dead_new = [
+        vdir.join(".volume.json.Ab12Cd.vmvol-tmp"),
+        root.join(".pool.json.Zz9yX8.vmvol-tmp"),
+    ];
+    let old = [
+        vdir.join(".tmp-volume.json.0123456789abcdef"),
+        root.join(".tmp-pool.json.fedcba9876543210"),
+    ];
+    for p in dead_new.iter().chain(&old) {
+        std::fs::write(p, b"{half").unwrap();
+        assert!(is_temp_name(p.file_name().unwrap()), "{}", p.display());
+    }
+    for n in ["volume.json", "v1.raw", ".volume.json", ".x.vmvol-tmp"] {
+        assert!(!is_temp_name(std::ffi::OsStr::new(n)), "{n}");
+    }
+    // Before recovery, a listing already leaves them out.
+    let listed = pool.list::<Vol>(EntryKind::Volume, |_, _| true).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(matches!(&listed[0], Listed::Ok(e) if e.id == "v1"));
+
+    let fresh = Pool::open(&root, Wait::Block).unwrap();
+    let rec: Vec<PathBuf> = fresh.recovered().into_iter().map(|r| r.path).collect();
+    for p in dead_new.iter().chain(&old) {
+        assert!(!p.exists(), "{} left", p.display());
+        assert!(rec.contains(p), "{} not reported: {rec:?}", p.display());
+    }
+    assert!(
+        live.path().exists(),
+        "a live writer's temp file was removed"
+    );
+    assert!(!rec.iter().any(|p| p == live.path()));
+    let listed = fresh.list::<Vol>(EntryKind::Volume, |_, _| true).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(matches!(&listed[0], Listed::Ok(e) if e.id == "v1"));
+    assert_eq!(fresh.describe().unwrap().damaged, 0);
+    // Once its writer is gone (here: dropped, which also removes it), nothing is left.
+    drop(live);
+    assert!(temp_files(&root).is_empty(), "{:?}", temp_files(&root));
+
+    // The registry's listing leaves temp records out too.
+    let rdir = t.path().join("root/registry");
+    std::fs::write(rdir.join(".p.json.Qq1Ww2.vmvol-tmp"), b"{").unwrap();
+    std::fs::write(rdir.join(".tmp-p.json.0123456789abcdef"), b"{").unwrap();
+    let l = reg.list().unwrap();
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert!(matches!(&l[0], PoolListing::Ok(c) if c.name == "p"));
 }
 
 #[test]
