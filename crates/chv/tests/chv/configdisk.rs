@@ -1,0 +1,1 @@
+//! The config disk against e2fsprogs: e2fsck -fn clean, debugfs reads the files.

@@ -1,0 +1,1 @@
+//! A real Linux guest under QEMU mounts the volumes.
