@@ -134,6 +134,8 @@ fn tar_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
         h.set_mode(0o644);
         h.set_entry_type(tar::EntryType::Regular);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         let io = |source| Error::Io {
             path: PathBuf::from(name),
             op: "archive config file",
