@@ -400,7 +400,8 @@ impl ResizeDisk {
         if id.is_empty() || id.starts_with("__") {
             return Err(Error::invalid(what(), "id is empty or starts with \"__\""));
         }
-        if desired_size == 0 || desired_size % 512 != 0 || desired_size > i64::MAX as u64 {
+        if desired_size == 0 || !desired_size.is_multiple_of(512) || desired_size > i64::MAX as u64
+        {
             return Err(Error::invalid(
                 what(),
                 format!(

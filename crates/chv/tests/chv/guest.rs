@@ -198,7 +198,7 @@ impl Cpio {
         self.pad();
     }
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -585,7 +585,7 @@ fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
             ),
         ],
     );
-    assert_eq!(pc.disks[4].config.backing_files, true);
+    assert!(pc.disks[4].config.backing_files);
     let mut bc = [
         boot(&kit, dir, "B", &pb, &format!("{SCENARIO_B}{SCENARIO_BC}")),
         boot(&kit, dir, "C", &pc, &format!("{SCENARIO_C}{SCENARIO_BC}")),
