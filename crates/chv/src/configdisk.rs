@@ -152,17 +152,66 @@ fn tar_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
     })
 }
 
-/// Size of the config disk for `content_bytes` of files: at least 10 MiB,
-/// room for the content twice plus metadata, in whole MiB.
-fn disk_size(content_bytes: u64) -> u64 {
-    let want = content_bytes.saturating_mul(2).saturating_add(4 << 20);
-    want.div_ceil(1 << 20)
-        .saturating_mul(1 << 20)
-        .max(MIN_CONFIG_DISK_BYTES)
+/// The files of a config disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigFiles {
+    /// `/config.json`.
+    pub config_json: String,
+    /// `/config.sh`.
+    pub config_sh: String,
 }
 
-/// Make the config disk at `path`: a sparse raw ext4 (4 KiB blocks, no
-/// journal, label `vmvol-config`, ≥ 10 MiB) written in-process, holding
+impl ConfigFiles {
+    /// Render both files for `plan` with the caller's `extra` fields.
+    pub fn new(plan: &InstancePlan, extra: &Map<String, Value>) -> Result<Self> {
+        Ok(ConfigFiles {
+            config_json: config_json(plan, extra)?,
+            config_sh: config_sh(plan)?,
+        })
+    }
+
+    /// The smallest device these files fit on with room to spare: at least
+    /// 10 MiB, else the content twice plus 4 MiB of metadata, in whole MiB.
+    pub fn disk_size(&self) -> u64 {
+        let content = (self.config_json.len() + self.config_sh.len()) as u64;
+        let want = content.saturating_mul(2).saturating_add(4 << 20);
+        want.div_ceil(1 << 20)
+            .saturating_mul(1 << 20)
+            .max(MIN_CONFIG_DISK_BYTES)
+    }
+}
+
+/// Format `dev` (all of it) as the config disk holding `files`: ext4 with
+/// 4 KiB blocks, no journal, label `vmvol-config`, written in-process. Not
+/// flushed: the caller decides durability ([`write_config_disk`] does).
+/// `dev` must be at least [`ConfigFiles::disk_size`] bytes.
+pub fn build_config_disk(dev: &dyn BlockIo, files: &ConfigFiles) -> Result<()> {
+    let tar = tar_of(&[
+        ("config.json", files.config_json.as_bytes()),
+        ("config.sh", files.config_sh.as_bytes()),
+    ])?;
+    let opts = PopulateOptions {
+        mkfs: MkfsOptions {
+            block_size: 4096,
+            journal: Journal::None,
+            label: "vmvol-config".into(),
+            ..MkfsOptions::default()
+        },
+        limits: PopulateLimits {
+            max_total_bytes: dev.size(),
+            max_entries: 16,
+        },
+    };
+    vmvol_fs::populate_tar(dev, tar.as_slice(), &opts, &Control::new())
+        .map(|_| ())
+        .map_err(|source| Error::Fs {
+            path: PathBuf::from("(config disk device)"),
+            source,
+        })
+}
+
+/// Make the config disk at `path`: a sparse raw file of
+/// [`ConfigFiles::disk_size`] built by [`build_config_disk`], holding
 /// `/config.json` and `/config.sh`. Crash-safe: written to a temporary file
 /// next to `path`, flushed, renamed over `path`, directory synced.
 pub fn write_config_disk(
@@ -170,13 +219,8 @@ pub fn write_config_disk(
     plan: &InstancePlan,
     extra: &Map<String, Value>,
 ) -> Result<ConfigDiskReport> {
-    let json = config_json(plan, extra)?;
-    let sh = config_sh(plan)?;
-    let tar = tar_of(&[
-        ("config.json", json.as_bytes()),
-        ("config.sh", sh.as_bytes()),
-    ])?;
-    let size = disk_size((json.len() + sh.len()) as u64);
+    let files = ConfigFiles::new(plan, extra)?;
+    let size = files.disk_size();
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -204,27 +248,19 @@ pub fn write_config_disk(
         }
     }
     let result = (|| {
-        let ctl = Control::new();
         let img =
-            RawImage::create(&tmp, size, Prealloc::Off, &ctl).map_err(|source| Error::Format {
+            RawImage::create(&tmp, size, Prealloc::Off, &Control::new()).map_err(|source| {
+                Error::Format {
+                    path: tmp.clone(),
+                    source,
+                }
+            })?;
+        build_config_disk(&img, &files).map_err(|e| match e {
+            Error::Fs { source, .. } => Error::Fs {
                 path: tmp.clone(),
                 source,
-            })?;
-        let opts = PopulateOptions {
-            mkfs: MkfsOptions {
-                block_size: 4096,
-                journal: Journal::None,
-                label: "vmvol-config".into(),
-                ..MkfsOptions::default()
             },
-            limits: PopulateLimits {
-                max_total_bytes: size,
-                max_entries: 16,
-            },
-        };
-        vmvol_fs::populate_tar(&img, tar.as_slice(), &opts, &ctl).map_err(|source| Error::Fs {
-            path: tmp.clone(),
-            source,
+            other => other,
         })?;
         img.flush().map_err(|source| Error::Format {
             path: tmp.clone(),
@@ -251,7 +287,7 @@ pub fn write_config_disk(
     Ok(ConfigDiskReport {
         path: path.to_path_buf(),
         size,
-        config_json: json,
-        config_sh: sh,
+        config_json: files.config_json,
+        config_sh: files.config_sh,
     })
 }

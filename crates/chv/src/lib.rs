@@ -47,8 +47,8 @@ pub use config::{
     TokenBucket, VirtQueueAffinity, MAX_SERIAL_BYTES,
 };
 pub use configdisk::{
-    config_json, config_sh, sh_quote, write_config_disk, ConfigDiskEntry, ConfigDiskReport,
-    MIN_CONFIG_DISK_BYTES, RESERVED_KEYS,
+    build_config_disk, config_json, config_sh, sh_quote, write_config_disk, ConfigDiskEntry,
+    ConfigDiskReport, ConfigFiles, MIN_CONFIG_DISK_BYTES, RESERVED_KEYS,
 };
 pub use error::{Error, Result};
 pub use guest::MOUNT_SCRIPT;

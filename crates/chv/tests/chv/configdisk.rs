@@ -173,3 +173,43 @@ fn config_disk_refusals() {
     let e = write_config_disk(&dir.path().join("missing/c.ext4"), &p, &Map::new()).unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
 }
+
+#[test]
+fn build_config_disk_on_a_qcow2_and_refuses_a_small_device() {
+    use vmvol_format::{BlockIo, Control, Prealloc, Qcow2CreateOptions, Qcow2Image, RawImage};
+    let Some(e2fsck) = require_tool("e2fsck") else {
+        return;
+    };
+    let Some(qemu_img) = require_tool("qemu-img") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = plan(&sample_spec()).unwrap();
+    let files = vmvol_chv::ConfigFiles::new(&p, &Map::new()).unwrap();
+    assert_eq!(files.disk_size(), 10 << 20);
+    // Any BlockIo: a qcow2 here.
+    let q = dir.path().join("config.qcow2");
+    Qcow2Image::create(&q, &Qcow2CreateOptions::new(files.disk_size())).unwrap();
+    let img =
+        vmvol_format::Image::open(&q, &vmvol_format::OpenOptions::new().read_only(false)).unwrap();
+    vmvol_chv::build_config_disk(&img, &files).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let raw = dir.path().join("flat.raw");
+    let (ok, out) = run(Command::new(&qemu_img)
+        .args(["convert", "-O", "raw"])
+        .arg(&q)
+        .arg(&raw));
+    assert!(ok, "{out}");
+    let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&raw));
+    assert!(ok, "e2fsck -fn: {out}");
+    // A device too small for an ext4 is refused with an error, not a panic.
+    let tiny = RawImage::create(
+        &dir.path().join("tiny.raw"),
+        64 << 10,
+        Prealloc::Off,
+        &Control::new(),
+    )
+    .unwrap();
+    assert!(vmvol_chv::build_config_disk(&tiny, &files).is_err());
+}
