@@ -8,6 +8,7 @@
 //! | `format` | `vmvol-format` | the [`BlockIo`] trait; raw and qcow2 images; backing chains; info, map, check, grow, convert, compact |
 //! | `fs` | `vmvol-fs` | ext4 written in pure Rust: mkfs, populate, free-space map |
 //! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
+//! | `chv` | `vmvol-chv` | Cloud Hypervisor disks (`DiskConfig`, `--disk`), the config disk, the guest mount script |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
 //!
@@ -33,6 +34,7 @@
 //! default `async` feature: vmvol uses its `sync` feature and the two exclude
 //! each other.
 
+pub use vmvol_chv as chv;
 pub use vmvol_format as format;
 pub use vmvol_fs as fs;
 pub use vmvol_pool as pool;

@@ -1,0 +1,654 @@
+//! A real Linux guest under QEMU (TCG) mounts the volumes with
+//! `guest/vmvol-mount.sh`, disks attached as virtio-blk in exactly the
+//! DiskConfig order, modes and serials.
+//!
+//! Scenario: guest A attaches volume W read-write and writes files; then
+//! guests B and C run at the same time, both attaching W read-only and the
+//! base volume S as an overlay (B: guest overlayfs, C: block qcow2 overlay);
+//! each writes into its overlay and sees W's files, its own writes and not
+//! the other's; a write to W fails. Afterwards S is unchanged (qemu-img
+//! compare with a copy), W is e2fsck -fn clean, every qcow2 checks clean.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Map;
+use vmvol_chv::{
+    plan, write_config_disk, DiskConfig, ImageType, InstancePlan, InstanceSpec, MountMode,
+    OverlayKind, VolumeDisk, MOUNT_SCRIPT,
+};
+use vmvol_format::{Control, Format, Prealloc, Qcow2CreateOptions, Qcow2Image, RawImage};
+use vmvol_fs::{mkfs, populate, MkfsOptions, PopulateOptions, Source};
+
+use crate::common::{missing, require_tool, run};
+
+const MIB: u64 = 1 << 20;
+/// Per-guest limit (a failsafe): a TCG guest runs this scenario in ~6–16 s
+/// of guest time, ~20–50 s of wall time on a busy 2-core host.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// What the guest needs from the host: QEMU, a kernel and its modules, a static busybox.
+struct Guestkit {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    modules: Vec<PathBuf>,
+    busybox: PathBuf,
+}
+
+/// Modules to load (with their dependencies, from modules.dep): the Debian
+/// kernel builds virtio, ext4 and overlayfs as modules.
+const WANTED_MODULES: [&str; 5] = [
+    "virtio_pci",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "overlay",
+];
+
+fn find_kit() -> Option<Guestkit> {
+    let qemu = require_tool("qemu-system-x86_64")?;
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    kernels.retain(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("vmlinuz-"))
+    });
+    kernels.sort();
+    let Some(kernel) = kernels.pop() else {
+        return missing("a kernel /boot/vmlinuz-* (linux-image-amd64)");
+    };
+    let version = kernel
+        .file_name()?
+        .to_str()?
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    let moddir = Path::new("/lib/modules").join(&version);
+    let Ok(dep) = std::fs::read_to_string(moddir.join("modules.dep")) else {
+        return missing(&format!("{}/modules.dep", moddir.display()));
+    };
+    let Ok(builtin) = std::fs::read_to_string(moddir.join("modules.builtin")) else {
+        return missing(&format!("{}/modules.builtin", moddir.display()));
+    };
+    // name -> (path, deps); built-in modules need no loading.
+    let name_of = |p: &str| -> String {
+        Path::new(p)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .split(".ko")
+            .next()
+            .unwrap_or("")
+            .replace('-', "_")
+    };
+    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    for line in dep.lines() {
+        if let Some((m, d)) = line.split_once(':') {
+            deps.insert(
+                name_of(m),
+                (
+                    m.to_string(),
+                    d.split_whitespace().map(str::to_string).collect(),
+                ),
+            );
+        }
+    }
+    let builtin: Vec<String> = builtin.lines().map(name_of).collect();
+    let mut order: Vec<PathBuf> = Vec::new();
+    fn add(
+        name: &str,
+        deps: &BTreeMap<String, (String, Vec<String>)>,
+        name_of: &dyn Fn(&str) -> String,
+        moddir: &Path,
+        order: &mut Vec<PathBuf>,
+    ) -> bool {
+        let Some((path, ds)) = deps.get(name) else {
+            return false;
+        };
+        // modules.dep lists every transitive dependency; load deepest first.
+        for d in ds.iter().rev() {
+            add(&name_of(d), deps, name_of, moddir, order);
+        }
+        let p = moddir.join(path);
+        if !order.contains(&p) {
+            order.push(p);
+        }
+        true
+    }
+    for m in WANTED_MODULES {
+        if !builtin.contains(&m.to_string()) && !add(m, &deps, &name_of, &moddir, &mut order) {
+            return missing(&format!("kernel module {m} for {version}"));
+        }
+    }
+    if order
+        .iter()
+        .any(|p| p.extension().is_none_or(|e| e != "ko"))
+    {
+        return missing("uncompressed kernel modules (.ko) for the busybox initramfs");
+    }
+    let busybox = require_tool("busybox")?;
+    // The initramfs has no libc: the busybox must be static (busybox-static).
+    let bytes = std::fs::read(&busybox).ok()?;
+    if has_interpreter(&bytes) {
+        return missing("a static busybox (busybox-static)");
+    }
+    Some(Guestkit {
+        qemu,
+        kernel,
+        modules: order,
+        busybox,
+    })
+}
+
+/// Whether an ELF64 executable names a program interpreter (PT_INTERP), i.e. is dynamically linked.
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+    };
+    if elf.get(..4) != Some(b"\x7fELF") {
+        return true;
+    }
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        elf.get(o..o + 4) == Some(&3u32.to_le_bytes()[..])
+    })
+}
+
+/// A newc cpio archive (what the kernel unpacks as initramfs).
+#[derive(Default)]
+struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.ino += 1;
+        let hdr = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.buf.extend_from_slice(hdr.as_bytes());
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+    fn pad(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, b"");
+    }
+    fn file(&mut self, name: &str, data: &[u8]) {
+        self.entry(name, 0o100755, data);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, b"");
+        self.buf
+    }
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do insmod "/modules/$m" || echo "insmod $m failed"; done
+n=0
+while [ ! -b /dev/vdc ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo VMVOL-GUEST-START
+check() { if eval "$2"; then echo "CHECK $1 PASS"; else echo "CHECK $1 FAIL"; fi; }
+sh /vmvol-mount.sh
+echo "MOUNT-STATUS $?"
+# Every disk carries the serial of its DiskConfig.
+. /mnt/vmvol-config/config.sh
+i=0
+while [ $i -lt "$VMVOL_DISK_COUNT" ]; do
+  eval "d=\$VMVOL_DISK_${i}_DEVICE s=\$VMVOL_DISK_${i}_SERIAL"
+  check "serial-${d##*/}" '[ "$(cat /sys/block/${d##*/}/serial)" = "$s" ]'
+  i=$((i + 1))
+done
+. /scenario.sh
+sync
+echo VMVOL-GUEST-DONE
+poweroff -f
+"#;
+
+const SCENARIO_A: &str = r#"
+check w-rw-mounted 'grep -q "^/dev/vde /w ext4 rw" /proc/mounts'
+check bad-not-mounted '! grep -q " /bad " /proc/mounts'
+echo from-A > /w/hello.txt && mkdir -p /w/dir && echo nested > /w/dir/n.txt
+check w-written '[ "$(cat /w/hello.txt)" = from-A ] && [ "$(cat /w/dir/n.txt)" = nested ]'
+sync
+check w-unmounted 'umount /w'
+"#;
+
+/// B and C: `$ME` / `$OTHER` are set before this runs.
+const SCENARIO_BC: &str = r#"
+check w-ro-mounted 'grep -q "^/dev/vdd /w ext4 ro" /proc/mounts'
+check w-sees-A '[ "$(cat /w/hello.txt)" = from-A ] && [ "$(cat /w/dir/n.txt)" = nested ]'
+check w-write-refused '! (echo x > /w/nope) 2>/dev/null && [ ! -e /w/nope ]'
+check s-sees-base '[ "$(cat /s/base.txt)" = base ] && [ "$(cat /s/sub/deep.txt)" = deep ]'
+echo "$ME" > "/s/mine-$ME.txt"
+echo "changed-by-$ME" > /s/base.txt
+rm /s/sub/deep.txt
+sync
+# B and C run at the same time: give the other one time to write its files.
+sleep 4
+check s-own-writes '[ "$(cat /s/mine-$ME.txt)" = "$ME" ] && [ "$(cat /s/base.txt)" = "changed-by-$ME" ] && [ ! -e /s/sub/deep.txt ]'
+check s-not-other '[ ! -e "/s/mine-$OTHER.txt" ]'
+sync
+umount /s; umount /w
+"#;
+
+const SCENARIO_B: &str = r#"ME=B OTHER=C
+check s-overlayfs 'grep -q "^overlay /s overlay " /proc/mounts'
+"#;
+const SCENARIO_C: &str = r#"ME=C OTHER=B
+check s-block-rw 'grep -q "^/dev/vde /s ext4 rw" /proc/mounts'
+"#;
+
+fn initramfs(kit: &Guestkit, scenario: &str) -> Vec<u8> {
+    let mut c = Cpio::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "mnt", "modules"] {
+        c.dir(d);
+    }
+    c.file("bin/busybox", &std::fs::read(&kit.busybox).unwrap());
+    c.entry("bin/sh", 0o120777, b"busybox");
+    c.file("init", INIT.as_bytes());
+    c.file("vmvol-mount.sh", MOUNT_SCRIPT.as_bytes());
+    c.file("scenario.sh", scenario.as_bytes());
+    let mut order = String::new();
+    for m in &kit.modules {
+        let name = m.file_name().unwrap().to_str().unwrap();
+        c.file(&format!("modules/{name}"), &std::fs::read(m).unwrap());
+        order.push_str(name);
+        order.push('\n');
+    }
+    c.file("modules/order", order.as_bytes());
+    c.finish()
+}
+
+/// QEMU's `-drive`/`-device` pair for a DiskConfig: same file, format, mode, serial.
+fn qemu_disk_args(i: usize, d: &DiskConfig) -> Vec<String> {
+    let format = match d.image_type {
+        ImageType::Raw => "raw",
+        ImageType::Qcow2 => "qcow2",
+        other => panic!("unexpected image type {other:?}"),
+    };
+    let path = d.path.as_ref().unwrap().to_str().unwrap();
+    assert!(!path.contains(','), "test paths have no commas");
+    let ro = if d.readonly { ",readonly=on" } else { "" };
+    vec![
+        "-drive".into(),
+        format!("file={path},format={format},if=none,id=d{i},cache=writeback{ro}"),
+        "-device".into(),
+        format!(
+            "virtio-blk-pci,drive=d{i},serial={}",
+            d.serial.as_deref().unwrap()
+        ),
+    ]
+}
+
+struct Guest {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    started: Instant,
+    ended: Option<Instant>,
+}
+
+fn boot(kit: &Guestkit, dir: &Path, name: &'static str, p: &InstancePlan, scenario: &str) -> Guest {
+    let initrd = dir.join(format!("initrd-{name}.cpio"));
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .write_all(&initramfs(kit, scenario))
+        .unwrap();
+    let log = dir.join(format!("serial-{name}.log"));
+    let mut cmd = Command::new(&kit.qemu);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-reboot",
+    ])
+    .args(["-display", "none", "-monitor", "none", "-net", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", log.display()))
+    .arg("-kernel")
+    .arg(&kit.kernel)
+    .arg("-initrd")
+    .arg(&initrd)
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
+    ]);
+    for (i, d) in p.disk_configs().iter().enumerate() {
+        cmd.args(qemu_disk_args(i, d));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", kit.qemu.display()));
+    Guest {
+        name,
+        child,
+        log,
+        started: Instant::now(),
+        ended: None,
+    }
+}
+
+/// Wait for every guest (killing any past the timeout); return each serial log.
+fn wait_all(guests: &mut [Guest]) -> Vec<String> {
+    loop {
+        let mut running = false;
+        for g in guests.iter_mut() {
+            if g.ended.is_some() {
+                continue;
+            }
+            match g.child.try_wait().unwrap() {
+                Some(_) => g.ended = Some(Instant::now()),
+                None if g.started.elapsed() > GUEST_TIMEOUT => {
+                    let _ = g.child.kill();
+                    let _ = g.child.wait();
+                    g.ended = Some(Instant::now());
+                    eprintln!("guest {} killed after {:?}", g.name, GUEST_TIMEOUT);
+                }
+                None => running = true,
+            }
+        }
+        if !running {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    guests
+        .iter_mut()
+        .map(|g| {
+            let mut err = String::new();
+            if let Some(mut e) = g.child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            let log = std::fs::read_to_string(&g.log).unwrap_or_default();
+            eprintln!(
+                "--- guest {} ({:?}) ---\n{log}{err}",
+                g.name,
+                g.ended.unwrap() - g.started
+            );
+            log
+        })
+        .collect()
+}
+
+/// The guest finished, its mount script exited with `mount_status`, and
+/// every expected check passed (none failed).
+fn assert_guest(name: &str, log: &str, mount_status: u8, checks: &[&str]) {
+    assert!(
+        log.contains("VMVOL-GUEST-DONE"),
+        "guest {name} did not finish:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.trim_end() == format!("MOUNT-STATUS {mount_status}")),
+        "guest {name}: mount script status is not {mount_status}:\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("CHECK ") && l.trim_end().ends_with(" FAIL")),
+        "guest {name}: a check failed:\n{log}"
+    );
+    for c in checks {
+        assert!(
+            log.contains(&format!("CHECK {c} PASS")),
+            "guest {name}: check {c} missing:\n{log}"
+        );
+    }
+}
+
+fn ext4_raw(path: &Path, size: u64) {
+    let img = RawImage::create(path, size, Prealloc::Off, &Control::new()).unwrap();
+    mkfs(&img, &MkfsOptions::default()).unwrap();
+}
+
+fn spec(dir: &Path, name: &str, volumes: Vec<VolumeDisk>) -> InstanceSpec {
+    InstanceSpec {
+        rootfs: dir.join("rootfs.raw"),
+        rootfs_image_type: ImageType::Raw,
+        instance_overlay: dir.join(format!("{name}-overlay.raw")),
+        instance_overlay_image_type: ImageType::Raw,
+        config_disk: dir.join(format!("{name}-config.ext4")),
+        volumes,
+    }
+}
+
+fn prepare(dir: &Path, name: &str, volumes: Vec<VolumeDisk>) -> InstancePlan {
+    let s = spec(dir, name, volumes);
+    ext4_raw(&s.instance_overlay, 16 * MIB);
+    let p = plan(&s).unwrap();
+    write_config_disk(&s.config_disk, &p, &Map::new()).unwrap();
+    p
+}
+
+#[test]
+fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
+    let Some(kit) = find_kit() else { return };
+    let Some(qemu_img) = require_tool("qemu-img") else {
+        return;
+    };
+    let Some(e2fsck) = require_tool("e2fsck") else {
+        return;
+    };
+    let Some(debugfs) = require_tool("debugfs") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+
+    // The shared rootfs (never mounted by this initramfs guest, but attached as /dev/vda).
+    ext4_raw(&dir.join("rootfs.raw"), 16 * MIB);
+    // W: a raw ext4 volume; S: a raw ext4 base holding files.
+    let w = dir.join("w.raw");
+    ext4_raw(&w, 64 * MIB);
+    let tree = dir.join("s-tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("base.txt"), "base\n").unwrap();
+    std::fs::write(tree.join("sub/deep.txt"), "deep\n").unwrap();
+    let s = dir.join("s.raw");
+    let simg = RawImage::create(&s, 64 * MIB, Prealloc::Off, &Control::new()).unwrap();
+    populate(
+        &simg,
+        &Source::Dir(tree),
+        &PopulateOptions::default(),
+        &Control::new(),
+    )
+    .unwrap();
+    drop(simg);
+    let s_copy = dir.join("s-before.raw");
+    std::fs::copy(&s, &s_copy).unwrap();
+
+    let vol = |volume: &str, path: &Path, image_type, mount: &str, mode| VolumeDisk {
+        volume: volume.into(),
+        path: path.to_path_buf(),
+        image_type,
+        mount_path: mount.into(),
+        mode,
+    };
+
+    // Guest A: W read-write, after a volume that cannot mount (no
+    // filesystem): the script reports that failure and still mounts W.
+    let bad = dir.join("bad.raw");
+    RawImage::create(&bad, 4 * MIB, Prealloc::Off, &Control::new()).unwrap();
+    let pa = prepare(
+        dir,
+        "a",
+        vec![
+            vol("bad", &bad, ImageType::Raw, "/bad", MountMode::Ro),
+            vol("w", &w, ImageType::Raw, "/w", MountMode::Rw),
+        ],
+    );
+    let mut a = [boot(&kit, dir, "A", &pa, SCENARIO_A)];
+    let logs = wait_all(&mut a);
+    assert_guest(
+        "A",
+        &logs[0],
+        1,
+        &[
+            "bad-not-mounted",
+            "w-rw-mounted",
+            "w-written",
+            "w-unmounted",
+            "serial-vda",
+            "serial-vde",
+        ],
+    );
+    assert!(logs[0]
+        .lines()
+        .any(|l| l.starts_with("vmvol-mount: FAILED /dev/vdd /bad ro: ")
+            && l.contains("mount ro,noload failed")));
+    assert!(logs[0].contains("vmvol-mount: ok /dev/vde /w rw"));
+    let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&w));
+    assert!(ok, "W after A: e2fsck -fn: {out}");
+
+    // Guest B: W ro + S guest-overlayfs; guest C: W ro + S block (qcow2 over S).
+    let b_ovl = dir.join("b-s-overlay.raw");
+    ext4_raw(&b_ovl, 32 * MIB);
+    let c_q = dir.join("c-s-overlay.qcow2");
+    Qcow2Image::create(
+        &c_q,
+        &Qcow2CreateOptions::new(64 * MIB).backing("s.raw", Format::Raw),
+    )
+    .unwrap();
+    let pb = prepare(
+        dir,
+        "b",
+        vec![
+            vol("w", &w, ImageType::Raw, "/w", MountMode::Ro),
+            vol(
+                "s",
+                &s,
+                ImageType::Raw,
+                "/s",
+                MountMode::Overlay(OverlayKind::GuestOverlayfs {
+                    overlay_path: b_ovl.clone(),
+                }),
+            ),
+        ],
+    );
+    let pc = prepare(
+        dir,
+        "c",
+        vec![
+            vol("w", &w, ImageType::Raw, "/w", MountMode::Ro),
+            vol(
+                "s",
+                &c_q,
+                ImageType::Qcow2,
+                "/s",
+                MountMode::Overlay(OverlayKind::Block),
+            ),
+        ],
+    );
+    assert!(pc.disks[4].config.backing_files);
+    let mut bc = [
+        boot(&kit, dir, "B", &pb, &format!("{SCENARIO_B}{SCENARIO_BC}")),
+        boot(&kit, dir, "C", &pc, &format!("{SCENARIO_C}{SCENARIO_BC}")),
+    ];
+    let logs = wait_all(&mut bc);
+    let common = [
+        "w-ro-mounted",
+        "w-sees-A",
+        "w-write-refused",
+        "s-sees-base",
+        "s-own-writes",
+        "s-not-other",
+    ];
+    assert_guest(
+        "B",
+        &logs[0],
+        0,
+        &[&common[..], &["s-overlayfs", "serial-vdf"]].concat(),
+    );
+    assert_guest(
+        "C",
+        &logs[1],
+        0,
+        &[&common[..], &["s-block-rw", "serial-vde"]].concat(),
+    );
+    // They ran at the same time.
+    let (b, c) = (&bc[0], &bc[1]);
+    assert!(b.started < c.ended.unwrap() && c.started < b.ended.unwrap());
+
+    // S unchanged, W clean, the qcow2 clean; each overlay holds its own writes.
+    let (ok, out) = run(Command::new(&qemu_img)
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&s_copy)
+        .arg(&s));
+    assert!(ok, "S changed: {out}");
+    let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&w));
+    assert!(ok, "W: e2fsck -fn: {out}");
+    let (ok, out) = run(Command::new(&qemu_img)
+        .args(["check", "-f", "qcow2"])
+        .arg(&c_q));
+    assert!(ok, "C's overlay: qemu-img check: {out}");
+    let cat = |img: &Path, file: &str| {
+        let (ok, out) = run(Command::new(&debugfs)
+            .args(["-R", &format!("cat {file}")])
+            .arg(img));
+        assert!(ok, "{out}");
+        out
+    };
+    assert!(cat(&b_ovl, "/upper/mine-B.txt").contains('B'));
+    assert!(cat(&b_ovl, "/upper/base.txt").contains("changed-by-B"));
+    let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&b_ovl));
+    assert!(ok, "B's overlay disk: e2fsck -fn: {out}");
+    let c_raw = dir.join("c-flat.raw");
+    let (ok, out) = run(Command::new(&qemu_img)
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&c_q)
+        .arg(&c_raw));
+    assert!(ok, "{out}");
+    assert!(cat(&c_raw, "/mine-C.txt").contains('C'));
+    assert!(cat(&c_raw, "/base.txt").contains("changed-by-C"));
+    assert!(cat(&b_ovl, "/upper/mine-C.txt").contains("File not found"));
+    assert!(cat(&c_raw, "/mine-B.txt").contains("File not found"));
+    let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&c_raw));
+    assert!(ok, "C's overlay contents: e2fsck -fn: {out}");
+    eprintln!("guest scenario took {:?}", t0.elapsed());
+}
