@@ -360,12 +360,46 @@ impl Qcow2Image {
             let end = bsize.min(new_size);
             if end > cur {
                 self.uncompress_edges(&acc, cur, end - cur)?;
-                acc.write_zeroes(cur, end - cur)
-                    .map_err(|e| im_err(&self.path, "zero grown range", e))?;
+                let len = self.zero_partial_tail(&acc, cur, end - cur, "zero grown range")?;
+                if len > 0 {
+                    acc.write_zeroes(cur, len)
+                        .map_err(|e| im_err(&self.path, "zero grown range", e))?;
+                }
             }
         }
         self.size.store(new_size, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Zero the part of `[offset, offset + len)` that lies in the image's
+    /// partial last cluster, when the range ends inside that cluster, by
+    /// writing zero bytes; returns the length left for imago's zeroing,
+    /// which starts at `offset`.
+    ///
+    /// imago 0.2.6 rounds a zeroing range's end up to the cluster and clamps
+    /// it to the virtual size; when the image is smaller than one cluster and
+    /// bytes after the range are not zero it steps that end back one cluster
+    /// and underflows (fuzz finding F1, docs/testing.md). Writing this tail
+    /// ourselves keeps imago's zeroing to whole clusters inside the image.
+    pub(super) fn zero_partial_tail(
+        &self,
+        acc: &FormatAccess<HStore>,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+    ) -> Result<u64> {
+        let size = acc.size();
+        let end = offset.saturating_add(len);
+        let last = size - size % self.cluster_size;
+        if last == size || end <= last || end >= size {
+            return Ok(len);
+        }
+        let start = offset.max(last);
+        // Less than one cluster (at most 2 MiB).
+        let zeros = vec![0u8; (end - start) as usize];
+        acc.write(&zeros, start)
+            .map_err(|e| im_err(&self.path, op, e))?;
+        Ok(start - offset)
     }
 
     /// Virtual size of the backing file, if any.
@@ -561,6 +595,10 @@ impl BlockIo for Qcow2Image {
         // Data clusters become zero clusters (keeping their allocation).
         let _change = self.mapcache.change(offset, len);
         self.uncompress_edges(&acc, offset, len)?;
+        let len = self.zero_partial_tail(&acc, offset, len, "write zeroes")?;
+        if len == 0 {
+            return Ok(());
+        }
         acc.write_zeroes(offset, len)
             .map_err(|e| im_err(&self.path, "write zeroes", e))
     }
@@ -575,6 +613,10 @@ impl BlockIo for Qcow2Image {
         // Data clusters are freed (and may be reused for other data).
         let _change = self.mapcache.change(offset, len);
         self.uncompress_edges(&acc, offset, len)?;
+        let len = self.zero_partial_tail(&acc, offset, len, "discard")?;
+        if len == 0 {
+            return Ok(());
+        }
         match acc.discard_to_zero(offset, len) {
             Ok(()) => Ok(()),
             // Version 2 images cannot discard safely; zeroing keeps the contract.

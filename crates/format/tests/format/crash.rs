@@ -378,56 +378,38 @@ fn run_campaign(c: Campaign) {
     );
 }
 
-#[test]
-fn kill_campaign_4k() {
+/// A campaign at cluster size `cs`, over a raw backing file or not;
+/// `VMVOL_CRASH_KILLS` sets the kills (default 260: 1040 over the four).
+fn campaign(cs: u64, backing: bool) {
     run_campaign(Campaign {
-        cs: 4096,
-        backing: false,
+        cs,
+        backing,
         kills: std::env::var("VMVOL_CRASH_KILLS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(260),
         per_image: 40,
     });
+}
+
+#[test]
+fn kill_campaign_4k() {
+    campaign(4096, false);
 }
 
 #[test]
 fn kill_campaign_64k() {
-    run_campaign(Campaign {
-        cs: 65536,
-        backing: false,
-        kills: std::env::var("VMVOL_CRASH_KILLS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(260),
-        per_image: 40,
-    });
+    campaign(65536, false);
 }
 
 #[test]
 fn kill_campaign_4k_backing() {
-    run_campaign(Campaign {
-        cs: 4096,
-        backing: true,
-        kills: std::env::var("VMVOL_CRASH_KILLS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(260),
-        per_image: 40,
-    });
+    campaign(4096, true);
 }
 
 #[test]
 fn kill_campaign_64k_backing() {
-    run_campaign(Campaign {
-        cs: 65536,
-        backing: true,
-        kills: std::env::var("VMVOL_CRASH_KILLS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(260),
-        per_image: 40,
-    });
+    campaign(65536, true);
 }
 
 /// Leave `path` dirty: a child writes through `Qcow2Image` and is killed

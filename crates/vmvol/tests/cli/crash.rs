@@ -83,6 +83,23 @@ fn kill_and_check(bin: &Path, args: &[&str], img: &Path, max: Duration, seed: &m
     killed
 }
 
+/// `vmvol image create` of a qcow2 with 4 KiB clusters (many L2 tables).
+fn create_4k_qcow2(bin: &Path, img: &str, size: &str) {
+    vmvol(
+        bin,
+        &[
+            "image",
+            "create",
+            "-f",
+            "qcow2",
+            "--cluster-size",
+            "4K",
+            img,
+            size,
+        ],
+    );
+}
+
 #[test]
 fn killed_populate_into_existing_qcow2() {
     let Some(bin) = setup() else { return };
@@ -96,19 +113,7 @@ fn killed_populate_into_existing_qcow2() {
     }
     let img = dir.path().join("p.qcow2");
     let img_s = img.to_str().unwrap();
-    vmvol(
-        bin,
-        &[
-            "image",
-            "create",
-            "-f",
-            "qcow2",
-            "--cluster-size",
-            "4K",
-            img_s,
-            "512M",
-        ],
-    );
+    create_4k_qcow2(bin, img_s, "512M");
     let args = ["fs", "populate", img_s, "--from", src.to_str().unwrap()];
     // How long an uninterrupted run takes sets the range of kill moments.
     let t = Instant::now();
@@ -135,19 +140,7 @@ fn killed_resize_of_qcow2() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("r.qcow2");
     let img_s = img.to_str().unwrap();
-    vmvol(
-        bin,
-        &[
-            "image",
-            "create",
-            "-f",
-            "qcow2",
-            "--cluster-size",
-            "4K",
-            img_s,
-            "64M",
-        ],
-    );
+    create_4k_qcow2(bin, img_s, "64M");
     let o = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x33 0 32M", img_s])
         .output();
