@@ -123,10 +123,10 @@ pub enum ImageCmd {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Check a qcow2 image's metadata (and repair leaks with -r leaks).
+    /// Check a qcow2 image's metadata (repair leaks with -r leaks, rebuild refcounts with -r all).
     Check {
         file: PathBuf,
-        /// Repair: `leaks` frees leaked clusters.
+        /// Repair: `leaks` frees leaked clusters; `all` rebuilds refcounts.
         #[arg(short = 'r', long = "repair")]
         repair: Option<RepairArg>,
         #[command(flatten)]
@@ -191,6 +191,8 @@ pub enum ImageCmd {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum RepairArg {
     Leaks,
+    /// Rebuild refcounts (also repairs refcounts that are too low).
+    All,
 }
 
 pub fn run(cmd: ImageCmd) -> AnyResult<()> {
@@ -303,6 +305,12 @@ pub fn run(cmd: ImageCmd) -> AnyResult<()> {
             out,
         } => {
             let img = Image::open(&file, &chain.open_options(&file, true))?;
+            if img.as_qcow2().is_some_and(|q| q.was_dirty()) {
+                eprintln!(
+                    "note: {} is dirty (refcounts not written back); read as is",
+                    file.display()
+                );
+            }
             let size = format::BlockIo::size(&img);
             let start = start_offset.min(size);
             let len = max_length.unwrap_or(size - start).min(size - start);
@@ -323,6 +331,7 @@ pub fn run(cmd: ImageCmd) -> AnyResult<()> {
         ImageCmd::Check { file, repair, out } => {
             let mode = match repair {
                 Some(RepairArg::Leaks) => RepairMode::Leaks,
+                Some(RepairArg::All) => RepairMode::All,
                 None => RepairMode::None,
             };
             let r = format::check(&file, mode)?;

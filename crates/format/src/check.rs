@@ -14,8 +14,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::qcow2::{rebuild_refcounts, L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::qcow2::{L2Entry, Qcow2Meta};
-use crate::qcow2::{L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::{detect_format, Error, Format, Result};
 
 /// What [`check`] may repair.
@@ -28,6 +28,10 @@ pub enum RepairMode {
     /// Lower refcounts that are higher than the uses found (frees leaked
     /// clusters). Corruptions are never repaired.
     Leaks,
+    /// Rebuild all refcounts from the L1/L2 and snapshot tables (new
+    /// refcount structures, COPIED flags corrected, dirty bit cleared), like
+    /// `qemu-img check -r all`: repairs refcounts that are too low as well.
+    All,
 }
 
 /// The result of [`check`], with the fields (and JSON names) of
@@ -49,7 +53,7 @@ pub struct CheckReport {
     pub corruptions: u64,
     /// Leaks repaired in this run (the other counts are after repair).
     pub leaks_fixed: u64,
-    /// Corruptions repaired in this run (always 0: we do not repair them).
+    /// Corruptions repaired in this run (only [`RepairMode::All`] repairs them).
     pub corruptions_fixed: u64,
     /// End of the last cluster in use (by refcount or by reference).
     pub image_end_offset: Option<u64>,
@@ -88,6 +92,22 @@ pub fn check(path: &Path, repair: RepairMode) -> Result<CheckReport> {
             messages: vec!["raw images have no metadata to check".into()],
             ..CheckReport::default()
         });
+    }
+    // `-r all` rebuilds the refcounts, then checks as usual.
+    if repair == RepairMode::All {
+        let before = check(path, RepairMode::None)?;
+        if before.is_clean() && !Qcow2Meta::open(path, false)?.header().is_dirty() {
+            return Ok(before);
+        }
+        rebuild_refcounts(path)?;
+        let mut after = check(path, RepairMode::None)?;
+        after.leaks_fixed = before.leaks;
+        after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+        let mut messages = before.messages;
+        messages.push("Refcounts rebuilt from the L1/L2 and snapshot tables".into());
+        messages.append(&mut after.messages);
+        after.messages = messages;
+        return Ok(after);
     }
     let meta = Qcow2Meta::open(path, repair != RepairMode::None)?;
     meta.require_plain()?;

@@ -20,6 +20,10 @@ mod check;
 mod compact;
 #[path = "format/convert.rs"]
 mod convert;
+#[path = "format/crash.rs"]
+mod crash;
+#[path = "format/crash_perf.rs"]
+mod crash_perf;
 #[path = "format/info_map.rs"]
 mod info_map;
 #[path = "format/model.rs"]

@@ -93,6 +93,10 @@ fn require_tool(tool: &str) -> bool {
     false
 }
 
+/// SIGKILLed `fs populate` and `image resize` (issue 9).
+#[path = "cli/crash.rs"]
+mod crash;
+
 /// Return from the test (skipping) unless every tool is present.
 macro_rules! require_tools {
     ($($tool:expr),+) => {

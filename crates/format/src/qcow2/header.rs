@@ -466,19 +466,14 @@ impl Qcow2Header {
     }
 
     /// Refuse what the header says imago cannot safely open: the corrupt bit
-    /// (repair is `check`'s job) and the dirty bit (refcounts not written back).
+    /// (repair is `check`'s job). A dirty image is read as is, and its
+    /// refcounts are rebuilt before a read-write open (see `Qcow2Image::open`).
     pub(crate) fn check_openable(&self, path: &Path) -> Result<()> {
         if self.is_corrupt() {
             return Err(Error::Corrupt {
                 path: path.to_path_buf(),
                 reason: "the image is marked corrupt; check and repair it first".into(),
             });
-        }
-        if self.is_dirty() {
-            return Err(unsupported(
-                path,
-                "dirty bit set (lazy refcounts not written back); repair it first",
-            ));
         }
         Ok(())
     }

@@ -8,15 +8,18 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{FormatAccess, Mapping, StorageOpenOptions};
 use serde::{Deserialize, Serialize};
 
+use super::dirty::refuse_inconsistent;
 use super::header::{Compression, Qcow2Header};
 use super::mapcache::MapCache;
+use super::ordering::Ordered;
+use super::rebuild::rebuild_refcounts;
 use super::spec::*;
 use super::storage::HStore;
 use super::writer::{write_empty, Qcow2WriterOptions};
@@ -114,6 +117,26 @@ pub struct Qcow2Image {
     pub(super) mapcache: MapCache,
     /// The virtual size, for reads that take no lock (it only grows).
     pub(super) size: AtomicU64,
+    /// Write ordering and the dirty bit of a writable image (see
+    /// [`super::dirty`]).
+    pub(super) order: Option<Arc<Ordered>>,
+    /// The dirty bit was set at open.
+    pub(super) dirty_at_open: bool,
+}
+
+/// A clean close writes everything back and clears the dirty bit (on error
+/// it stays set, and the next read-write open rebuilds the refcounts).
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if let Some(order) = &self.order {
+            if order.is_marked() {
+                let acc = self.read_lock();
+                if acc.flush().is_ok() && acc.sync().is_ok() {
+                    let _ = order.unmark();
+                }
+            }
+        }
+    }
 }
 
 impl Qcow2Image {
@@ -186,15 +209,31 @@ impl Qcow2Image {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
-        let header = Qcow2Header::read(path, &file)?;
+        let mut header = Qcow2Header::read(path, &file)?;
         let file_len = file
             .metadata()
             .map_err(|e| Error::io(path, "stat", e))?
             .len();
         header.vet(path, file_len)?;
         header.check_openable(path)?;
+        // A dirty image (a crash, or QEMU's lazy refcounts) gets its
+        // refcounts rebuilt before imago allocates from them; a clean one
+        // with refcounts too low was damaged elsewhere and is refused.
+        let dirty_at_open = header.is_dirty();
+        if writable && dirty_at_open {
+            rebuild_refcounts(path)?;
+            header = Qcow2Header::read(path, &file)?;
+            let file_len = file
+                .metadata()
+                .map_err(|e| Error::io(path, "stat", e))?
+                .len();
+            header.vet(path, file_len)?;
+        }
         if writable {
             header.check_refcount_table(path, &file)?;
+            if !dirty_at_open {
+                refuse_inconsistent(path)?;
+            }
             // Outputs of a killed convert/compact of this image.
             remove_dead_temps(path)
                 .map_err(|e| Error::io(path, "remove dead temporary files", e))?;
@@ -211,13 +250,21 @@ impl Qcow2Image {
             header: Some(header.clone()),
         }];
         let backing = open_backing(path, &header, &opts.policy, &mut chain, &mut layers)?;
-        let st = HStore::new(
+        let order = if writable {
+            Some(Arc::new(
+                Ordered::new(&file, &header).map_err(|e| Error::io(path, "open", e))?,
+            ))
+        } else {
+            None
+        };
+        let mut st = HStore::new(
             file,
             StorageOpenOptions::new().write(writable).filename(path),
             &header,
             true,
         )
         .map_err(|e| Error::io(path, "open", e))?;
+        st.order = order.clone();
         let mut q =
             Qcow2::<HStore>::open_image(st, writable).map_err(|e| im_err(path, "open", e))?;
         q.set_data_file(None);
@@ -237,7 +284,22 @@ impl Qcow2Image {
             zcache: Mutex::new(None),
             mapcache: MapCache::new(header.size, header.cluster_bits),
             size: AtomicU64::new(header.size),
+            order,
+            dirty_at_open,
         })
+    }
+
+    /// The ordering layer, for the power-loss tests.
+    #[cfg(test)]
+    pub(crate) fn crash_order(&self) -> Option<&Arc<Ordered>> {
+        self.order.as_ref()
+    }
+
+    /// Whether the image's dirty bit was set when it was opened: refcounts
+    /// may lag behind (a crash, or QEMU's lazy refcounts). A read-only open
+    /// reads such an image as is; a read-write open has rebuilt them.
+    pub fn was_dirty(&self) -> bool {
+        self.dirty_at_open
     }
 
     /// The file this image was opened from.
@@ -298,12 +360,46 @@ impl Qcow2Image {
             let end = bsize.min(new_size);
             if end > cur {
                 self.uncompress_edges(&acc, cur, end - cur)?;
-                acc.write_zeroes(cur, end - cur)
-                    .map_err(|e| im_err(&self.path, "zero grown range", e))?;
+                let len = self.zero_partial_tail(&acc, cur, end - cur, "zero grown range")?;
+                if len > 0 {
+                    acc.write_zeroes(cur, len)
+                        .map_err(|e| im_err(&self.path, "zero grown range", e))?;
+                }
             }
         }
         self.size.store(new_size, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Zero the part of `[offset, offset + len)` that lies in the image's
+    /// partial last cluster, when the range ends inside that cluster, by
+    /// writing zero bytes; returns the length left for imago's zeroing,
+    /// which starts at `offset`.
+    ///
+    /// imago 0.2.6 rounds a zeroing range's end up to the cluster and clamps
+    /// it to the virtual size; when the image is smaller than one cluster and
+    /// bytes after the range are not zero it steps that end back one cluster
+    /// and underflows (fuzz finding F1, docs/testing.md). Writing this tail
+    /// ourselves keeps imago's zeroing to whole clusters inside the image.
+    pub(super) fn zero_partial_tail(
+        &self,
+        acc: &FormatAccess<HStore>,
+        offset: u64,
+        len: u64,
+        op: &'static str,
+    ) -> Result<u64> {
+        let size = acc.size();
+        let end = offset.saturating_add(len);
+        let last = size - size % self.cluster_size;
+        if last == size || end <= last || end >= size {
+            return Ok(len);
+        }
+        let start = offset.max(last);
+        // Less than one cluster (at most 2 MiB).
+        let zeros = vec![0u8; (end - start) as usize];
+        acc.write(&zeros, start)
+            .map_err(|e| im_err(&self.path, op, e))?;
+        Ok(start - offset)
     }
 
     /// Virtual size of the backing file, if any.
@@ -499,6 +595,10 @@ impl BlockIo for Qcow2Image {
         // Data clusters become zero clusters (keeping their allocation).
         let _change = self.mapcache.change(offset, len);
         self.uncompress_edges(&acc, offset, len)?;
+        let len = self.zero_partial_tail(&acc, offset, len, "write zeroes")?;
+        if len == 0 {
+            return Ok(());
+        }
         acc.write_zeroes(offset, len)
             .map_err(|e| im_err(&self.path, "write zeroes", e))
     }
@@ -513,6 +613,10 @@ impl BlockIo for Qcow2Image {
         // Data clusters are freed (and may be reused for other data).
         let _change = self.mapcache.change(offset, len);
         self.uncompress_edges(&acc, offset, len)?;
+        let len = self.zero_partial_tail(&acc, offset, len, "discard")?;
+        if len == 0 {
+            return Ok(());
+        }
         match acc.discard_to_zero(offset, len) {
             Ok(()) => Ok(()),
             // Version 2 images cannot discard safely; zeroing keeps the contract.

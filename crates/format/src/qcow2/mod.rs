@@ -1,7 +1,8 @@
 //! qcow2, by concern: the format's numbers ([`spec`](self) constants), the
 //! header (one parser plus the vetting that opening adds), L1/L2 and refcount
 //! tables, the codec of compressed clusters, the storage adaptor handed to
-//! imago, the image and its read path, `qemu-img map` emulation, metadata
+//! imago with its write ordering, the image and its read path, crash safety
+//! (the dirty bit and the refcount rebuild), `qemu-img map` emulation, metadata
 //! access for check/repair, and the writer of fresh layouts.
 //!
 //! The product API ([`crate::Qcow2Image`], [`crate::Qcow2CreateOptions`])
@@ -9,12 +10,17 @@
 //! tools that look at or build qcow2 files themselves.
 
 mod codec;
+mod dirty;
 mod header;
 mod image;
 mod mapcache;
 mod meta;
+mod ordering;
+#[cfg(test)]
+mod power_loss_tests;
 mod qemu_map;
 mod read;
+mod rebuild;
 mod spec;
 mod storage;
 mod tables;
@@ -28,6 +34,7 @@ pub use spec::{DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, QCOW2_M
 pub use tables::L2Entry;
 pub use writer::{Qcow2Writer, Qcow2WriterOptions, WriterStats};
 
+pub(crate) use rebuild::rebuild_refcounts;
 pub(crate) use spec::{L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
 pub(crate) use writer::{is_zero, thread_count, write_items, Item};
 

@@ -34,6 +34,9 @@ pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Byte 79 holds the low byte of the big-endian incompatible-features field
+/// at 72 (the dirty bit 0 and the zstd bit 3).
+pub(crate) const INCOMPAT_LOW_BYTE: u64 = 79;
 /// Compatible feature bits.
 pub(crate) const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 

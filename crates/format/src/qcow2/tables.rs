@@ -88,6 +88,29 @@ pub(crate) fn decode_refcounts(buf: &[u8], order: u32) -> Vec<u64> {
     }
 }
 
+/// Encode refcounts of `2^order` bits into one refcount block of `block_len`
+/// bytes (the inverse of [`decode_refcounts`]; values are truncated to the width).
+pub(crate) fn encode_refcounts(counts: &[u64], order: u32, block_len: usize) -> Vec<u8> {
+    let bits = 1usize << order.min(6);
+    let mut out = vec![0u8; block_len];
+    for (i, &v) in counts.iter().enumerate() {
+        if bits < 8 {
+            let per = 8 / bits;
+            let mask = ((1u16 << bits) - 1) as u8;
+            if let Some(b) = out.get_mut(i / per) {
+                *b |= (v as u8 & mask) << ((i % per) * bits);
+            }
+        } else {
+            let w = bits / 8;
+            let be = v.to_be_bytes();
+            if let (Some(dst), Some(src)) = (out.get_mut(i * w..(i + 1) * w), be.get(8 - w..)) {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+    out
+}
+
 /// Where guest offset `guest` sits in the tables of an image with header
 /// `h`: (L1 index, L2 index).
 pub(crate) fn table_indices(h: &Qcow2Header, guest: u64) -> (u64, u64) {

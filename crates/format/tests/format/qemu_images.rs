@@ -352,3 +352,87 @@ fn new_images_place_data_2mib_aligned() {
         }
     }
 }
+
+/// Fuzz finding F1 (docs/testing.md): zeroing or discarding the start of an
+/// image smaller than one cluster, with data after the range, underflowed in
+/// imago's `soft_ensure_zero`. The range must read as zeros and the data
+/// after it must stay, by `qemu-img compare`, with `qemu-img check` clean;
+/// also for the grow path and an image whose last cluster is partial.
+#[test]
+fn zeroing_in_an_image_smaller_than_a_cluster_f1() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = OpenOptions::new().policy(BackingPolicy::within([d.to_path_buf()]));
+    // (image size, data at, zeroing op, range)
+    let cases: [(&str, u64, u64, &str, u64, u64); 5] = [
+        ("40K", 40 << 10, 20 << 10, "zero", 0, 8192),
+        ("40K", 40 << 10, 20 << 10, "discard", 0, 8192),
+        ("40K", 40 << 10, 20 << 10, "zero", 4096, 20 << 10),
+        ("40K", 40 << 10, 20 << 10, "zero", 22 << 10, 4096),
+        ("100K", 100 << 10, 90 << 10, "zero", 70 << 10, 12 << 10),
+    ];
+    for (i, &(size_s, size, data_at, op, off, len)) in cases.iter().enumerate() {
+        let img = d.join(format!("r{i}.qcow2"));
+        let img_s = img.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", img_s, size_s]);
+        qemu_io("qcow2", &img, &[&format!("write -P 0xaa {data_at} 4k")]);
+        let mut want = vec![0u8; size as usize];
+        want[data_at as usize..data_at as usize + 4096].fill(0xaa);
+        {
+            let im = Image::open(&img, &o).unwrap();
+            match op {
+                "zero" => im.write_zeroes(off, len).unwrap(),
+                _ => im.discard(off, len).unwrap(),
+            }
+            im.flush().unwrap();
+        }
+        want[off as usize..(off + len) as usize].fill(0);
+        let raw = d.join(format!("r{i}.raw"));
+        std::fs::write(&raw, &want).unwrap();
+        assert_compare(&img, "qcow2", &raw);
+        assert_qemu_clean(&img);
+    }
+
+    // Growing over a longer backing file zeroes the grown range, whose end
+    // may lie in a partial cluster with backing data after it.
+    let base = d.join("base.raw");
+    std::fs::write(&base, vec![0x77u8; 48 << 10]).unwrap();
+    let img = d.join("g.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "base.raw",
+        img.to_str().unwrap(),
+        "8K",
+    ]);
+    {
+        let im = Image::open(&img, &o).unwrap();
+        im.grow(40 << 10).unwrap();
+        im.flush().unwrap();
+    }
+    let mut want = vec![0u8; 40 << 10];
+    want[..8 << 10].fill(0x77);
+    let raw = d.join("g.raw");
+    std::fs::write(&raw, &want).unwrap();
+    assert_compare(&img, "qcow2", &raw);
+    assert_qemu_clean(&img);
+
+    // The fuzzer's own inputs, through the fuzz body (panicked before the fix).
+    let regressions =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/qcow2_open_read");
+    for name in [
+        "crash-45dafe3279279a37b15bb2510b0452d77fdea5d2",
+        "write-zeroes-image-smaller-than-cluster",
+    ] {
+        let input = std::fs::read(regressions.join(name)).unwrap();
+        crate::fuzz_body::open_and_read(&input);
+    }
+}
