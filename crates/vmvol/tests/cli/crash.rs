@@ -2,7 +2,7 @@
 //! `vmvol image resize +N` on a 4 KiB-cluster qcow2, SIGKILLed at random
 //! moments. No kill may leave an image that is corrupt without the dirty
 //! flag, and after `vmvol image check -r all` every one is clean.
-//! `VMVOL_CLI_KILLS` sets the kills per case (default 25; the issue's run is 100).
+//! `VMVOL_CLI_KILLS` sets the kills per case (default 100, as issue 9 asks).
 //! A module of the CLI test binary: it uses its binary finder and tool checks.
 
 use std::path::Path;
@@ -20,7 +20,7 @@ fn kills() -> usize {
     std::env::var("VMVOL_CLI_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(25)
+        .unwrap_or(100)
 }
 
 fn vmvol(bin: &Path, args: &[&str]) {
