@@ -8,6 +8,7 @@
 //! | `format` | `vmvol-format` | the [`BlockIo`] trait; raw and qcow2 images; backing chains; info, map, check, grow, convert, compact |
 //! | `fs` | `vmvol-fs` | ext4 written in pure Rust: mkfs, populate, free-space map |
 //! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
+//! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
 //!
@@ -36,5 +37,6 @@
 pub use vmvol_format as format;
 pub use vmvol_fs as fs;
 pub use vmvol_pool as pool;
+pub use vmvol_volume as volume;
 
 pub use vmvol_format::{BlockIo, Format, Image, OpenOptions};

@@ -1,0 +1,1 @@
+//! The volume layer's test suite, against real tools.
