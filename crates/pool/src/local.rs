@@ -540,7 +540,11 @@ impl RecordStore for LocalBackend {
             let name = de.file_name();
             let path = de.path();
             let name = name.to_string_lossy();
-            if clean && name.starts_with(TEMP_PREFIX) {
+            // Also the temp files of vmvol_format's in-place rewrites
+            // (compact, convert) killed before their rename.
+            let temp = name.starts_with(TEMP_PREFIX)
+                || (name.starts_with('.') && name.ends_with(".vmvol-tmp"));
+            if clean && temp {
                 match std::fs::remove_file(&path) {
                     Ok(()) => out.removed.push(path),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -124,6 +124,14 @@ pub enum Error {
         /// What is damaged.
         reason: String,
     },
+    /// The caller cancelled; nothing was committed.
+    #[error("{object}: {op}: cancelled")]
+    Cancelled {
+        /// The object.
+        object: String,
+        /// The operation.
+        op: &'static str,
+    },
     /// The pool layer failed.
     #[error("{object}: {op}: {source}")]
     Pool {
@@ -133,7 +141,7 @@ pub enum Error {
         op: &'static str,
         /// The pool error.
         #[source]
-        source: vmvol_pool::Error,
+        source: Box<vmvol_pool::Error>,
     },
     /// The image layer failed.
     #[error("{object}: {op}: {source}")]
@@ -144,7 +152,7 @@ pub enum Error {
         op: &'static str,
         /// The image error.
         #[source]
-        source: vmvol_format::Error,
+        source: Box<vmvol_format::Error>,
     },
     /// The filesystem layer failed.
     #[error("{object}: {op}: {source}")]
@@ -155,7 +163,7 @@ pub enum Error {
         op: &'static str,
         /// The filesystem error.
         #[source]
-        source: vmvol_fs::Error,
+        source: Box<vmvol_fs::Error>,
     },
     /// An operating-system call failed.
     #[error("{object}: {op}: {source}")]
@@ -188,7 +196,8 @@ impl Error {
             Error::Refused { .. } => ErrorKind::Refused,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Io { .. } => ErrorKind::Io,
-            Error::Pool { source, .. } => match source {
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
+            Error::Pool { source, .. } => match &**source {
                 P::InvalidName { .. } | P::InvalidSpec { .. } => ErrorKind::InvalidArgument,
                 P::PoolNotFound { .. } | P::EntryNotFound { .. } | P::ImageNotFound { .. } => {
                     ErrorKind::NotFound
@@ -207,7 +216,7 @@ impl Error {
             Error::Image { source, .. } => image_kind(source),
             Error::Fs { source, .. } => {
                 use vmvol_fs::Error as F;
-                match source {
+                match &**source {
                     F::Cancelled { .. } => ErrorKind::Cancelled,
                     F::InvalidArgument { .. } => ErrorKind::InvalidArgument,
                     F::EntryRefused { .. } | F::LimitExceeded { .. } | F::Unsupported { .. } => {
@@ -226,7 +235,11 @@ impl Error {
         op: &'static str,
     ) -> impl FnOnce(vmvol_pool::Error) -> Error {
         let object = object.into();
-        move |source| Error::Pool { object, op, source }
+        move |source| Error::Pool {
+            object,
+            op,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn image(
@@ -234,7 +247,11 @@ impl Error {
         op: &'static str,
     ) -> impl FnOnce(vmvol_format::Error) -> Error {
         let object = object.into();
-        move |source| Error::Image { object, op, source }
+        move |source| Error::Image {
+            object,
+            op,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn fs(
@@ -242,7 +259,11 @@ impl Error {
         op: &'static str,
     ) -> impl FnOnce(vmvol_fs::Error) -> Error {
         let object = object.into();
-        move |source| Error::Fs { object, op, source }
+        move |source| Error::Fs {
+            object,
+            op,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn refused(

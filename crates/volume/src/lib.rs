@@ -8,8 +8,21 @@
 //! that guard a change (name free, not attached, nothing linked) run under
 //! the pool's exclusive lock together with the change.
 
+mod create;
 mod error;
+mod manage;
+mod query;
 mod record;
+mod recover;
+mod snapshot;
+mod template;
+mod volumes;
+
+pub use create::{CreateVolume, VolumeSource};
+pub use manage::{Compressed, NewSize, OnlineResize, ResizeDiskRequest, Resized};
+pub use query::{ChainLink, FsUsage, ListFilter, SortKey, VolumeDescription, VolumeRow};
+pub use vmvol_format::{Compression, Control, Format, Prealloc};
+pub use volumes::{Found, Rows, Volumes};
 
 pub use error::{Error, ErrorKind, Result};
 pub use record::{
