@@ -1,0 +1,1 @@
+//! Bad input: each refused with a specific error, nothing written, no panic.
