@@ -162,8 +162,8 @@ fn linked_volume_reads_template_and_keeps_writes_private() {
     env.vols
         .create_template_from_volume("default", "tpl", "golden", &Control::new())
         .unwrap();
-    let a = env.from_template("default", "a", "tpl", LinkMode::Linked);
-    env.from_template("default", "b", "tpl", LinkMode::Linked);
+    let a = env.linked_or_full("default", "a", "tpl", LinkMode::Linked);
+    env.linked_or_full("default", "b", "tpl", LinkMode::Linked);
     assert_eq!(a.record.base.as_ref().unwrap().name, "tpl");
     assert_eq!(env.read("default", "a", 0, 14), b"template bytes");
     env.write("default", "a", 0, b"private!");
@@ -182,7 +182,7 @@ fn linked_volume_reads_template_and_keeps_writes_private() {
         "{e}"
     );
     // Full copy survives deleting its source.
-    let full = env.from_template("default", "full", "tpl", LinkMode::Full);
+    let full = env.linked_or_full("default", "full", "tpl", LinkMode::Full);
     assert!(full.record.base.is_none());
     env.vols.delete_volume("default", "a").unwrap();
     env.vols.delete_volume("default", "b").unwrap();
@@ -347,7 +347,7 @@ fn resize_offline_online_and_shrink() {
     env.vols
         .create_template_from_volume("default", "t", "p", &Control::new())
         .unwrap();
-    env.from_template("default", "l", "t", LinkMode::Linked);
+    env.linked_or_full("default", "l", "t", LinkMode::Linked);
     attach(&env, "default", "l", "vm-2", AttachMode::Rw);
     let e = env
         .vols
@@ -544,7 +544,7 @@ fn templates_import_vetted_and_flattened() {
     assert_eq!(t.record.format, Format::Qcow2);
     let tpl = env.vols.describe_template("default", "imp").unwrap();
     assert_eq!(tpl.id, t.id);
-    env.from_template("default", "v", "imp", LinkMode::Linked);
+    env.linked_or_full("default", "v", "imp", LinkMode::Linked);
     qemu_compare(&env.path("default", "v"), &top);
     assert_eq!(env.vols.list_templates("default").unwrap().len(), 1);
     assert_consistent(&env.root(), "default", true);

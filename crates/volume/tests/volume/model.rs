@@ -26,6 +26,10 @@ pub enum Op {
     Clone(u8, u8, bool),
     Resize(u8),
     Compress(u8),
+    /// A blank ext4 qcow2 volume (mkfs in staging).
+    Ext4(u8),
+    /// An ext4 volume from the tar archive `archive.tar` beside the registry.
+    Archive(u8, std::path::PathBuf),
 }
 
 pub fn op_strategy() -> impl Strategy<Value = Op> {
@@ -40,6 +44,9 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
         (0u8..3, n.clone()).prop_map(|(a, b)| Op::Snapshot(a, b)),
         (0u8..3, any::<bool>()).prop_map(|(a, b)| Op::DeleteSnapshot(a, b)),
         (n.clone(), n.clone(), any::<bool>()).prop_map(|(a, b, c)| Op::Clone(a, b, c)),
+        n.clone().prop_map(Op::Resize),
+        n.clone().prop_map(Op::Compress),
+        n.clone().prop_map(Op::Ext4),
     ]
 }
 
@@ -111,6 +118,22 @@ pub fn apply(vols: &Volumes, op: &Op) -> Result<(), ErrorKind> {
         Op::Clone(i, k, other) => vols
             .clone_volume("default", &v(*i), &v(*k), other.then_some("other"), &ctl)
             .map(drop),
+        Op::Ext4(i) => vols
+            .create_volume(
+                "default",
+                &CreateVolume {
+                    name: v(*i),
+                    size: Some(32 * MIB),
+                    source: VolumeSource::Blank {
+                        format: Format::Qcow2,
+                        prealloc: Prealloc::Off,
+                        ext4: true,
+                    },
+                },
+                &ctl,
+            )
+            .map(drop),
+        Op::Archive(i, path) => mk(v(*i), VolumeSource::Archive { path: path.clone() }),
         Op::Resize(i) => vols
             .resize_volume("default", &v(*i), NewSize::Grow(MIB))
             .map(drop),
@@ -146,6 +169,12 @@ impl Model {
                 }
                 self.vols
                     .insert(v(*i), (if *q { Format::Qcow2 } else { Format::Raw }, None));
+            }
+            Op::Ext4(i) | Op::Archive(i, _) => {
+                if self.vols.contains_key(&v(*i)) {
+                    return Err(AlreadyExists);
+                }
+                self.vols.insert(v(*i), (Format::Qcow2, None));
             }
             Op::FromTemplate(i, j, l) => {
                 if self.vols.contains_key(&v(*i)) {
@@ -234,7 +263,12 @@ impl Model {
                     self.vols.insert(v(*k), (f, None));
                 }
             }
-            Op::Resize(_) | Op::Compress(_) => {}
+            Op::Resize(i) | Op::Compress(i) => {
+                let f = self.vols.get(&v(*i)).ok_or(NotFound)?.0;
+                if matches!(op, Op::Compress(_)) && f == Format::Raw {
+                    return Err(Refused);
+                }
+            }
         }
         Ok(())
     }

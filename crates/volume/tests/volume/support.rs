@@ -67,7 +67,7 @@ impl Env {
             .unwrap()
     }
 
-    pub fn from_template(
+    pub fn linked_or_full(
         &self,
         pool: &str,
         name: &str,
