@@ -2,6 +2,8 @@
 
 use clap::{Args, Subcommand};
 
+use vmvol::volume::Row;
+
 use super::output::progress_control;
 use super::volume::Common;
 use super::{human, report, AnyResult, OutputArg};
@@ -80,7 +82,7 @@ pub fn run(args: SnapshotArgs) -> AnyResult<()> {
                 );
                 for r in rows {
                     match r {
-                        Ok(s) => println!(
+                        Row::Ok(s) => println!(
                             "{:<24}{:<24}{:<8}{:>12}  {}",
                             s.record.name,
                             s.record.volume_name,
@@ -88,7 +90,7 @@ pub fn run(args: SnapshotArgs) -> AnyResult<()> {
                             human(s.record.size),
                             s.record.created
                         ),
-                        Err((id, reason)) => println!("{id:<24}damaged: {reason}"),
+                        Row::Damaged { uuid, reason } => println!("{uuid:<24}damaged: {reason}"),
                     }
                 }
             })?;

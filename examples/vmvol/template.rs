@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use vmvol::volume::Row;
+
 use super::output::progress_control;
 use super::volume::Common;
 use super::{human, report, AnyResult, OutputArg};
@@ -86,14 +88,14 @@ pub fn run(args: TemplateArgs) -> AnyResult<()> {
                 println!("{:<24}{:<8}{:>12}  Created", "Name", "Format", "Size");
                 for r in rows {
                     match r {
-                        Ok(t) => println!(
+                        Row::Ok(t) => println!(
                             "{:<24}{:<8}{:>12}  {}",
                             t.record.name,
                             t.record.format.as_str(),
                             human(t.record.size),
                             t.record.created
                         ),
-                        Err((id, reason)) => println!("{id:<24}damaged: {reason}"),
+                        Row::Damaged { uuid, reason } => println!("{uuid:<24}damaged: {reason}"),
                     }
                 }
             })?;

@@ -22,7 +22,7 @@ pub use create::{CreateVolume, VolumeSource};
 pub use manage::{Compressed, NewSize, OnlineResize, ResizeDiskRequest, Resized};
 pub use query::{ChainLink, FsUsage, ListFilter, SortKey, VolumeDescription, VolumeRow};
 pub use vmvol_format::{Compression, Control, Format, Prealloc};
-pub use volumes::{Found, Rows, Volumes};
+pub use volumes::{Found, Row, Rows, Volumes};
 
 pub use error::{Error, ErrorKind, Result};
 pub use record::{

@@ -8,7 +8,9 @@ use crate::create::{commit_new, reserve_split};
 use crate::error::{Error, Result};
 use crate::manage::refuse_attached;
 use crate::record::{now_rfc3339, validate_name, BaseLink, SnapshotRecord, VolumeRecord};
-use crate::volumes::{data_ref, dependents, find, obj, require_free, Found, Rows, Volumes};
+use crate::volumes::{
+    data_ref, dependents, find, obj, require_free, sort_rows, Found, Row, Rows, Volumes,
+};
 
 /// Image name a merge builds its replacement under (recovery finishes it).
 pub(crate) const MERGED_IMAGE: &str = "merged";
@@ -114,20 +116,18 @@ impl Volumes {
             .map_err(Error::pool(format!("pool {pool}"), "list snapshots"))?
             .into_iter()
             .map(|l| match l {
-                Listed::Ok(e) => Ok(Found {
+                Listed::Ok(e) => Row::Ok(Found {
                     pool: pool.to_string(),
                     id: e.id,
                     record: e.record.data,
                 }),
-                Listed::Damaged(d) => Err((d.id, d.reason)),
+                Listed::Damaged(d) => Row::Damaged {
+                    uuid: d.id,
+                    reason: d.reason,
+                },
             })
             .collect();
-        out.sort_by(|a, b| match (a, b) {
-            (Ok(a), Ok(b)) => a.record.name.cmp(&b.record.name),
-            (Ok(_), Err(_)) => std::cmp::Ordering::Less,
-            (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
-            (Err(a), Err(b)) => a.0.cmp(&b.0),
-        });
+        sort_rows(&mut out);
         Ok(out)
     }
 

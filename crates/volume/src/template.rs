@@ -11,7 +11,7 @@ use crate::record::{
     now_rfc3339, validate_name, AttachMode, TemplateRecord, TemplateSource, VolumeRecord,
 };
 use crate::volumes::{
-    copy_data, data_ref, dependents, find, obj, require_free, Found, Rows, Volumes,
+    copy_data, data_ref, dependents, find, obj, require_free, sort_rows, Found, Row, Rows, Volumes,
 };
 
 impl Volumes {
@@ -154,20 +154,18 @@ impl Volumes {
             .map_err(Error::pool(format!("pool {pool}"), "list templates"))?
             .into_iter()
             .map(|l| match l {
-                Listed::Ok(e) => Ok(Found {
+                Listed::Ok(e) => Row::Ok(Found {
                     pool: pool.to_string(),
                     id: e.id,
                     record: e.record.data,
                 }),
-                Listed::Damaged(d) => Err((d.id, d.reason)),
+                Listed::Damaged(d) => Row::Damaged {
+                    uuid: d.id,
+                    reason: d.reason,
+                },
             })
             .collect();
-        out.sort_by(|a, b| match (a, b) {
-            (Ok(a), Ok(b)) => a.record.name.cmp(&b.record.name),
-            (Ok(_), Err(_)) => std::cmp::Ordering::Less,
-            (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
-            (Err(a), Err(b)) => a.0.cmp(&b.0),
-        });
+        sort_rows(&mut out);
         Ok(out)
     }
 

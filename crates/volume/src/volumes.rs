@@ -63,9 +63,33 @@ pub struct Found<T> {
     pub record: T,
 }
 
-/// A listing of templates or snapshots: good rows, or `(uuid, reason)` of
-/// damaged ones (never hidden).
-pub type Rows<T> = Vec<std::result::Result<Found<T>, (String, String)>>;
+/// One row of a template or snapshot listing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Row<T> {
+    /// A readable entry.
+    Ok(Found<T>),
+    /// An entry whose record is unusable (never hidden).
+    Damaged {
+        /// Its UUID (entry id).
+        uuid: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A listing of templates or snapshots.
+pub type Rows<T> = Vec<Row<T>>;
+
+/// Sorts rows by name, damaged ones last.
+pub(crate) fn sort_rows<T: Named>(rows: &mut Rows<T>) {
+    rows.sort_by(|a, b| match (a, b) {
+        (Row::Ok(a), Row::Ok(b)) => a.record.name().cmp(b.record.name()),
+        (Row::Ok(_), Row::Damaged { .. }) => std::cmp::Ordering::Less,
+        (Row::Damaged { .. }, Row::Ok(_)) => std::cmp::Ordering::Greater,
+        (Row::Damaged { uuid: a, .. }, Row::Damaged { uuid: b, .. }) => a.cmp(b),
+    });
+}
 
 /// Entry point of the volume layer: volumes, templates and snapshots in the
 /// pools of one [`Registry`]. `Send + Sync`; threads may share one handle.

@@ -298,11 +298,15 @@ impl Model {
             }
         }
         for t in vols.list_templates("default").unwrap() {
-            let t = t.unwrap();
+            let vmvol_volume::Row::Ok(t) = t else {
+                panic!("damaged")
+            };
             m.tpls.insert(t.record.name, t.record.format);
         }
         for s in vols.list_snapshots("default", None).unwrap() {
-            let s = s.unwrap();
+            let vmvol_volume::Row::Ok(s) = s else {
+                panic!("damaged")
+            };
             m.snaps.insert(
                 s.record.name,
                 (s.record.format, s.record.base.map(|b| b.name)),
