@@ -230,7 +230,7 @@ impl Volumes {
         let (v, allocation, backing, path) = p
             .transaction(OP, |t| {
                 Ok((|| {
-                    let v = find::<VolumeRecord>(t, pool, name, OP)?;
+                    let v = self.lookup::<VolumeRecord>(t, pool, name, OP)?;
                     let e = t
                         .get::<VolumeRecord>(EntryKind::Volume, &v.id)
                         .map_err(Error::pool(&object, OP))?;

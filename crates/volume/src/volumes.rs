@@ -98,6 +98,9 @@ pub struct Volumes {
     registry: Registry,
     wait: Wait,
     pools: Mutex<HashMap<String, Pool>>,
+    /// (pool, kind, name) → UUID, a hint only: every use re-reads the
+    /// record and checks the name, falling back to a scan.
+    names: Mutex<HashMap<(String, EntryKind, String), String>>,
 }
 
 /// `pool P kind NAME`, the object named in messages.
@@ -134,6 +137,7 @@ impl Volumes {
             registry,
             wait,
             pools: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
         }
     }
 
@@ -179,6 +183,41 @@ impl Volumes {
     /// Forgets cached pool handles (the next call reopens and recovers).
     pub fn forget_pools(&self) {
         self.pools.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// [`find`], first trying the UUID this handle last found for the name
+    /// (one record read instead of a scan of every record).
+    pub(crate) fn lookup<T: Named>(
+        &self,
+        t: &mut PoolTxn<'_>,
+        pool: &str,
+        key: &str,
+        op: &'static str,
+    ) -> Result<Found<T>> {
+        let k = (pool.to_string(), T::KIND, key.to_string());
+        let hint = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&k)
+            .cloned();
+        if let Some(id) = hint {
+            if let Ok(e) = t.get::<T>(T::KIND, &id) {
+                if e.record.data.name() == key {
+                    return Ok(Found {
+                        pool: pool.to_string(),
+                        id: e.id,
+                        record: e.record.data,
+                    });
+                }
+            }
+        }
+        let f = find::<T>(t, pool, key, op)?;
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(k, f.id.clone());
+        Ok(f)
     }
 
     /// Names of every pool with a readable configuration.
