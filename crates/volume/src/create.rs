@@ -8,7 +8,9 @@ use vmvol_pool::{EntryKind, ImageSpec, PoolTxn, Reservation, Staging, DATA_IMAGE
 
 use crate::error::{Error, Result};
 use crate::record::{now_rfc3339, validate_name, BaseLink, LinkMode, Provenance, VolumeRecord};
-use crate::volumes::{check_size, data_ref, find, obj, require_free, Found, Named, Volumes};
+use crate::volumes::{
+    chain_host_bytes, check_size, data_ref, find, obj, require_free, Found, Named, Volumes,
+};
 use crate::{SnapshotRecord, TemplateRecord};
 
 /// What a new volume is made from.
@@ -348,7 +350,8 @@ impl Volumes {
                                     format!("size {size} is smaller than the base's {bsize} bytes"),
                                 ));
                             }
-                            let r = reserve_split(t, &object, OP, size, bsize)?;
+                            let phys = chain_host_bytes(t, T::KIND, &b.id);
+                            let r = reserve_split(t, &object, OP, size, phys)?;
                             let s = t.stage().map_err(Error::pool(&object, OP))?;
                             Ok((b, r, s, size))
                         })())

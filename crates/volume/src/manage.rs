@@ -7,7 +7,9 @@ use vmvol_pool::{AttachTarget, EntryKind, ImageSpec, Reservation, DATA_IMAGE};
 use crate::create::{commit_new, reserve_split};
 use crate::error::{Error, Result};
 use crate::record::{now_rfc3339, validate_name, AttachMode, Provenance, VolumeRecord};
-use crate::volumes::{check_size, copy_data, data_ref, find, obj, require_free, Found, Volumes};
+use crate::volumes::{
+    chain_host_bytes, check_size, copy_data, data_ref, find, obj, require_free, Found, Volumes,
+};
 
 /// The size a resize asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,13 +251,23 @@ impl Volumes {
                 })())
             })
             .map_err(Error::pool(&object, OP))??;
+        let phys = if dest == pool {
+            p.transaction(OP, |t| Ok(chain_host_bytes(t, EntryKind::Volume, &src.id)))
+                .map_err(Error::pool(&object, OP))?
+        } else {
+            // Read from the other pool without its lock held here.
+            p.get::<VolumeRecord>(EntryKind::Volume, &src.id)
+                .ok()
+                .and_then(|e| e.image().map(|i| i.host_bytes))
+                .unwrap_or(src.record.size)
+        };
         let dp = self.pool(dest)?;
         let size = src.record.size;
         let (_res, staging) = dp
             .transaction(OP, |t| {
                 Ok((|| {
                     require_free::<VolumeRecord>(t, dest, new_name, OP)?;
-                    let r = reserve_split(t, &dobject, OP, size, size)?;
+                    let r = reserve_split(t, &dobject, OP, size, phys)?;
                     let s = t.stage().map_err(Error::pool(&dobject, OP))?;
                     Ok((r, s))
                 })())

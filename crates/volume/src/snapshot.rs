@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::manage::refuse_attached;
 use crate::record::{now_rfc3339, validate_name, BaseLink, SnapshotRecord, VolumeRecord};
 use crate::volumes::{
-    data_ref, dependents, find, obj, require_free, sort_rows, Found, Row, Rows, Volumes,
+    chain_host_bytes, data_ref, dependents, find, obj, require_free, sort_rows, Found, Row, Rows,
+    Volumes,
 };
 
 /// Image name a merge builds its replacement under (recovery finishes it).
@@ -78,7 +79,8 @@ impl Volumes {
             .transaction(OP, |t| {
                 Ok((|| {
                     require_free::<SnapshotRecord>(t, pool, name, OP)?;
-                    let r = reserve_split(t, &object, OP, v.record.size, v.record.size)?;
+                    let phys = chain_host_bytes(t, EntryKind::Volume, &v.id);
+                    let r = reserve_split(t, &object, OP, v.record.size, phys)?;
                     let s = t.stage().map_err(Error::pool(&object, OP))?;
                     Ok((r, s))
                 })())

@@ -11,7 +11,8 @@ use crate::record::{
     now_rfc3339, validate_name, AttachMode, TemplateRecord, TemplateSource, VolumeRecord,
 };
 use crate::volumes::{
-    copy_data, data_ref, dependents, find, obj, require_free, sort_rows, Found, Row, Rows, Volumes,
+    chain_host_bytes, copy_data, data_ref, dependents, find, obj, require_free, sort_rows, Found,
+    Row, Rows, Volumes,
 };
 
 impl Volumes {
@@ -48,7 +49,8 @@ impl Volumes {
                         });
                     }
                     let size = v.record.size;
-                    let r = reserve_split(t, &object, OP, size, size)?;
+                    let phys = chain_host_bytes(t, EntryKind::Volume, &v.id);
+                    let r = reserve_split(t, &object, OP, size, phys)?;
                     let s = t.stage().map_err(Error::pool(&object, OP))?;
                     Ok((v, r, s))
                 })())

@@ -326,6 +326,29 @@ pub(crate) fn dependents(
     Ok(out)
 }
 
+/// Host bytes a full copy of entry `kind/id` may write: its image's plus
+/// those of every image down its chain of bases (a flattened copy holds
+/// at most all of them), capped by the caller at the virtual size.
+pub(crate) fn chain_host_bytes(t: &mut PoolTxn<'_>, kind: EntryKind, id: &str) -> u64 {
+    let mut total = 0u64;
+    let mut next = Some((kind, id.to_string()));
+    for _ in 0..64 {
+        let Some((k, i)) = next.take() else { break };
+        let Ok(e) = t.get::<serde_json::Value>(k, &i) else {
+            break;
+        };
+        total = total.saturating_add(e.image().map(|i| i.host_bytes).unwrap_or(0));
+        let base = &e.record.data["base"];
+        let bk = match base["kind"].as_str() {
+            Some("template") => EntryKind::Template,
+            Some("snapshot") => EntryKind::Snapshot,
+            _ => break,
+        };
+        next = base["id"].as_str().map(|s| (bk, s.to_string()));
+    }
+    total
+}
+
 /// Copies `src` into `dst` (same size or larger), chunk by chunk, writing
 /// only chunks that are not all zeros (the destination reads zeros there
 /// already). Used where the pool's own `copy_full` cannot reach: across
