@@ -51,6 +51,9 @@ impl Volumes {
                         base: v.record.base.clone(),
                         pending: true,
                     };
+                    // The volume's new overlay counts its virtual size
+                    // again (the snapshot keeps the old image's).
+                    let _r = reserve_split(t, &object, OP, v.record.size, 0)?;
                     let sid = uuid::Uuid::new_v4().to_string();
                     // Step 1: the (empty) snapshot entry, marked pending.
                     let s = t.stage().map_err(Error::pool(&object, OP))?;
@@ -276,6 +279,8 @@ fn rebase(
         }
         None => None,
     };
+    // Until the old image goes, the entry holds both.
+    let _r = reserve_split(t, &object, OP, size, 0)?;
     let st = t.stage().map_err(Error::pool(&object, OP))?;
     let img = match &new_base {
         Some(b) => st.create_linked(DATA_IMAGE, b, Some(size)),
