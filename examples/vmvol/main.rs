@@ -34,6 +34,9 @@ mod output;
 mod pool;
 mod signals;
 mod size;
+mod snapshot;
+mod template;
+mod volume;
 
 // pool.rs imports these through `super::`.
 use output::{report, OutputArg};
@@ -45,7 +48,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 #[command(
     name = "vmvol",
     version,
-    about = "Persistent VM block volumes: images, ext4, pools"
+    about = "Persistent VM block volumes: images, ext4, pools, volumes, templates, snapshots"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,6 +65,12 @@ enum Cmd {
     Fs(fs::FsCmd),
     /// Storage pools (like virsh pool-*).
     Pool(pool::PoolArgs),
+    /// Volumes in pools.
+    Volume(volume::VolumeArgs),
+    /// Templates: frozen images new volumes are made from.
+    Template(template::TemplateArgs),
+    /// Snapshots of detached volumes.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +79,9 @@ fn main() -> ExitCode {
         Cmd::Image(c) => image::run(c),
         Cmd::Fs(c) => fs::run(c),
         Cmd::Pool(c) => pool::run(c),
+        Cmd::Volume(c) => volume::run(c),
+        Cmd::Template(c) => template::run(c),
+        Cmd::Snapshot(c) => snapshot::run(c),
     };
     match (res, signals::received()) {
         (Ok(()), _) => ExitCode::SUCCESS,

@@ -1219,6 +1219,25 @@ impl PoolTxn<'_> {
         r
     }
 
+    /// [`Pool::open_image`] inside the transaction (e.g. to read a
+    /// filesystem's free space, or to fill a grown tail, while no one else
+    /// can change the entry).
+    pub fn open_image(&mut self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>> {
+        self.idx.require_active("open image")?;
+        self.pool.inner.backend.open_image(image, writable)
+    }
+
+    /// [`Pool::image_summary`] inside the transaction.
+    pub fn image_summary(&mut self, image: &ImageRef) -> Result<ImageSummary> {
+        self.pool.inner.backend.image_summary(image)
+    }
+
+    /// [`Pool::attach_target`] inside the transaction.
+    pub fn attach_target(&mut self, image: &ImageRef) -> Result<AttachTarget> {
+        self.idx.require_active("attach image")?;
+        self.pool.inner.backend.attach_target(image)
+    }
+
     /// [`Pool::get`] inside the transaction.
     pub fn get<T: RecordType>(&mut self, kind: EntryKind, id: &str) -> Result<Entry<T>> {
         let idx = &mut *self.idx;

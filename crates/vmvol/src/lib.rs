@@ -9,6 +9,7 @@
 //! | `fs` | `vmvol-fs` | ext4 written in pure Rust: mkfs, populate, free-space map |
 //! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
 //! | `chv` | `vmvol-chv` | Cloud Hypervisor disks (`DiskConfig`, `--disk`), the config disk, the guest mount script |
+//! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
 //!
@@ -38,5 +39,6 @@ pub use vmvol_chv as chv;
 pub use vmvol_format as format;
 pub use vmvol_fs as fs;
 pub use vmvol_pool as pool;
+pub use vmvol_volume as volume;
 
 pub use vmvol_format::{BlockIo, Format, Image, OpenOptions};

@@ -789,3 +789,313 @@ fn ctrl_c_cancels_populate_and_preallocation_and_removes_the_new_image() {
     assert!(err.contains("cancelled"), "{err}");
     assert_eq!(names(d.path()), ["tree"]);
 }
+
+/// `vmvol` with `VMVOL_ROOT=root`: (success, stdout, stderr).
+fn vol(root: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = run(vmvol(), args, Some(root));
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn vol_ok(root: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = vol(root, args);
+    assert!(ok, "vmvol {args:?} failed: {err}");
+    out
+}
+
+fn vol_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_str(&vol_ok(root, &a)).unwrap()
+}
+
+/// A one-line error on stderr and a non-zero exit.
+fn vol_fails(root: &Path, args: &[&str], needle: &str) {
+    let (ok, _, err) = vol(root, args);
+    assert!(!ok, "vmvol {args:?} succeeded");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(needle),
+        "vmvol {args:?}: {err:?} lacks {needle:?}"
+    );
+}
+
+fn volume_file(root: &Path, name: &str, pool: &str) -> String {
+    let d = vol_json(root, &["volume", "describe", name, "--pool", pool]);
+    d["path"]["path"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn volume_template_snapshot_commands() {
+    require_tools!("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("reg");
+    let root = root.as_path();
+    vol_ok(
+        root,
+        &["pool", "define", "default", "--quota", "4G", "--activate"],
+    );
+    vol_ok(
+        root,
+        &["pool", "define", "backup", "--quota", "4G", "--activate"],
+    );
+
+    // Blank volumes of each kind; --pool defaults to `default`.
+    vol_ok(
+        root,
+        &["volume", "create", "web", "--size", "64M", "--ext4"],
+    );
+    vol_ok(
+        root,
+        &[
+            "volume",
+            "create",
+            "raw1",
+            "--pool",
+            "default",
+            "--size",
+            "8M",
+            "-f",
+            "raw",
+            "--prealloc",
+            "full",
+        ],
+    );
+    let j = vol_json(root, &["volume", "describe", "web", "--pool", "default"]);
+    for k in [
+        "name",
+        "uuid",
+        "pool",
+        "path",
+        "format",
+        "capacity",
+        "allocation",
+        "backing",
+        "attachments",
+        "created",
+    ] {
+        assert!(j.get(k).is_some(), "describe --output json lacks {k}: {j}");
+    }
+    assert_eq!(j["capacity"], 64 << 20);
+    qemu_ok(&["check", &volume_file(root, "web", "default")]);
+
+    // From an archive.
+    let src = d.path().join("tree");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), b"hello from the archive\n").unwrap();
+    let tarball = d.path().join("tree.tar");
+    let st = Command::new("tar")
+        .args([
+            "-cf",
+            tarball.to_str().unwrap(),
+            "-C",
+            src.to_str().unwrap(),
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    vol_ok(
+        root,
+        &[
+            "volume",
+            "create",
+            "arch",
+            "--pool",
+            "default",
+            "--from-archive",
+            tarball.to_str().unwrap(),
+        ],
+    );
+    qemu_ok(&["check", &volume_file(root, "arch", "default")]);
+
+    // Templates, linked and full volumes.
+    vol_ok(
+        root,
+        &[
+            "template",
+            "create",
+            "tpl",
+            "--pool",
+            "default",
+            "--from-volume",
+            "web",
+        ],
+    );
+    vol_ok(
+        root,
+        &[
+            "volume",
+            "create",
+            "linked",
+            "--pool",
+            "default",
+            "--from-template",
+            "tpl",
+        ],
+    );
+    vol_ok(
+        root,
+        &[
+            "volume",
+            "create",
+            "copy",
+            "--pool",
+            "default",
+            "--from-template",
+            "tpl",
+            "--full",
+            "--size",
+            "128M",
+        ],
+    );
+    let j = vol_json(root, &["volume", "describe", "linked"]);
+    assert_eq!(j["backing"][0]["name"], "tpl");
+    qemu_ok(&["check", &volume_file(root, "linked", "default")]);
+    qemu_ok(&[
+        "compare",
+        &volume_file(root, "linked", "default"),
+        &volume_file(root, "web", "default"),
+    ]);
+    let t = vol_json(root, &["template", "list", "--pool", "default"]);
+    assert_eq!(t.as_array().unwrap().len(), 1);
+    vol_json(root, &["template", "describe", "tpl"]);
+    vol_fails(root, &["template", "delete", "tpl"], "volume linked");
+
+    // Lists with filters.
+    let l = vol_json(root, &["volume", "list", "--name", "LINK"]);
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    let l = vol_json(
+        root,
+        &[
+            "volume",
+            "list",
+            "--pool",
+            "default",
+            "--format",
+            "raw",
+            "--available",
+        ],
+    );
+    assert_eq!(l[0]["name"], "raw1");
+    let l = vol_json(root, &["volume", "list", "--attached"]);
+    assert!(l.as_array().unwrap().is_empty());
+
+    // Resize, clone across pools, compress.
+    vol_ok(
+        root,
+        &["volume", "resize", "web", "--pool", "default", "+16M"],
+    );
+    vol_ok(
+        root,
+        &["volume", "resize", "raw1", "--pool", "default", "16M"],
+    );
+    vol_fails(root, &["volume", "resize", "raw1", "4M"], "shrink");
+    vol_ok(
+        root,
+        &[
+            "volume",
+            "clone",
+            "web",
+            "web2",
+            "--pool",
+            "default",
+            "--to-pool",
+            "backup",
+        ],
+    );
+    qemu_ok(&[
+        "compare",
+        &volume_file(root, "web", "default"),
+        &volume_file(root, "web2", "backup"),
+    ]);
+    let c = vol_json(
+        root,
+        &[
+            "volume",
+            "compress",
+            "copy",
+            "--pool",
+            "default",
+            "-c",
+            "--compression-type",
+            "zlib",
+        ],
+    );
+    assert!(c["bytes_after"].as_u64().unwrap() <= c["bytes_before"].as_u64().unwrap());
+    qemu_ok(&["check", &volume_file(root, "copy", "default")]);
+    vol_fails(root, &["volume", "compress", "raw1"], "only qcow2");
+
+    // Snapshots.
+    vol_ok(
+        root,
+        &[
+            "snapshot", "create", "s1", "--pool", "default", "--volume", "copy",
+        ],
+    );
+    let s = vol_json(root, &["snapshot", "list", "--volume", "copy"]);
+    assert_eq!(
+        (s[0]["status"].as_str(), s[0]["record"]["name"].as_str()),
+        (Some("ok"), Some("s1"))
+    );
+    vol_json(root, &["snapshot", "describe", "s1", "--pool", "default"]);
+    vol_ok(
+        root,
+        &[
+            "volume",
+            "create",
+            "restored",
+            "--from-snapshot",
+            "s1",
+            "--full",
+        ],
+    );
+    qemu_ok(&[
+        "compare",
+        &volume_file(root, "restored", "default"),
+        &volume_file(root, "copy", "default"),
+    ]);
+    vol_fails(
+        root,
+        &["snapshot", "delete", "s1", "--pool", "default"],
+        "volume copy",
+    );
+    vol_ok(
+        root,
+        &["snapshot", "delete", "s1", "--pool", "default", "--merge"],
+    );
+    qemu_ok(&["check", &volume_file(root, "copy", "default")]);
+
+    // Bad input: one-line errors, non-zero exit.
+    vol_fails(
+        root,
+        &["volume", "create", "../x", "--size", "1M"],
+        "invalid name",
+    );
+    vol_fails(
+        root,
+        &["volume", "create", "web", "--size", "1M"],
+        "already exists",
+    );
+    vol_fails(
+        root,
+        &["volume", "create", "n", "--pool", "nope", "--size", "1M"],
+        "not found",
+    );
+    vol_fails(root, &["volume", "delete", "ghost"], "not found");
+
+    // Delete.
+    vol_ok(root, &["volume", "delete", "linked", "--pool", "default"]);
+    vol_ok(root, &["template", "delete", "tpl", "--pool", "default"]);
+    let l = vol_json(root, &["volume", "list"]);
+    let names: Vec<&str> = l
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["arch", "copy", "raw1", "restored", "web", "web2"]);
+}

@@ -1,0 +1,63 @@
+//! Volumes, templates and snapshots for vmvol, built on its storage pools.
+//!
+//! A [`Volumes`] handle over a [`vmvol_pool::Registry`] creates, lists,
+//! describes, resizes, clones, compresses and deletes volumes, and manages
+//! templates and snapshots. Every image is reached through the pool's image
+//! store ([`vmvol_pool::ImageRef`]), never through a path built here; every
+//! change is built in a staging area and committed atomically, and checks
+//! that guard a change (name free, not attached, nothing linked) run under
+//! the pool's exclusive lock together with the change.
+//!
+//! ```
+//! use vmvol_pool::{CapacityPolicy, PoolSpec, Registry, Wait};
+//! use vmvol_volume::{Control, CreateVolume, Format, LinkMode, Prealloc, VolumeSource, Volumes};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let root = tempfile::tempdir()?;
+//! let reg = Registry::open(root.path())?;
+//! let spec = PoolSpec { capacity: CapacityPolicy::Quota { bytes: 1 << 30 }, ..PoolSpec::default() };
+//! reg.define("default", &spec)?;
+//! reg.activate("default", Wait::Block)?;
+//! let vols = Volumes::new(reg);
+//!
+//! // A 64 MiB qcow2 volume born ext4-formatted, a template of it, and a
+//! // linked (O(1)) volume made from the template.
+//! let blank = VolumeSource::Blank { format: Format::Qcow2, prealloc: Prealloc::Off, ext4: true };
+//! let req = CreateVolume { name: "golden".into(), size: Some(64 << 20), source: blank };
+//! vols.create_volume("default", &req, &Control::new())?;
+//! vols.create_template_from_volume("default", "base", "golden", &Control::new())?;
+//! let linked = VolumeSource::Template { name: "base".into(), mode: LinkMode::Linked };
+//! let req = CreateVolume { name: "web".into(), size: None, source: linked };
+//! vols.create_volume("default", &req, &Control::new())?;
+//!
+//! let d = vols.describe_volume("default", "web")?;
+//! assert_eq!(d.backing[0].name, "base");
+//! assert!(d.filesystem.is_some_and(|f| f.free > 0));
+//! // The template is needed: deleting it is refused, naming the volume.
+//! let e = vols.delete_template("default", "base").unwrap_err();
+//! assert_eq!(e.kind(), vmvol_volume::ErrorKind::HasDependents);
+//! # Ok(())
+//! # }
+//! ```
+
+mod create;
+mod error;
+mod manage;
+mod query;
+mod record;
+mod recover;
+mod snapshot;
+mod template;
+mod volumes;
+
+pub use create::{CreateVolume, VolumeSource};
+pub use manage::{Compressed, NewSize, OnlineResize, ResizeDiskRequest, Resized};
+pub use query::{ChainLink, FsUsage, ListFilter, SortKey, VolumeDescription, VolumeRow};
+pub use vmvol_format::{Compression, Control, Format, Prealloc};
+pub use volumes::{Found, Row, Rows, Volumes};
+
+pub use error::{Error, ErrorKind, Result};
+pub use record::{
+    now_rfc3339, rfc3339, validate_name, AttachMode, Attachment, BaseLink, LinkMode, PendingResize,
+    Provenance, SnapshotRecord, TemplateRecord, TemplateSource, VolumeRecord, MAX_NAME_LEN,
+};
