@@ -56,7 +56,11 @@ fn dumpe2fs_free(path: &Path) -> Vec<(u64, u64)> {
         .find_map(|l| l.strip_prefix("Cluster size:"))
         .map_or(bs, |c| c.trim().parse().unwrap());
     let mut v = Vec::new();
-    for line in text.lines() {
+    // The header before "Group 0:" has its own "Free blocks:" line holding
+    // the free *count*; read as a block number, it made the count's block
+    // "free" whenever that block happened to be in use.
+    let groups = text.lines().skip_while(|l| !l.starts_with("Group 0:"));
+    for line in groups {
         let Some(list) = line.trim().strip_prefix("Free blocks:") else {
             continue;
         };

@@ -276,6 +276,12 @@ fn kernel_mount_and_resize2fs() {
                 );
             }
             e2fsck_clean(&p);
+            // resize2fs refuses a filesystem mounted since its last check
+            // (s_lastcheck < s_mtime: "Please run 'e2fsck -f' first").
+            // `-fn` records no check, so mkfs's s_lastcheck stayed, and the
+            // test passed only when mkfs and the rw mount fell in the same
+            // second. `-fp` records the check; clean, it exits 0.
+            run("e2fsck", &["-fp", p.to_str().unwrap()]);
         }
         // Grow the image, then the filesystem.
         let img = RawImage::open(&p, false).unwrap();
