@@ -24,6 +24,8 @@ mod convert;
 mod crash;
 #[path = "format/crash_perf.rs"]
 mod crash_perf;
+#[path = "format/grow.rs"]
+mod grow;
 #[path = "format/info_map.rs"]
 mod info_map;
 #[path = "format/model.rs"]

@@ -1078,22 +1078,10 @@ impl LocalBackend {
     fn grow_any(&self, image: &ImageRef, new_size: u64) -> Result<()> {
         let path = self.image_path(image)?;
         if image.format == Format::Qcow2 {
-            // A backing file no longer than the image cannot show through
-            // the new range (the volume layer's overlays never are).
-            let backing_fits = match self.image_summary(image)?.backing {
-                None => true,
-                Some(b) => {
-                    let bp = self.image_path(&b)?;
-                    let bsize = vmvol_format::virtual_size(&bp, b.format)
-                        .map_err(|e| img_err(&b, "read base image size", e))?;
-                    let cur = vmvol_format::virtual_size(&path, Format::Qcow2)
-                        .map_err(|e| img_err(image, "read image size", e))?;
-                    bsize <= cur
-                }
-            };
-            if backing_fits && grow_qcow2_header_only(&path, new_size)? {
-                return Ok(());
-            }
+            // The image is closed and ours (exclusive guard or staging area):
+            // the format crate grows it by one header write when it can.
+            return vmvol_format::qcow2::grow_file(&path, new_size, &self.backing_policy())
+                .map_err(|e| img_err(image, "grow image", e));
         }
         let img = Image::open(&path, &self.open_opts(image, true))
             .map_err(|e| img_err(image, "open image to grow", e))?;
@@ -1111,92 +1099,6 @@ pub fn statvfs(path: &Path) -> Result<FsStats> {
         available: s.available,
         block_size: s.block_size,
     })
-}
-
-/// Grows a qcow2 image by rewriting only its header's `size` and `l1_size`
-/// fields (bytes 24..40, one 16-byte write inside the first sector, so a
-/// crash leaves the old or the new header), when that is enough: the new L1
-/// entries fit in the clusters the L1 table already occupies and read zero
-/// (the caller checked that no backing file shows through the new range). The general path
-/// (the image library's resize) relocates the L1 table and updates
-/// refcounts in no crash-safe order; a SIGKILL in the middle left committed
-/// volumes with clusters referenced but not counted. Returns whether it
-/// grew the image (false: not applicable, use the general path).
-fn grow_qcow2_header_only(path: &Path, new_size: u64) -> Result<bool> {
-    let op = "grow qcow2 header";
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, op, e))?;
-    let mut h = [0u8; 104];
-    f.read_exact(&mut h).map_err(|e| Error::io(path, op, e))?;
-    let be32 = |o: usize| {
-        h.get(o..o + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_be_bytes)
-    };
-    let be64 = |o: usize| {
-        h.get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-    };
-    let (
-        Some(magic),
-        Some(version),
-        Some(backing_off),
-        Some(bits),
-        Some(size),
-        Some(l1_size),
-        Some(l1_off),
-    ) = (
-        be32(0),
-        be32(4),
-        be64(8),
-        be32(20),
-        be64(24),
-        be32(36),
-        be64(40),
-    )
-    else {
-        return Ok(false);
-    };
-    if magic != 0x5146_49fb || !(2..=3).contains(&version) || !(9..=21).contains(&bits) {
-        return Ok(false);
-    }
-    let _ = backing_off; // checked by the caller (backing no longer than the image)
-    if new_size <= size || !new_size.is_multiple_of(512) {
-        return Ok(false);
-    }
-    let cluster = 1u64 << bits;
-    let per_l1 = cluster * (cluster / 8);
-    let new_l1 = new_size.div_ceil(per_l1);
-    let Ok(new_l1_32) = u32::try_from(new_l1) else {
-        return Ok(false);
-    };
-    let old_l1 = u64::from(l1_size);
-    let capacity = (old_l1 * 8).div_ceil(cluster).max(1) * cluster / 8;
-    if new_l1 > capacity || l1_off == 0 || l1_off % cluster != 0 {
-        return Ok(false);
-    }
-    if new_l1 > old_l1 {
-        // The entries coming into use must be empty.
-        let mut tail = vec![0u8; ((new_l1 - old_l1) * 8) as usize];
-        f.seek(SeekFrom::Start(l1_off + old_l1 * 8))
-            .map_err(|e| Error::io(path, op, e))?;
-        if f.read_exact(&mut tail).is_err() || tail.iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-    }
-    let mut patch = [0u8; 16];
-    patch[..8].copy_from_slice(&new_size.to_be_bytes());
-    patch[8..12].copy_from_slice(&h[32..36]); // crypt_method, unchanged
-    patch[12..].copy_from_slice(&new_l1_32.max(l1_size).to_be_bytes());
-    f.seek(SeekFrom::Start(24))
-        .map_err(|e| Error::io(path, op, e))?;
-    f.write_all(&patch).map_err(|e| Error::io(path, op, e))?;
-    f.sync_all().map_err(|e| Error::io(path, op, e))?;
-    Ok(true)
 }
 
 #[cfg(test)]

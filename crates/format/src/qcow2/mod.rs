@@ -1,5 +1,6 @@
 //! qcow2, by concern: the format's numbers ([`spec`](self) constants), the
-//! header (one parser plus the vetting that opening adds), L1/L2 and refcount
+//! header (one parser plus the vetting that opening adds), growing a closed
+//! image ([`grow_file`]), L1/L2 and refcount
 //! tables, the codec of compressed clusters, the storage adaptor handed to
 //! imago with its write ordering, the image and its read path, crash safety
 //! (the dirty bit and the refcount rebuild), `qemu-img map` emulation, metadata
@@ -11,6 +12,7 @@
 
 mod codec;
 mod dirty;
+mod grow;
 mod header;
 mod image;
 mod mapcache;
@@ -27,6 +29,7 @@ mod tables;
 mod writer;
 
 pub use codec::ClusterCompressor;
+pub use grow::grow_file;
 pub use header::{Compression, Qcow2Header};
 pub use image::{Qcow2CreateOptions, Qcow2Image};
 pub use meta::{Qcow2Meta, SnapshotEntry};
