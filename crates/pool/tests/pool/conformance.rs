@@ -1,15 +1,12 @@
 //! The conformance suite (`suite/`) run on every backend of this crate: the
 //! local directory backend and the in-memory one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod suite;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use suite::{Fixture, Harness};
+use crate::suite::{Fixture, Harness};
 use vmvol_pool::memory::MemoryBackend;
 use vmvol_pool::*;
 
@@ -151,10 +148,10 @@ impl Harness for Memory {
 macro_rules! conformance {
     ($($behaviour:ident),* $(,)?) => {
         mod local_backend {
-            $( #[test] fn $behaviour() { super::suite::$behaviour(&super::Local) } )*
+            $( #[test] fn $behaviour() { crate::suite::$behaviour(&super::Local) } )*
         }
         mod memory_backend {
-            $( #[test] fn $behaviour() { super::suite::$behaviour(&super::Memory) } )*
+            $( #[test] fn $behaviour() { crate::suite::$behaviour(&super::Memory) } )*
         }
     };
 }

@@ -2,8 +2,7 @@
 //! against statvfs/du, races between processes, SIGKILL crash safety, the
 //! registry and the on-disk layout (damage made with the file tools), and
 //! real tools (qemu-img) on the images. The behaviours every backend must
-//! have are in `conformance.rs`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! have are in `conformance`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -276,7 +275,12 @@ const POOL_ENV: &str = "VMVOL_POOL_TEST_DIR";
 
 fn spawn_child(role: &str, pool_dir: &Path, arg: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "local::child_role",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, role)
         .env(POOL_ENV, pool_dir)
         .env("VMVOL_POOL_TEST_ARG", arg)

@@ -1,6 +1,6 @@
 //! The pool's conformance suite: every behaviour a backend must give the
 //! pool, as one function per behaviour taking a [`Harness`] (a backend
-//! factory). `conformance.rs` runs it on the local and in-memory backends;
+//! factory). `conformance` runs it on the local and in-memory backends;
 //! a new backend (RBD) adds a harness and runs the same functions.
 //! Behaviours that need several processes or the on-disk layout are in
 //! `local.rs`.
