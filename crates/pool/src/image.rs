@@ -42,6 +42,18 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
+    /// Refuses an image that is not in staging area `area` (the check every
+    /// backend makes before a staged operation).
+    pub(crate) fn require_staged_in(&self, area: uuid::Uuid) -> crate::error::Result<()> {
+        if self.owner == (ImageOwner::Staging { area }) {
+            return Ok(());
+        }
+        Err(crate::error::Error::InvalidImage {
+            image: self.to_string(),
+            reason: "not in this staging area".into(),
+        })
+    }
+
     /// The image `name` of entry `kind/id`.
     pub fn entry(kind: EntryKind, id: &str, name: &str, format: Format) -> ImageRef {
         ImageRef {

@@ -927,12 +927,7 @@ impl ImageStore for MemoryBackend {
     }
 
     fn grow_staged(&self, area: &StagingArea, image: &ImageRef, new_size: u64) -> Result<()> {
-        if image.owner != (ImageOwner::Staging { area: area.id }) {
-            return Err(Error::InvalidImage {
-                image: image.to_string(),
-                reason: "not in this staging area".into(),
-            });
-        }
+        image.require_staged_in(area.id)?;
         self.grow_any(image, new_size)
     }
 
