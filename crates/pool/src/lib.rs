@@ -72,6 +72,7 @@
 
 pub mod backend;
 mod error;
+mod host_records;
 mod image;
 pub mod local;
 mod lock;
@@ -84,6 +85,7 @@ mod registry;
 mod spec;
 
 pub use error::{Error, Result};
+pub use host_records::{validate_host_id, HostRecordLock, HostRecords, MAX_HOST_ID_LEN};
 pub use image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary, DATA_IMAGE};
 pub use lock::Wait;
 pub use name::{validate_name, MAX_NAME_LEN};

@@ -50,6 +50,11 @@ impl FileLock {
     pub fn mode(&self) -> LockMode {
         self.mode
     }
+
+    /// The locked file.
+    pub(crate) fn file(&self) -> &File {
+        &self._file
+    }
 }
 
 /// Locks `path` (created if missing) in `mode`, waiting per `wait`.

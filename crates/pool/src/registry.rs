@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::backend::PoolBackend;
 use crate::error::{Error, Result};
+use crate::host_records::HostRecords;
 use crate::local::{write_err, LocalBackend};
 use crate::lock::{lock_file, LockMode, Wait};
 use crate::name::validate_name;
@@ -194,6 +195,20 @@ impl Registry {
     /// The registry root.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The host records of `kind` (a directory `<root>/<kind>`, created if
+    /// missing), e.g. the volume layer's `instances`. `kind` follows the
+    /// pool name rule and must not be one of the registry's own names.
+    pub fn host_records(&self, kind: &str, wait: Wait) -> Result<HostRecords> {
+        validate_name(kind)?;
+        if matches!(kind, "registry" | "pools") {
+            return Err(Error::InvalidName {
+                name: kind.to_string(),
+                rule: "is used by the registry itself",
+            });
+        }
+        HostRecords::open(self.root.join(kind), wait)
     }
 
     fn records_dir(&self) -> PathBuf {

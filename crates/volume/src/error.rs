@@ -84,6 +84,20 @@ pub enum Error {
         /// The instances it is attached to.
         instances: Vec<String>,
     },
+    /// An attachment rule forbids attaching the volume.
+    #[error("{object}: attach to instance {instance} ({}): refused: {rule}; held by {}", .mode.as_str(), .holders.join(", "))]
+    AttachRefused {
+        /// The volume.
+        object: String,
+        /// The instance asking.
+        instance: String,
+        /// The mode asked for.
+        mode: crate::record::AttachMode,
+        /// The rule broken.
+        rule: &'static str,
+        /// The attachments in the way (`vm-1 (rw)`).
+        holders: Vec<String>,
+    },
     /// Other objects are linked to it.
     #[error("{object}: {op}: refused, still needed by {}", .dependents.join(", "))]
     HasDependents {
@@ -191,7 +205,7 @@ impl Error {
             }
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            Error::Attached { .. } => ErrorKind::InUse,
+            Error::Attached { .. } | Error::AttachRefused { .. } => ErrorKind::InUse,
             Error::HasDependents { .. } => ErrorKind::HasDependents,
             Error::Refused { .. } => ErrorKind::Refused,
             Error::Corrupt { .. } => ErrorKind::Corrupt,

@@ -40,20 +40,33 @@
 //! # }
 //! ```
 
+mod attach;
 mod create;
 mod error;
+mod instance;
 mod manage;
 mod query;
 mod record;
 mod recover;
+mod size;
 mod snapshot;
 mod template;
 mod volumes;
 
+pub use attach::{
+    attach_conflict, check_mount_path, check_request, AttachRequest, AttachVolume, OverlayKind,
+    DEFAULT_POOL, MAX_VOLUME_DEVICES, RESERVED_MOUNT_DIRS,
+};
 pub use create::{CreateVolume, VolumeSource};
+pub use instance::{
+    Detached, InstanceDescription, InstanceDisk, InstanceRecord, InstanceRow, InstanceState,
+    InstanceVolume, OverlayImage, PrepareHook, INSTANCE_RECORDS,
+};
 pub use manage::{Compressed, NewSize, OnlineResize, ResizeDiskRequest, Resized};
 pub use query::{ChainLink, FsUsage, ListFilter, SortKey, VolumeDescription, VolumeRow};
+pub use size::parse_size;
 pub use vmvol_format::{Compression, Control, Format, Prealloc};
+pub use vmvol_pool::AttachTarget;
 pub use volumes::{Found, Row, Rows, Volumes};
 
 pub use error::{Error, ErrorKind, Result};

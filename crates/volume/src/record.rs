@@ -117,16 +117,30 @@ pub enum AttachMode {
     Ro,
 }
 
-/// One attachment of a volume to an instance (filled by the attachments
-/// layer; the volume layer only reads it to refuse unsafe operations).
+impl AttachMode {
+    /// `rw` or `ro`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Rw => "rw",
+            AttachMode::Ro => "ro",
+        }
+    }
+}
+
+/// One attachment of a volume to an instance (written by
+/// [`Volumes::attach_instance`](crate::Volumes::attach_instance); other
+/// operations read it to refuse unsafe changes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Attachment {
     /// The instance.
     pub instance: String,
     /// Where the guest mounts it.
     pub mount_path: String,
-    /// Read-write or read-only.
+    /// Read-write or read-only (an overlay's base is read-only).
     pub mode: AttachMode,
+    /// The instance's private overlay over the volume, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<crate::attach::OverlayKind>,
 }
 
 /// An online resize handed to the VMM and not yet confirmed.

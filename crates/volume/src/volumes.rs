@@ -95,9 +95,12 @@ pub(crate) fn sort_rows<T: Named>(rows: &mut Rows<T>) {
 /// pools of one [`Registry`]. `Send + Sync`; threads may share one handle.
 #[derive(Debug)]
 pub struct Volumes {
-    registry: Registry,
-    wait: Wait,
+    pub(crate) registry: Registry,
+    pub(crate) wait: Wait,
     pools: Mutex<HashMap<String, Pool>>,
+    /// Whether this handle has looked for crashed instance attaches and
+    /// detaches yet (done once, when it first opens a pool).
+    instances_recovered: std::sync::atomic::AtomicBool,
     /// (pool, kind, name) → UUID, a hint only: every use re-reads the
     /// record and checks the name, falling back to a scan.
     names: Mutex<HashMap<(String, EntryKind, String), String>>,
@@ -137,6 +140,7 @@ impl Volumes {
             registry,
             wait,
             pools: Mutex::new(HashMap::new()),
+            instances_recovered: std::sync::atomic::AtomicBool::new(false),
             names: Mutex::new(HashMap::new()),
         }
     }
@@ -177,12 +181,23 @@ impl Volumes {
             crate::recover::recover(&pool, name)?;
         }
         pools.insert(name.to_string(), pool.clone());
+        drop(pools);
+        // A crashed instance attach leaves attachments that would refuse
+        // deletes and resizes: finish it before the first use of any pool.
+        if !self
+            .instances_recovered
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.recover_instances()?;
+        }
         Ok(pool)
     }
 
     /// Forgets cached pool handles (the next call reopens and recovers).
     pub fn forget_pools(&self) {
         self.pools.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.instances_recovered
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// [`find`], first trying the UUID this handle last found for the name

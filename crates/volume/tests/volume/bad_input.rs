@@ -188,7 +188,8 @@ fn shrink_raw_compress_and_attached_refusals() {
         .compress_volume("default", "r", None, &Control::new())
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused);
-    attach(&env, "default", "q", "web-1", AttachMode::Rw);
+    // Two read-only holders (a read-write one would be exclusive).
+    attach(&env, "default", "q", "web-1", AttachMode::Ro);
     attach(&env, "default", "q", "web-2", AttachMode::Ro);
     for e in [
         env.vols

@@ -4,8 +4,8 @@ use std::io::Write;
 
 use vmvol_pool::AttachTarget;
 use vmvol_volume::{
-    AttachMode, Attachment, Compression, Control, CreateVolume, ErrorKind, Format, LinkMode,
-    ListFilter, NewSize, Prealloc, Resized, SortKey, VolumeRecord, VolumeRow, VolumeSource,
+    AttachMode, Compression, Control, CreateVolume, ErrorKind, Format, LinkMode, ListFilter,
+    NewSize, Prealloc, Resized, SortKey, VolumeRow, VolumeSource,
 };
 
 use crate::support::*;
@@ -28,22 +28,22 @@ fn create(env: &Env, name: &str, size: u64, format: Format, prealloc: Prealloc, 
         .unwrap();
 }
 
-/// Sets a volume's attachments directly in its record (the attachments
-/// layer's job; here to exercise the refusals).
+/// Attaches one volume to a new instance through the real attach path.
 pub fn attach(env: &Env, pool: &str, name: &str, instance: &str, mode: AttachMode) {
-    let d = env.vols.describe_volume(pool, name).unwrap();
-    let p = env.vols.pool(pool).unwrap();
-    let e = p
-        .get::<VolumeRecord>(vmvol_pool::EntryKind::Volume, &d.uuid)
-        .unwrap();
-    let mut r = e.record.data;
-    r.attachments.push(Attachment {
+    let req = vmvol_volume::AttachRequest {
         instance: instance.into(),
-        mount_path: "/data".into(),
-        mode,
-    });
-    p.write_record(vmvol_pool::EntryKind::Volume, &d.uuid, &r)
-        .unwrap();
+        volumes: vec![vmvol_volume::AttachVolume {
+            pool: Some(pool.into()),
+            volume_id: name.into(),
+            mount_path: "/data".into(),
+            readonly: mode == AttachMode::Ro,
+            overlay: false,
+            overlay_size: None,
+            overlay_kind: vmvol_volume::OverlayKind::GuestOverlayfs,
+        }],
+        vmm: serde_json::Value::Null,
+    };
+    env.vols.attach_instance(&req, &mut |_| Ok(())).unwrap();
 }
 
 #[test]
