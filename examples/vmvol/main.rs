@@ -30,6 +30,7 @@ macro_rules! println {
 
 mod fs;
 mod image;
+mod instance;
 mod output;
 mod pool;
 mod signals;
@@ -48,7 +49,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 #[command(
     name = "vmvol",
     version,
-    about = "Persistent VM block volumes: images, ext4, pools, volumes, templates, snapshots"
+    about = "Persistent VM block volumes: images, ext4, pools, volumes, templates, snapshots, instances"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -71,6 +72,8 @@ enum Cmd {
     Template(template::TemplateArgs),
     /// Snapshots of detached volumes.
     Snapshot(snapshot::SnapshotArgs),
+    /// Instances: all their volumes attached at creation, Cloud Hypervisor disks, detach.
+    Instance(instance::InstanceArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Cmd::Volume(c) => volume::run(c),
         Cmd::Template(c) => template::run(c),
         Cmd::Snapshot(c) => snapshot::run(c),
+        Cmd::Instance(c) => instance::run(c),
     };
     match (res, signals::received()) {
         (Ok(()), _) => ExitCode::SUCCESS,

@@ -7,8 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{DiskConfig, ImageType, MAX_SERIAL_BYTES};
 use crate::{Error, Result};
 
-/// Most volume devices an instance can have: `/dev/vdd` … `/dev/vdz`.
-pub const MAX_VOLUME_DEVICES: usize = 23;
+pub use vmvol_volume::MAX_VOLUME_DEVICES;
 
 /// How the guest uses an attached volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

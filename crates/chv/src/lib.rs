@@ -36,12 +36,14 @@
 //! # Ok::<(), vmvol_chv::Error>(())
 //! ```
 
+mod attached;
 mod config;
 mod configdisk;
 mod error;
 mod guest;
 mod instance;
 
+pub use attached::{instance_spec, volume_disks};
 pub use config::{
     cli_quote, disk_args, DiskConfig, ImageType, LockGranularity, RateLimiterConfig, ResizeDisk,
     TokenBucket, VirtQueueAffinity, MAX_SERIAL_BYTES,

@@ -9,7 +9,8 @@
 //! | `fs` | `vmvol-fs` | ext4 written in pure Rust: mkfs, populate, free-space map |
 //! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
 //! | `chv` | `vmvol-chv` | Cloud Hypervisor disks (`DiskConfig`, `--disk`), the config disk, the guest mount script |
-//! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress |
+//! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress; instances' attachments |
+//! | [`instance`] | (here) | instances end to end: attach with the config disk, show the Cloud Hypervisor disks, detach |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
 //!
@@ -34,6 +35,8 @@
 //! Embedders that also depend on `imago` directly must not enable its
 //! default `async` feature: vmvol uses its `sync` feature and the two exclude
 //! each other.
+
+pub mod instance;
 
 pub use vmvol_chv as chv;
 pub use vmvol_format as format;

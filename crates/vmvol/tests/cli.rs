@@ -97,6 +97,10 @@ fn require_tool(tool: &str) -> bool {
 #[path = "cli/crash.rs"]
 mod crash;
 
+/// Real Linux guests under QEMU mount what `vmvol instance attach` gave them.
+#[path = "cli/guest.rs"]
+mod guest;
+
 /// Return from the test (skipping) unless every tool is present.
 macro_rules! require_tools {
     ($($tool:expr),+) => {

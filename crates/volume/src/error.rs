@@ -179,6 +179,20 @@ pub enum Error {
         #[source]
         source: Box<vmvol_fs::Error>,
     },
+    /// A step outside this crate failed (e.g. the VMM encoding a
+    /// [`PrepareHook`](crate::PrepareHook) runs); `kind` classifies it.
+    #[error("{object}: {op}: {source}")]
+    External {
+        /// The object.
+        object: String,
+        /// The operation.
+        op: &'static str,
+        /// What kind of failure it is.
+        kind: ErrorKind,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// An operating-system call failed.
     #[error("{object}: {op}: {source}")]
     Io {
@@ -210,6 +224,7 @@ impl Error {
             Error::Refused { .. } => ErrorKind::Refused,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Io { .. } => ErrorKind::Io,
+            Error::External { kind, .. } => *kind,
             Error::Cancelled { .. } => ErrorKind::Cancelled,
             Error::Pool { source, .. } => match &**source {
                 P::InvalidName { .. } | P::InvalidSpec { .. } => ErrorKind::InvalidArgument,
@@ -241,6 +256,21 @@ impl Error {
                     _ => ErrorKind::Io,
                 }
             }
+        }
+    }
+
+    /// An error from outside this crate, classified as `kind`.
+    pub fn external(
+        object: impl Into<String>,
+        op: &'static str,
+        kind: ErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::External {
+            object: object.into(),
+            op,
+            kind,
+            source: source.into(),
         }
     }
 

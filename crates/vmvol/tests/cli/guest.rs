@@ -1,13 +1,16 @@
-//! A real Linux guest under QEMU (TCG) mounts the volumes with
-//! `guest/vmvol-mount.sh`, disks attached as virtio-blk in exactly the
-//! DiskConfig order, modes and serials.
+//! A real Linux guest under QEMU (TCG) mounts the volumes an instance got
+//! from `vmvol instance attach`, with `guest/vmvol-mount.sh`; the disks are
+//! attached as virtio-blk in exactly the order, modes and serials of
+//! `vmvol instance disks --output json` (Cloud Hypervisor's DiskConfigs).
 //!
-//! Scenario: guest A attaches volume W read-write and writes files; then
-//! guests B and C run at the same time, both attaching W read-only and the
-//! base volume S as an overlay (B: guest overlayfs, C: block qcow2 overlay);
-//! each writes into its overlay and sees W's files, its own writes and not
-//! the other's; a write to W fails. Afterwards S is unchanged (qemu-img
-//! compare with a copy), W is e2fsck -fn clean, every qcow2 checks clean.
+//! Scenario: instance A attaches volume W read-write and writes files; after
+//! A is detached, B and C run at the same time, both attaching W read-only
+//! and the base volume S as an overlay (B: guest overlayfs, C: block qcow2
+//! overlay); each writes into its overlay and sees W's files, its own writes
+//! and not the other's; a write to W fails. Afterwards S is unchanged
+//! (qemu-img compare with a copy), W is e2fsck -fn clean, every qcow2 checks
+//! clean; detach removes the overlays and config disks and the pool's
+//! figures equal a rescan.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,15 +18,41 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Map;
-use vmvol_chv::{
-    plan, write_config_disk, DiskConfig, ImageType, InstancePlan, InstanceSpec, MountMode,
-    OverlayKind, VolumeDisk, MOUNT_SCRIPT,
-};
-use vmvol_format::{Control, Format, Prealloc, Qcow2CreateOptions, Qcow2Image, RawImage};
-use vmvol_fs::{mkfs, populate, MkfsOptions, PopulateOptions, Source};
+use vmvol::chv::{DiskConfig, ImageType, MOUNT_SCRIPT};
+use vmvol::format::{Control, Prealloc, RawImage};
+use vmvol::fs::{mkfs, MkfsOptions};
 
-use crate::common::{missing, require_tool, run};
+use super::{vol_json, vol_ok, volume_file};
+
+/// `tool`'s path on PATH (and /sbin, /usr/sbin). Missing: panic when
+/// VMVOL_REQUIRE_TOOLS=1, else say why the test is skipped and return None.
+fn require_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in path.split(':').chain(["/sbin", "/usr/sbin"]) {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    missing(tool)
+}
+
+/// Report a missing prerequisite: panic under VMVOL_REQUIRE_TOOLS=1.
+fn missing<T>(what: &str) -> Option<T> {
+    if std::env::var("VMVOL_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("required tool missing: {what} (VMVOL_REQUIRE_TOOLS=1)");
+    }
+    eprintln!("skipping: {what} not found");
+    None
+}
+
+/// Run a command, return (success, stdout+stderr).
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
 
 const MIB: u64 = 1 << 20;
 /// Per-guest limit (a failsafe): a TCG guest runs this scenario in ~6–16 s
@@ -326,7 +355,13 @@ struct Guest {
     ended: Option<Instant>,
 }
 
-fn boot(kit: &Guestkit, dir: &Path, name: &'static str, p: &InstancePlan, scenario: &str) -> Guest {
+fn boot(
+    kit: &Guestkit,
+    dir: &Path,
+    name: &'static str,
+    disks: &[DiskConfig],
+    scenario: &str,
+) -> Guest {
     let initrd = dir.join(format!("initrd-{name}.cpio"));
     std::fs::File::create(&initrd)
         .unwrap()
@@ -355,7 +390,7 @@ fn boot(kit: &Guestkit, dir: &Path, name: &'static str, p: &InstancePlan, scenar
         "-append",
         "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
     ]);
-    for (i, d) in p.disk_configs().iter().enumerate() {
+    for (i, d) in disks.iter().enumerate() {
         cmd.args(qemu_disk_args(i, d));
     }
     cmd.stdin(Stdio::null())
@@ -446,23 +481,37 @@ fn ext4_raw(path: &Path, size: u64) {
     mkfs(&img, &MkfsOptions::default()).unwrap();
 }
 
-fn spec(dir: &Path, name: &str, volumes: Vec<VolumeDisk>) -> InstanceSpec {
-    InstanceSpec {
-        rootfs: dir.join("rootfs.raw"),
-        rootfs_image_type: ImageType::Raw,
-        instance_overlay: dir.join(format!("{name}-overlay.raw")),
-        instance_overlay_image_type: ImageType::Raw,
-        config_disk: dir.join(format!("{name}-config.ext4")),
-        volumes,
+/// `vmvol instance attach NAME` with per-instance rootfs overlay, then its
+/// DiskConfigs as `vmvol instance disks NAME --output json` prints them.
+fn attach(root: &Path, dir: &Path, name: &str, volumes: &[&str]) -> Vec<DiskConfig> {
+    let overlay = dir.join(format!("{name}-overlay.raw"));
+    ext4_raw(&overlay, 16 * MIB);
+    let rootfs = dir.join("rootfs.raw");
+    let mut args = vec![
+        "instance",
+        "attach",
+        name,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--instance-overlay",
+        overlay.to_str().unwrap(),
+    ];
+    for v in volumes {
+        args.extend(["--volume", v]);
     }
+    vol_ok(root, &args);
+    let json = vol_ok(root, &["instance", "disks", name, "--output", "json"]);
+    let disks: Vec<DiskConfig> = serde_json::from_str(&json).unwrap();
+    // Exactly Cloud Hypervisor's JSON: our own type reads it back unchanged.
+    assert_eq!(
+        serde_json::to_value(&disks).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()
+    );
+    disks
 }
 
-fn prepare(dir: &Path, name: &str, volumes: Vec<VolumeDisk>) -> InstancePlan {
-    let s = spec(dir, name, volumes);
-    ext4_raw(&s.instance_overlay, 16 * MIB);
-    let p = plan(&s).unwrap();
-    write_config_disk(&s.config_disk, &p, &Map::new()).unwrap();
-    p
+fn path_of(d: &DiskConfig) -> PathBuf {
+    d.path.clone().unwrap()
 }
 
 #[test]
@@ -480,49 +529,59 @@ fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    let root = dir.join("reg");
+    vol_ok(
+        &root,
+        &["pool", "define", "default", "--quota", "1G", "--activate"],
+    );
 
     // The shared rootfs (never mounted by this initramfs guest, but attached as /dev/vda).
     ext4_raw(&dir.join("rootfs.raw"), 16 * MIB);
-    // W: a raw ext4 volume; S: a raw ext4 base holding files.
-    let w = dir.join("w.raw");
-    ext4_raw(&w, 64 * MIB);
+    // bad: no filesystem; W: a raw ext4 volume; S: an ext4 volume made from
+    // an archive (qcow2), the base of both overlays.
+    vol_ok(
+        &root,
+        &["volume", "create", "bad", "--size", "4M", "--format", "raw"],
+    );
+    vol_ok(
+        &root,
+        &[
+            "volume", "create", "w", "--size", "64M", "--format", "raw", "--ext4",
+        ],
+    );
     let tree = dir.join("s-tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();
     std::fs::write(tree.join("base.txt"), "base\n").unwrap();
     std::fs::write(tree.join("sub/deep.txt"), "deep\n").unwrap();
-    let s = dir.join("s.raw");
-    let simg = RawImage::create(&s, 64 * MIB, Prealloc::Off, &Control::new()).unwrap();
-    populate(
-        &simg,
-        &Source::Dir(tree),
-        &PopulateOptions::default(),
-        &Control::new(),
-    )
-    .unwrap();
-    drop(simg);
-    let s_copy = dir.join("s-before.raw");
+    let tarball = dir.join("s.tar");
+    let (ok, out) = run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("."));
+    assert!(ok, "tar: {out}");
+    vol_ok(
+        &root,
+        &[
+            "volume",
+            "create",
+            "s",
+            "--size",
+            "64M",
+            "--from-archive",
+            tarball.to_str().unwrap(),
+        ],
+    );
+    let w = PathBuf::from(volume_file(&root, "w", "default"));
+    let s = PathBuf::from(volume_file(&root, "s", "default"));
+    let s_copy = dir.join("s-before.qcow2");
     std::fs::copy(&s, &s_copy).unwrap();
-
-    let vol = |volume: &str, path: &Path, image_type, mount: &str, mode| VolumeDisk {
-        volume: volume.into(),
-        path: path.to_path_buf(),
-        image_type,
-        mount_path: mount.into(),
-        mode,
-    };
 
     // Guest A: W read-write, after a volume that cannot mount (no
     // filesystem): the script reports that failure and still mounts W.
-    let bad = dir.join("bad.raw");
-    RawImage::create(&bad, 4 * MIB, Prealloc::Off, &Control::new()).unwrap();
-    let pa = prepare(
-        dir,
-        "a",
-        vec![
-            vol("bad", &bad, ImageType::Raw, "/bad", MountMode::Ro),
-            vol("w", &w, ImageType::Raw, "/w", MountMode::Rw),
-        ],
-    );
+    let pa = attach(&root, dir, "a", &["bad:/bad:ro", "w:/w"]);
+    assert_eq!(path_of(&pa[4]), w);
     let mut a = [boot(&kit, dir, "A", &pa, SCENARIO_A)];
     let logs = wait_all(&mut a);
     assert_guest(
@@ -543,49 +602,28 @@ fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
         .any(|l| l.starts_with("vmvol-mount: FAILED /dev/vdd /bad ro: ")
             && l.contains("mount ro,noload failed")));
     assert!(logs[0].contains("vmvol-mount: ok /dev/vde /w rw"));
+    vol_ok(&root, &["instance", "detach", "a"]);
+    assert!(!path_of(&pa[2]).exists(), "A's config disk outlived detach");
     let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&w));
     assert!(ok, "W after A: e2fsck -fn: {out}");
 
     // Guest B: W ro + S guest-overlayfs; guest C: W ro + S block (qcow2 over S).
-    let b_ovl = dir.join("b-s-overlay.raw");
-    ext4_raw(&b_ovl, 32 * MIB);
-    let c_q = dir.join("c-s-overlay.qcow2");
-    Qcow2Image::create(
-        &c_q,
-        &Qcow2CreateOptions::new(64 * MIB).backing("s.raw", Format::Raw),
-    )
-    .unwrap();
-    let pb = prepare(
-        dir,
-        "b",
-        vec![
-            vol("w", &w, ImageType::Raw, "/w", MountMode::Ro),
-            vol(
-                "s",
-                &s,
-                ImageType::Raw,
-                "/s",
-                MountMode::Overlay(OverlayKind::GuestOverlayfs {
-                    overlay_path: b_ovl.clone(),
-                }),
-            ),
-        ],
-    );
-    let pc = prepare(
-        dir,
-        "c",
-        vec![
-            vol("w", &w, ImageType::Raw, "/w", MountMode::Ro),
-            vol(
-                "s",
-                &c_q,
-                ImageType::Qcow2,
-                "/s",
-                MountMode::Overlay(OverlayKind::Block),
-            ),
-        ],
-    );
-    assert!(pc.disks[4].config.backing_files);
+    let pb = attach(&root, dir, "b", &["w:/w:ro", "s:/s:ro:overlay=32M"]);
+    let pc = attach(&root, dir, "c", &["w:/w:ro", "s:/s:ro:overlay=64M,block"]);
+    let (b_ovl, c_q) = (path_of(&pb[5]), path_of(&pc[4]));
+    assert_eq!(path_of(&pb[4]), s);
+    assert!(pb[4].readonly && !pb[5].readonly && !pb[4].backing_files);
+    assert!(pc[4].backing_files && !pc[4].readonly);
+    assert_eq!(pc[4].image_type, ImageType::Qcow2);
+    // While attached: the volume list shows W as attached to both.
+    let listed = vol_json(&root, &["volume", "list", "--attached"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert!(names.contains(&"w") && names.contains(&"s"), "{listed}");
     let mut bc = [
         boot(&kit, dir, "B", &pb, &format!("{SCENARIO_B}{SCENARIO_BC}")),
         boot(&kit, dir, "C", &pc, &format!("{SCENARIO_C}{SCENARIO_BC}")),
@@ -615,18 +653,20 @@ fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
     let (b, c) = (&bc[0], &bc[1]);
     assert!(b.started < c.ended.unwrap() && c.started < b.ended.unwrap());
 
-    // S unchanged, W clean, the qcow2 clean; each overlay holds its own writes.
+    // S unchanged, W clean, the qcow2s clean; each overlay holds its own writes.
     let (ok, out) = run(Command::new(&qemu_img)
-        .args(["compare", "-f", "raw", "-F", "raw"])
+        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
         .arg(&s_copy)
         .arg(&s));
     assert!(ok, "S changed: {out}");
     let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&w));
     assert!(ok, "W: e2fsck -fn: {out}");
-    let (ok, out) = run(Command::new(&qemu_img)
-        .args(["check", "-f", "qcow2"])
-        .arg(&c_q));
-    assert!(ok, "C's overlay: qemu-img check: {out}");
+    for q in [&s, &c_q] {
+        let (ok, out) = run(Command::new(&qemu_img)
+            .args(["check", "-f", "qcow2"])
+            .arg(q));
+        assert!(ok, "{}: qemu-img check: {out}", q.display());
+    }
     let cat = |img: &Path, file: &str| {
         let (ok, out) = run(Command::new(&debugfs)
             .args(["-R", &format!("cat {file}")])
@@ -650,5 +690,21 @@ fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
     assert!(cat(&c_raw, "/mine-B.txt").contains("File not found"));
     let (ok, out) = run(Command::new(&e2fsck).arg("-fn").arg(&c_raw));
     assert!(ok, "C's overlay contents: e2fsck -fn: {out}");
+
+    // Clean detach: overlays and config disks gone, volumes kept, figures
+    // equal a rescan.
+    vol_ok(&root, &["instance", "detach", "b"]);
+    vol_ok(&root, &["instance", "detach", "c"]);
+    for gone in [&b_ovl, &c_q, &path_of(&pb[2]), &path_of(&pc[2])] {
+        assert!(!gone.exists(), "{} outlived detach", gone.display());
+    }
+    assert!(w.exists() && s.exists());
+    let info = vol_json(&root, &["pool", "info", "default"]);
+    let rescanned = vol_json(&root, &["pool", "refresh", "default"]);
+    for k in ["allocation", "virtual_size", "reserved"] {
+        assert_eq!(info[k], rescanned[k], "{k}: {info} vs {rescanned}");
+    }
+    let listed = vol_json(&root, &["volume", "list", "--attached"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
     eprintln!("guest scenario took {:?}", t0.elapsed());
 }
