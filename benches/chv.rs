@@ -5,7 +5,11 @@
 //!   durably by `write_config_disk` (temp file, fsync, rename, directory
 //!   fsync), against `truncate` + `mkfs.ext4 -d` on the same two files and
 //!   image size (no journal, 4 KiB blocks, as hypeman makes it);
-//! - the disk plan plus its DiskConfig JSON and `--disk` strings.
+//! - the disk plan plus its DiskConfig JSON and `--disk` strings;
+//! - attaching an instance with 23 volume devices end to end
+//!   (`vmvol::instance::attach`: rules under the pool lock, 4 guest-overlayfs
+//!   and 4 block overlays of 10 GiB made and ext4-formatted, records, the
+//!   config disk), detach outside the timing.
 //!
 //! `cargo bench -p vmvol --bench chv` (needs e2fsprogs for the comparison).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -174,7 +178,101 @@ fn bench_chv(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench_chv);
+/// A pool with 19 volumes of 1 GiB (ext4) and the instance's other disks.
+fn attach_setup(dir: &std::path::Path) -> (vmvol::volume::Volumes, vmvol::instance::VmDisks) {
+    use vmvol::pool::{CapacityPolicy, PoolSpec, Registry, Wait};
+    use vmvol::volume::{CreateVolume, Format, VolumeSource, Volumes};
+    let reg = Registry::open(dir.join("reg")).unwrap();
+    let spec = PoolSpec {
+        capacity: CapacityPolicy::Quota { bytes: 1 << 40 },
+        ..PoolSpec::default()
+    };
+    reg.define("default", &spec).unwrap();
+    reg.activate("default", Wait::Block).unwrap();
+    let vols = Volumes::new(reg);
+    for i in 0..19 {
+        let req = CreateVolume {
+            name: format!("v{i}"),
+            size: Some(1 << 30),
+            source: VolumeSource::Blank {
+                format: Format::Qcow2,
+                prealloc: Prealloc::Off,
+                ext4: true,
+            },
+        };
+        vols.create_volume("default", &req, &Control::new())
+            .unwrap();
+    }
+    for f in ["rootfs.raw", "overlay.raw"] {
+        RawImage::create(&dir.join(f), 16 << 20, Prealloc::Off, &Control::new()).unwrap();
+    }
+    let disks = vmvol::instance::VmDisks {
+        rootfs: dir.join("rootfs.raw"),
+        rootfs_image_type: ImageType::Raw,
+        instance_overlay: dir.join("overlay.raw"),
+        instance_overlay_image_type: ImageType::Raw,
+        config_extra: Map::new(),
+    };
+    (vols, disks)
+}
+
+/// 23 volume devices: 5 rw, 6 ro, 4 guest-overlayfs (8 devices), 4 block,
+/// overlays of 10 GiB.
+fn attach_request() -> Vec<vmvol::volume::AttachVolume> {
+    use vmvol::volume::{AttachVolume, OverlayKind as Kind};
+    (0..19)
+        .map(|i| AttachVolume {
+            pool: None,
+            volume_id: format!("v{i}"),
+            mount_path: format!("/mnt/v{i}"),
+            readonly: i >= 5,
+            overlay: i >= 11,
+            overlay_size: (i >= 11).then_some(10 << 30),
+            overlay_kind: if i >= 15 {
+                Kind::Block
+            } else {
+                Kind::GuestOverlayfs
+            },
+        })
+        .collect()
+}
+
+fn bench_attach(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (vols, disks) = attach_setup(dir.path());
+    let req = attach_request();
+    let mut n = 0u64;
+    let t_attach = timed(
+        c,
+        "attach an instance with 23 volume devices (8 overlays of 10 GiB, config disk)",
+        || {
+            n += 1;
+            let id = format!("i-{n}");
+            let t = Instant::now();
+            let vm = vmvol::instance::attach(&vols, &id, req.clone(), &disks).unwrap();
+            let took = t.elapsed();
+            assert_eq!(vm.plan.disks.len(), 26);
+            vmvol::instance::detach(&vols, &id).unwrap();
+            took
+        },
+    );
+    let t_detach = timed(c, "detach that instance", || {
+        n += 1;
+        let id = format!("i-{n}");
+        vmvol::instance::attach(&vols, &id, req.clone(), &disks).unwrap();
+        let t = Instant::now();
+        vmvol::instance::detach(&vols, &id).unwrap();
+        t.elapsed()
+    });
+    println!();
+    println!(
+        "attach, 23 volume devices (8 overlays of 10 GiB formatted, config disk): {} | detach: {}",
+        ms(t_attach),
+        ms(t_detach)
+    );
+}
+
+criterion_group!(benches, bench_chv, bench_attach);
 
 fn main() {
     // `cargo test --benches` runs bench binaries without --bench: stay quick then.

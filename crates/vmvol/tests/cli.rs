@@ -1103,3 +1103,136 @@ fn volume_template_snapshot_commands() {
         .collect();
     assert_eq!(names, ["arch", "copy", "raw1", "restored", "web", "web2"]);
 }
+
+/// `vmvol instance`: attach from `--volume` specs and from the seed's JSON
+/// request, disks as CHV JSON and `--disk` arguments, list/show, refusals
+/// as one line each, detach (idempotent).
+#[test]
+fn instance_commands() {
+    require_tools!("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("reg");
+    vol_ok(
+        &root,
+        &["pool", "define", "default", "--quota", "1G", "--activate"],
+    );
+    vol_ok(
+        &root,
+        &["pool", "define", "other", "--quota", "1G", "--activate"],
+    );
+    vol_ok(
+        &root,
+        &["volume", "create", "db", "--size", "32M", "--ext4"],
+    );
+    vol_ok(
+        &root,
+        &[
+            "volume", "create", "base", "--size", "32M", "--ext4", "--pool", "other",
+        ],
+    );
+    let rootfs = d.path().join("rootfs.raw");
+    let ovl = d.path().join("overlay.qcow2");
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    qemu_ok(&["create", "-q", "-f", "qcow2", ovl.to_str().unwrap(), "16M"]);
+    let (r, o) = (rootfs.to_str().unwrap(), ovl.to_str().unwrap());
+    fn with<'a>(r: &'a str, o: &'a str, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "instance",
+            "attach",
+            id,
+            "--rootfs",
+            r,
+            "--instance-overlay",
+            o,
+        ];
+        a.extend(extra);
+        a
+    }
+    let vm = vol_json(
+        &root,
+        &with(
+            r,
+            o,
+            "vm-1",
+            &[
+                "--volume",
+                "db:/data",
+                "--volume",
+                "other/base:/srv:ro:overlay=8M,block",
+            ],
+        ),
+    );
+    assert_eq!(vm["instance"]["instance"]["state"], "attached");
+    // Formats were detected, never left to the VMM's probing.
+    let disks: serde_json::Value =
+        serde_json::from_str(&vol_ok(&root, &["instance", "disks", "vm-1"])).unwrap();
+    assert_eq!(disks[0]["image_type"], "Raw");
+    assert_eq!(disks[1]["image_type"], "Qcow2");
+    assert_eq!(disks[4]["backing_files"], true);
+    let args = vol_ok(
+        &root,
+        &["instance", "disks", "vm-1", "--output", "chv-args"],
+    );
+    assert_eq!(args.lines().filter(|l| *l == "--disk").count(), 1);
+    assert!(args.contains("id=vdd,serial=vdd-db"), "{args}");
+
+    // The seed's request JSON (sizes as strings) for a second instance.
+    let req = d.path().join("req.json");
+    std::fs::write(
+        &req,
+        r#"[{"pool": "other", "volume_id": "base", "mount_path": "/srv", "readonly": true,
+             "overlay": true, "overlay_size": "16MB"}]"#,
+    )
+    .unwrap();
+    let vm2 = vol_json(
+        &root,
+        &with(r, o, "vm-2", &["--request", req.to_str().unwrap()]),
+    );
+    assert_eq!(vm2["plan"]["volume_mounts"][0]["mode"], "overlay");
+    assert_eq!(
+        vm2["plan"]["volume_mounts"][0]["overlay_device"],
+        "/dev/vde"
+    );
+
+    // Refusals: one line each, naming the rule and the holder.
+    vol_fails(
+        &root,
+        &with(r, o, "vm-3", &["--volume", "db:/data:ro"]),
+        "held by vm-1 (rw)",
+    );
+    vol_fails(
+        &root,
+        &with(r, o, "vm-3", &["--volume", "db:/etc"]),
+        "belongs to the guest system",
+    );
+    vol_fails(
+        &root,
+        &with(r, o, "vm-1", &["--volume", "base:/x"]),
+        "already exists",
+    );
+    vol_fails(
+        &root,
+        &with(r, o, "vm-3", &["--volume", "nope:/x"]),
+        "not found",
+    );
+    vol_fails(
+        &root,
+        &with(r, o, "vm-3", &["--volume", "db:/x:overlay=1G"]),
+        "readonly=true",
+    );
+    vol_fails(&root, &["volume", "delete", "db"], "vm-1");
+
+    let list = vol_json(&root, &["instance", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    let show = vol_ok(&root, &["instance", "show", "vm-1"]);
+    assert!(
+        show.contains("/dev/vde") && show.contains("mount /dev/vdd at /data"),
+        "{show}"
+    );
+
+    vol_ok(&root, &["instance", "detach", "vm-1"]);
+    assert!(vol_ok(&root, &["instance", "detach", "vm-1"]).contains("nothing attached"));
+    vol_ok(&root, &["instance", "detach", "vm-2"]);
+    vol_fails(&root, &["instance", "show", "vm-1"], "not found");
+    vol_ok(&root, &["volume", "delete", "db"]);
+}
