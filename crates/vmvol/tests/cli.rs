@@ -1222,6 +1222,12 @@ fn instance_commands() {
     );
     vol_fails(&root, &["volume", "delete", "db"], "vm-1");
 
+    // Online resize of the read-write volume: the request names the disk
+    // by the id its DiskConfig carries.
+    let r = vol_json(&root, &["volume", "resize", "db", "64M"]);
+    assert_eq!(r["request"]["id"], disks[3]["id"], "{r}");
+    assert_eq!(r["request"]["id"], "vdd");
+
     let list = vol_json(&root, &["instance", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
     let show = vol_ok(&root, &["instance", "show", "vm-1"]);

@@ -99,6 +99,24 @@ pub struct InstanceRecord {
     pub vmm: serde_json::Value,
 }
 
+impl InstanceRecord {
+    /// The guest device of volume `volume_id` (`vdd`, ...): volumes follow
+    /// `vda` rootfs, `vdb` instance overlay and `vdc` config disk in
+    /// request order, a guest-overlayfs overlay taking two. This is the
+    /// `id` vmvol-chv gives the disk, what `vm.resize-disk` takes.
+    pub fn device_of(&self, volume_id: &str) -> Option<String> {
+        let mut n = 3usize;
+        for v in &self.volumes {
+            if v.volume_id == volume_id {
+                let letter = u8::try_from(n).ok().filter(|&i| i < 26)?;
+                return Some(format!("vd{}", char::from(b'a' + letter)));
+            }
+            n += v.overlay.as_ref().map_or(1, |o| o.kind.devices());
+        }
+        None
+    }
+}
+
 impl RecordType for InstanceRecord {
     const SCHEMA_VERSION: u32 = 1;
 }

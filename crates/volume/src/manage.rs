@@ -24,7 +24,8 @@ pub enum NewSize {
 /// Cloud Hypervisor's `PUT /vm.resize-disk` request body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResizeDiskRequest {
-    /// The disk id the VMM knows the volume by (the volume's UUID).
+    /// The disk id the VMM knows the volume by: its device name in the
+    /// read-write instance (`vdd`…, what vmvol-chv sets as `id`).
     pub id: String,
     /// New size in bytes (a multiple of 512).
     pub desired_size: u64,
@@ -139,12 +140,13 @@ impl Volumes {
                     let res = r.pop().ok_or_else(|| {
                         Error::invalid(&object, OP, format!("the size is already {new} bytes"))
                     })?;
+                    let disk_id = self.disk_id_of(&v)?;
                     return Ok(Resized::Online(OnlineResize {
                         pool: pool.to_string(),
                         id: v.id.clone(),
                         old_size: old,
                         request: ResizeDiskRequest {
-                            id: v.id,
+                            id: disk_id,
                             desired_size: new,
                         },
                         note: GUEST_FS_NOTE.to_string(),
@@ -380,6 +382,34 @@ impl Volumes {
             })())
         })
         .map_err(Error::pool(&object, OP))?
+    }
+}
+
+impl Volumes {
+    /// The Cloud Hypervisor disk id of a volume attached read-write: its
+    /// device in that instance (read without the instance's lock: records
+    /// are replaced atomically, and the attachment we hold the pool lock
+    /// over keeps the instance from detaching).
+    fn disk_id_of(&self, v: &Found<VolumeRecord>) -> Result<String> {
+        let object = obj(&v.pool, EntryKind::Volume, &v.record.name);
+        let inst = v
+            .record
+            .attachments
+            .iter()
+            .find(|a| a.mode == AttachMode::Rw)
+            .map(|a| a.instance.clone())
+            .ok_or_else(|| Error::refused(&object, "online resize", "not attached read-write"))?;
+        let rec = self
+            .instance_records()?
+            .read::<crate::InstanceRecord>(&inst)
+            .map_err(Error::pool(&object, "online resize"))?;
+        rec.and_then(|r| r.device_of(&v.id)).ok_or_else(|| {
+            Error::refused(
+                &object,
+                "online resize",
+                format!("instance {inst} has no record of the volume's device"),
+            )
+        })
     }
 }
 
