@@ -1,7 +1,8 @@
 //! Cloud Hypervisor encoding of an instance's volumes.
 //!
-//! Given the volumes an instance attaches ([`VolumeDisk`], made by the
-//! volume layer after it checked the attachment rules), vmvol-chv lays out
+//! Given the volumes an instance attaches ([`VolumeDisk`]; [`volume_disks`]
+//! makes them from an instance the volume layer attached after checking the
+//! rules), vmvol-chv lays out
 //! the disks in `/dev/vdX` order ([`plan`]): `/dev/vda` rootfs (read-only),
 //! `/dev/vdb` the instance overlay, `/dev/vdc` the config disk (read-only),
 //! then the volumes in request order. It encodes them as Cloud Hypervisor

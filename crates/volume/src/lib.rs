@@ -1,8 +1,11 @@
-//! Volumes, templates and snapshots for vmvol, built on its storage pools.
+//! Volumes, templates, snapshots and instances' attachments for vmvol,
+//! built on its storage pools.
 //!
 //! A [`Volumes`] handle over a [`vmvol_pool::Registry`] creates, lists,
-//! describes, resizes, clones, compresses and deletes volumes, and manages
-//! templates and snapshots. Every image is reached through the pool's image
+//! describes, resizes, clones, compresses and deletes volumes, manages
+//! templates and snapshots, and attaches all volumes of an instance in one
+//! all-or-nothing call ([`Volumes::attach_instance`], rules in
+//! [`attach_conflict`] and [`check_request`]). Every image is reached through the pool's image
 //! store ([`vmvol_pool::ImageRef`]), never through a path built here; every
 //! change is built in a staging area and committed atomically, and checks
 //! that guard a change (name free, not attached, nothing linked) run under
@@ -36,6 +39,21 @@
 //! // The template is needed: deleting it is refused, naming the volume.
 //! let e = vols.delete_template("default", "base").unwrap_err();
 //! assert_eq!(e.kind(), vmvol_volume::ErrorKind::HasDependents);
+//!
+//! // Instance vm-1 gets "web" read-write; nobody else may join it.
+//! let web = vmvol_volume::AttachVolume {
+//!     pool: None, volume_id: "web".into(), mount_path: "/srv".into(), readonly: false,
+//!     overlay: false, overlay_size: None, overlay_kind: Default::default(),
+//! };
+//! let req = vmvol_volume::AttachRequest {
+//!     instance: "vm-1".into(), volumes: vec![web.clone()], vmm: Default::default(),
+//! };
+//! let vm = vols.attach_instance(&req, &mut |_| Ok(()))?;
+//! assert_eq!(vm.disks.len(), 1);
+//! let again = vmvol_volume::AttachRequest { instance: "vm-2".into(), ..req };
+//! let e = vols.attach_instance(&again, &mut |_| Ok(())).unwrap_err();
+//! assert_eq!(e.kind(), vmvol_volume::ErrorKind::InUse);
+//! vols.detach_instance("vm-1")?;
 //! # Ok(())
 //! # }
 //! ```
