@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -122,12 +122,27 @@ pub struct Qcow2Image {
     pub(super) order: Option<Arc<Ordered>>,
     /// The dirty bit was set at open.
     pub(super) dirty_at_open: bool,
+    /// Opened writable without crash ordering ([`OpenOptions::unordered`]).
+    pub(super) unordered: bool,
+    /// More open file descriptions of the top file, made on first use, for
+    /// the lock-free read path (see [`Qcow2Image::data_reader`]).
+    pub(super) readers: [OnceLock<Option<File>>; EXTRA_READERS],
 }
+
+/// Open file descriptions of the top file besides its own, for readers on
+/// other threads.
+pub(super) const EXTRA_READERS: usize = 3;
 
 /// A clean close writes everything back and clears the dirty bit (on error
 /// it stays set, and the next read-write open rebuilds the refcounts).
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
+        if self.unordered {
+            // No ordering, no dirty bit: write imago's caches back so the
+            // file is whole; making it durable is the owner's job.
+            let _ = self.read_lock().flush();
+            return;
+        }
         if let Some(order) = &self.order {
             if order.is_marked() {
                 let acc = self.read_lock();
@@ -250,7 +265,8 @@ impl Qcow2Image {
             header: Some(header.clone()),
         }];
         let backing = open_backing(path, &header, &opts.policy, &mut chain, &mut layers)?;
-        let order = if writable {
+        let unordered = writable && opts.unordered;
+        let order = if writable && !unordered {
             Some(Arc::new(
                 Ordered::new(&file, &header).map_err(|e| Error::io(path, "open", e))?,
             ))
@@ -286,6 +302,8 @@ impl Qcow2Image {
             size: AtomicU64::new(header.size),
             order,
             dirty_at_open,
+            unordered,
+            readers: Default::default(),
         })
     }
 
