@@ -805,7 +805,11 @@ mod tests {
             .unwrap();
         }
         let top = img.top().unwrap().file.metadata().unwrap();
-        let made: Vec<_> = img.readers.iter().filter_map(|r| r.get()?.as_ref()).collect();
+        let made: Vec<_> = img
+            .readers
+            .iter()
+            .filter_map(|r| r.get()?.as_ref())
+            .collect();
         assert_eq!(made.len(), EXTRA_READERS, "every reader slot was used");
         for f in made {
             let m = f.metadata().unwrap();
