@@ -34,6 +34,19 @@ pub fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> IoResult<usize> {
     Ok(got)
 }
 
+/// A new open file description of the file `file` is open on (read-only),
+/// or `None` if it cannot be made (no `/proc`) or is not the same file.
+///
+/// `dup` shares one description, whose reference count every `pread` from a
+/// multi-threaded process increments and decrements: threads reading
+/// through one description bounce that cache line between CPUs. Readers on
+/// separate descriptions do not (docs/performance.md, issue 8).
+pub fn reopen_read_only(file: &File) -> Option<File> {
+    let again = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    let (a, b) = (file.metadata().ok()?, again.metadata().ok()?);
+    (a.dev() == b.dev() && a.ino() == b.ino()).then_some(again)
+}
+
 /// Fill `buf` from the file at `offset`; bytes past the end of the file read
 /// as zeros (as a disk image's unwritten tail does).
 pub fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> IoResult<()> {

@@ -24,6 +24,14 @@ pub struct OpenOptions {
     /// The format, if known; `None` detects it from the file's magic (for the
     /// top image only; backing formats must be recorded).
     pub format: Option<Format>,
+    /// Write without crash ordering (qcow2): no dirty bit and none of the
+    /// flushes that order tables before the pointers to them, so a crash
+    /// may leave the image inconsistent. Only for images that are discarded
+    /// on a crash (e.g. built in a pool's staging area) and made durable as
+    /// a whole (`fsync`) before they are used. Writes back imago's caches on
+    /// drop; without effect on raw images and read-only opens.
+    #[serde(default)]
+    pub unordered: bool,
 }
 
 impl OpenOptions {
@@ -47,6 +55,12 @@ impl OpenOptions {
     /// Set the format instead of detecting it.
     pub fn format(mut self, format: Format) -> Self {
         self.format = Some(format);
+        self
+    }
+
+    /// Set unordered mode (see [`OpenOptions::unordered`]).
+    pub fn unordered(mut self, unordered: bool) -> Self {
+        self.unordered = unordered;
         self
     }
 }

@@ -28,15 +28,15 @@
 //!   exactly as long as the hold returned for them (or its process) lives,
 //!   without pids or clocks of other hosts; recovery removes the dead ones.
 //! - **Images** ([`ImageStore`]): images are named by [`ImageRef`], never by
-//!   path; the store creates, links, copies, opens, grows, summarises,
-//!   moves and removes them and says what a VMM attaches.
+//!   path; the store creates, links, copies, opens, grows, compacts,
+//!   summarises, moves and removes them and says what a VMM attaches.
 //! - **Space figures** ([`SpaceFigures`]): size and free space of the storage.
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vmvol_format::{BlockIo, Control, Format};
+use vmvol_format::{BlockIo, CompactOptions, CompactReport, Control, Format};
 
 use crate::error::Result;
 use crate::image::{AttachTarget, ImageRef, ImageSpec, ImageSummary};
@@ -265,8 +265,10 @@ pub trait RecordStore {
         id: &str,
         bytes: &[u8],
     ) -> Result<()>;
-    /// Writes `record` into the staging area and moves the area into place
-    /// as entry `kind/id` (which must not exist), atomically.
+    /// Makes every image of the staging area durable (they may have been
+    /// written without flushes or crash ordering), writes `record` into the
+    /// area and moves the area into place as entry `kind/id` (which must
+    /// not exist), atomically.
     fn commit_staging(
         &self,
         guard: &ExclusiveGuard,
@@ -340,20 +342,36 @@ pub trait ImageStore {
         format: Format,
         ctl: &Control,
     ) -> Result<ImageRef>;
-    /// Opens an image for I/O (its chain limited to the pool).
+    /// Opens an image for I/O (its chain limited to the pool). A writable
+    /// open of a staged image may skip crash ordering (local: qcow2
+    /// `unordered` mode): a crash discards the staging area, and
+    /// [`RecordStore::commit_staging`] makes the image durable first.
     fn open_image(&self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>>;
     /// Grows a committed image to `new_size` bytes.
     fn grow_image(&self, guard: &ExclusiveGuard, image: &ImageRef, new_size: u64) -> Result<()>;
     /// Grows an image in a staging area.
     fn grow_staged(&self, area: &StagingArea, image: &ImageRef, new_size: u64) -> Result<()>;
+    /// Compacts a committed qcow2 image, replacing it atomically: clusters
+    /// in `opts.unused_ranges` and all-zero clusters are dropped, the rest
+    /// optionally compressed; the content it shows is unchanged (unused
+    /// ranges read as zeros) and images linked to it keep working. The
+    /// caller keeps the image from being written meanwhile.
+    fn compact_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        opts: &CompactOptions,
+        ctl: &Control,
+    ) -> Result<CompactReport>;
     /// Virtual size, host bytes and base of an image.
     fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary>;
     /// Removes a committed image.
     fn remove_image(&self, guard: &ExclusiveGuard, image: &ImageRef) -> Result<()>;
     /// What a VMM opens to use the image.
     fn attach_target(&self, image: &ImageRef) -> Result<AttachTarget>;
-    /// Moves a committed image into entry `kind/id` under `name`; images
-    /// linked to it keep working.
+    /// Moves a committed image (or a staged one, which is made durable
+    /// first) into entry `kind/id` under `name`; images linked to it keep
+    /// working.
     fn move_image(
         &self,
         guard: &ExclusiveGuard,

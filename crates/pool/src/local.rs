@@ -21,8 +21,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use vmvol_format::{
-    host, BackingMode, BackingPolicy, BlockIo, Control, ConvertOptions, Format, Image, Prealloc,
-    Qcow2CreateOptions, Qcow2Image, RawImage,
+    host, BackingMode, BackingPolicy, BlockIo, CompactOptions, CompactReport, Control,
+    ConvertOptions, Format, Image, Prealloc, Qcow2CreateOptions, Qcow2Image, RawImage,
 };
 
 use crate::backend::{
@@ -335,10 +335,36 @@ impl LocalBackend {
     }
 
     fn open_opts(&self, image: &ImageRef, writable: bool) -> vmvol_format::OpenOptions {
+        // A staged image needs no crash ordering: a crash discards the whole
+        // staging area, and commit makes every staged file durable before
+        // the entry appears (see `sync_area`).
+        let staged = matches!(image.owner, ImageOwner::Staging { .. });
         vmvol_format::OpenOptions::new()
             .read_only(!writable)
             .policy(self.backing_policy())
             .format(image.format)
+            .unordered(writable && staged)
+    }
+
+    /// fsyncs (data and metadata) every file of staging area `dir`, so that
+    /// images built there without crash ordering or flushes are durable
+    /// before the commit's rename publishes them.
+    fn sync_area(dir: &Path) -> Result<()> {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "list staging area", e))?;
+        for de in rd {
+            let de = de.map_err(|e| Error::io(dir, "list staging area", e))?;
+            let path = de.path();
+            let ft = de
+                .file_type()
+                .map_err(|e| Error::io(&path, "stat staged file", e))?;
+            if !ft.is_file() {
+                continue;
+            }
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, "fsync staged image", e))?;
+        }
+        Ok(())
     }
 
     /// Maps a backing file path (as the format layer resolved it) back to
@@ -397,6 +423,19 @@ fn ext(format: Format) -> &'static str {
 /// The image file name of `name` in `format` (`data.raw`, `data.qcow2`, ...).
 pub fn image_file_name(name: &str, format: Format) -> String {
     format!("{name}.{}", ext(format))
+}
+
+/// Refuses to compact an image that is not qcow2.
+pub(crate) fn require_qcow2(image: &ImageRef) -> Result<()> {
+    if image.format == Format::Qcow2 {
+        return Ok(());
+    }
+    Err(Error::InvalidImage {
+        image: image.to_string(),
+        reason: "only qcow2 images can be compacted (a raw image has no cluster map to drop or \
+                 compress clusters in)"
+            .into(),
+    })
 }
 
 fn img_err(image: &ImageRef, op: &'static str, source: vmvol_format::Error) -> Error {
@@ -609,6 +648,9 @@ impl RecordStore for LocalBackend {
     ) -> Result<()> {
         self.check_fence(guard, "commit entry")?;
         let path = self.area_dir(area.id);
+        // Images first; the record's atomic write then fsyncs the area
+        // directory, which makes their names durable too.
+        Self::sync_area(&path)?;
         write_atomic(&path.join(kind.record_file()), record)?;
         let kdir = self.kind_dir(kind);
         let target = kdir.join(id);
@@ -932,9 +974,11 @@ impl ImageStore for LocalBackend {
         let (r, path) = self.require_staged(area, name, format)?;
         let src_path = self.image_path(src)?;
         // convert reflinks or copy_file_range's raw → raw, flattens chains.
+        // Not durable here: commit fsyncs every staged image (`sync_area`).
         let opts = ConvertOptions {
             format,
             backing: BackingMode::Flatten,
+            durable: false,
             ..ConvertOptions::default()
         };
         vmvol_format::convert(&src_path, &self.open_opts(src, false), &path, &opts, ctl)
@@ -957,6 +1001,20 @@ impl ImageStore for LocalBackend {
     fn grow_staged(&self, area: &StagingArea, image: &ImageRef, new_size: u64) -> Result<()> {
         image.require_staged_in(area.id)?;
         self.grow_any(image, new_size)
+    }
+
+    fn compact_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        opts: &CompactOptions,
+        ctl: &Control,
+    ) -> Result<CompactReport> {
+        self.check_fence(guard, "compact image")?;
+        require_qcow2(image)?;
+        let path = self.image_path(image)?;
+        // Written to a temp file beside the image, fsynced, renamed over it.
+        vmvol_format::compact(&path, opts, ctl).map_err(|e| img_err(image, "compact image", e))
     }
 
     fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
@@ -1052,6 +1110,13 @@ impl ImageStore for LocalBackend {
                 image: to.to_string(),
                 reason: "an image of that name already exists".into(),
             });
+        }
+        // A staged image may have been written without any flush (see
+        // `open_opts`): make it durable before its new name is.
+        if matches!(image.owner, ImageOwner::Staging { .. }) {
+            File::open(&src)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&src, "fsync staged image", e))?;
         }
         // Entry directories sit at one depth, so relative backing names
         // inside the moved image keep resolving.

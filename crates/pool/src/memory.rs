@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use vmvol_format::{BlockIo, Control, Format, Prealloc};
+use vmvol_format::{BlockIo, CompactOptions, CompactReport, Control, Format, Prealloc};
 
 use crate::backend::{
     Change, ChangeJournal, ExclusiveGuard, FsStats, ImageStore, JournalCursor, JournalRead,
@@ -929,6 +929,64 @@ impl ImageStore for MemoryBackend {
     fn grow_staged(&self, area: &StagingArea, image: &ImageRef, new_size: u64) -> Result<()> {
         image.require_staged_in(area.id)?;
         self.grow_any(image, new_size)
+    }
+
+    fn compact_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        opts: &CompactOptions,
+        ctl: &Control,
+    ) -> Result<CompactReport> {
+        self.check_fence(guard, "compact image")?;
+        crate::local::require_qcow2(image)?;
+        let img = self.find_image(&self.state(), image)?;
+        let what = self.s.location.join(image.to_string());
+        let ierr = |source| Error::Image {
+            image: image.to_string(),
+            op: "compact image",
+            source,
+        };
+        let before = img.host_bytes();
+        // Where the base shows through: a dropped block there must stay
+        // allocated (as zeros) to keep hiding it.
+        let base_size = img.backing.as_ref().map_or(0, |(_, b)| b.size());
+        let mut rep = CompactReport {
+            bytes_before: before,
+            ..CompactReport::default()
+        };
+        let mut d = wlock(&img.data);
+        let keys: Vec<u64> = d.blocks.keys().copied().collect();
+        let total = keys.len() as u64;
+        for (n, bi) in keys.into_iter().enumerate() {
+            ctl.check(&what, "compact image").map_err(ierr)?;
+            let start = bi * BLOCK;
+            let Some(block) = d.blocks.get_mut(&bi) else {
+                continue;
+            };
+            for r in &opts.unused_ranges {
+                let lo = r.offset.max(start);
+                let hi = r.end().min(start + BLOCK);
+                if lo < hi {
+                    block[(lo - start) as usize..(hi - start) as usize].fill(0);
+                }
+            }
+            if block.iter().all(|&b| b == 0) {
+                rep.dropped_clusters += 1;
+                if start < base_size {
+                    rep.zero_clusters += 1;
+                } else {
+                    d.blocks.remove(&bi);
+                }
+            } else {
+                rep.data_clusters += 1;
+            }
+            ctl.report(n as u64 + 1, total);
+        }
+        drop(d);
+        // Memory blocks are never stored compressed.
+        rep.bytes_after = img.host_bytes();
+        Ok(rep)
     }
 
     fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {

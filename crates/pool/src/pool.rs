@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vmvol_format::{BlockIo, Control, Format};
+use vmvol_format::{BlockIo, CompactOptions, CompactReport, Control, Format};
 
 use crate::backend::{
     Change, ExclusiveGuard, JournalCursor, JournalRead, LivenessHold, PoolBackend, Recovered,
@@ -406,7 +406,9 @@ impl Staging {
     }
 
     /// Opens an image of this area (or any committed image) for I/O, e.g.
-    /// to fill it before commit.
+    /// to fill it before commit. Images of the area are written without
+    /// crash ordering (a crash discards the area); the commit makes them
+    /// durable before the entry appears.
     pub fn open_image(&self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>> {
         self.area()?;
         self.backend.open_image(image, writable)
@@ -893,6 +895,21 @@ impl Pool {
         })
     }
 
+    /// Compacts a committed qcow2 image in place (see
+    /// [`ImageStore::compact_image`](crate::backend::ImageStore::compact_image))
+    /// under the exclusive lock, and updates the figures. The caller makes
+    /// sure nothing writes the image meanwhile (e.g. it is not attached).
+    pub fn compact_image(
+        &self,
+        image: &ImageRef,
+        opts: &CompactOptions,
+        ctl: &Control,
+    ) -> Result<CompactReport> {
+        self.with_lock(LockMode::Exclusive, "compact image", |t| {
+            t.compact_image(image, opts, ctl)
+        })
+    }
+
     /// Virtual size, host bytes and base (the image it is linked to) of an image.
     pub fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
         self.with_lock(LockMode::Shared, "read image summary", |t| {
@@ -1025,12 +1042,21 @@ impl PoolTxn<'_> {
         self.reserve_kind(bytes, purpose, true)
     }
 
-    fn reserve_kind(&mut self, bytes: u64, purpose: &str, physical: bool) -> Result<Reservation> {
+    /// Checks that `bytes` of thin work fit, like [`PoolTxn::reserve`], but
+    /// records no reservation: for work that starts and ends inside this
+    /// transaction (its exclusive lock keeps every other reservation out
+    /// meanwhile), which saves the reservation record's create and delete.
+    pub fn require_room(&mut self, bytes: u64) -> Result<()> {
         let g = guard_of(&self.held, self.pool)?;
-        let p = self.pool;
-        let idx = &mut *self.idx;
-        idx.require_active("reserve")?;
-        let b = &*p.inner.backend;
+        self.idx.require_active("reserve")?;
+        self.check_room(g, bytes, false).map(|_| ())
+    }
+
+    /// The space checks of a reservation of `bytes` (see
+    /// [`Pool::reserve`] and [`Pool::reserve_physical`]).
+    fn check_room(&self, g: &ExclusiveGuard, bytes: u64, physical: bool) -> Result<()> {
+        let idx = &*self.idx;
+        let b = &*self.pool.inner.backend;
         let fs = b.fs_stats()?;
         let capacity = match idx.config.capacity {
             CapacityPolicy::Filesystem => fs.total,
@@ -1066,6 +1092,14 @@ impl PoolTxn<'_> {
                 });
             }
         }
+        Ok(())
+    }
+
+    fn reserve_kind(&mut self, bytes: u64, purpose: &str, physical: bool) -> Result<Reservation> {
+        let g = guard_of(&self.held, self.pool)?;
+        self.idx.require_active("reserve")?;
+        self.check_room(g, bytes, physical)?;
+        let b = &*self.pool.inner.backend;
         let info = ReservationInfo {
             id: Uuid::new_v4(),
             bytes,
@@ -1174,6 +1208,24 @@ impl PoolTxn<'_> {
         let (kind, id) = committed(idx, image)?;
         p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
         let r = p.inner.backend.grow_image(g, image, new_size);
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// [`Pool::compact_image`] inside the transaction.
+    pub fn compact_image(
+        &mut self,
+        image: &ImageRef,
+        opts: &CompactOptions,
+        ctl: &Control,
+    ) -> Result<CompactReport> {
+        let g = guard_of(&self.held, self.pool)?;
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("compact image")?;
+        let (kind, id) = committed(idx, image)?;
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.compact_image(g, image, opts, ctl);
         p.rescan(idx, kind, id)?;
         r
     }

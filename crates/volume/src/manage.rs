@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use vmvol_format::{Compression, Control, Format, Prealloc};
-use vmvol_pool::{AttachTarget, EntryKind, ImageSpec, Reservation, DATA_IMAGE};
+use vmvol_pool::{EntryKind, ImageSpec, Reservation, DATA_IMAGE};
 
 use crate::create::{commit_new, reserve_split};
 use crate::error::{Error, Result};
@@ -355,24 +355,13 @@ impl Volumes {
                     }
                 }
                 let unused_bytes = unused.iter().map(|r| r.len).sum();
-                let path = match t.attach_target(&img).map_err(Error::pool(&object, OP))? {
-                    AttachTarget::File { path, .. } => path,
-                    _ => {
-                        return Err(Error::refused(
-                            &object,
-                            OP,
-                            "the pool's backend keeps no image file to compact",
-                        ))
-                    }
-                };
                 let opts = vmvol_format::CompactOptions {
                     compression,
                     threads: 0,
                     unused_ranges: unused,
                 };
-                let rep =
-                    vmvol_format::compact(&path, &opts, ctl).map_err(Error::image(&object, OP))?;
-                t.rescan_entry(EntryKind::Volume, &v.id)
+                let rep = t
+                    .compact_image(&img, &opts, ctl)
                     .map_err(Error::pool(&object, OP))?;
                 Ok(Compressed {
                     bytes_before: rep.bytes_before,

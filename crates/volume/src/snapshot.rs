@@ -52,8 +52,11 @@ impl Volumes {
                         pending: true,
                     };
                     // The volume's new overlay counts its virtual size
-                    // again (the snapshot keeps the old image's).
-                    let _r = reserve_split(t, &object, OP, v.record.size, 0)?;
+                    // again (the snapshot keeps the old image's). All of it
+                    // happens under this transaction's lock: a check will
+                    // do, no reservation record.
+                    t.require_room(v.record.size)
+                        .map_err(Error::pool(&object, OP))?;
                     let sid = uuid::Uuid::new_v4().to_string();
                     // Step 1: the (empty) snapshot entry, marked pending.
                     let s = t.stage().map_err(Error::pool(&object, OP))?;

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -122,12 +122,27 @@ pub struct Qcow2Image {
     pub(super) order: Option<Arc<Ordered>>,
     /// The dirty bit was set at open.
     pub(super) dirty_at_open: bool,
+    /// Opened writable without crash ordering ([`OpenOptions::unordered`]).
+    pub(super) unordered: bool,
+    /// More open file descriptions of the top file, made on first use, for
+    /// the lock-free read path (see [`Qcow2Image::data_reader`]).
+    pub(super) readers: [OnceLock<Option<File>>; EXTRA_READERS],
 }
+
+/// Open file descriptions of the top file besides its own, for readers on
+/// other threads.
+pub(super) const EXTRA_READERS: usize = 3;
 
 /// A clean close writes everything back and clears the dirty bit (on error
 /// it stays set, and the next read-write open rebuilds the refcounts).
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
+        if self.unordered {
+            // No ordering, no dirty bit: write imago's caches back so the
+            // file is whole; making it durable is the owner's job.
+            let _ = self.read_lock().flush();
+            return;
+        }
         if let Some(order) = &self.order {
             if order.is_marked() {
                 let acc = self.read_lock();
@@ -250,7 +265,8 @@ impl Qcow2Image {
             header: Some(header.clone()),
         }];
         let backing = open_backing(path, &header, &opts.policy, &mut chain, &mut layers)?;
-        let order = if writable {
+        let unordered = writable && opts.unordered;
+        let order = if writable && !unordered {
             Some(Arc::new(
                 Ordered::new(&file, &header).map_err(|e| Error::io(path, "open", e))?,
             ))
@@ -286,6 +302,8 @@ impl Qcow2Image {
             size: AtomicU64::new(header.size),
             order,
             dirty_at_open,
+            unordered,
+            readers: Default::default(),
         })
     }
 
@@ -725,6 +743,78 @@ mod tests {
             }
         }
         assert_eq!(lost, 0, "grow erased {lost} of 40 completed writes");
+    }
+
+    /// Unordered mode: no ordering layer, no dirty bit while writing, and
+    /// a drop without flush still leaves a consistent image (caches
+    /// written back), which reads back in ordered mode.
+    #[test]
+    fn unordered_writes_skip_ordering_and_drop_leaves_a_whole_image() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.qcow2");
+        Qcow2Image::create(&p, &Qcow2CreateOptions::new(8 << 30)).unwrap();
+        let img = Qcow2Image::open(&p, &open_opts(dir.path()).unordered(true)).unwrap();
+        assert!(img.crash_order().is_none());
+        // One write per L2 table (512 MiB of guest space each).
+        for i in 0..16u64 {
+            img.write_at(&stamp(i, 1, 4096), i * (512 << 20)).unwrap();
+        }
+        let mut b = [0u8; 1];
+        File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut b, INCOMPAT_LOW_BYTE)
+            .unwrap();
+        assert_eq!(b[0] & INCOMPAT_DIRTY as u8, 0, "unordered: no dirty bit");
+        drop(img);
+        let r = crate::check(&p, crate::RepairMode::None).unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
+        let img = Qcow2Image::open(&p, &open_opts(dir.path())).unwrap();
+        assert!(img.crash_order().is_some(), "ordered unless asked");
+        let mut buf = vec![0u8; 4096];
+        for i in 0..16u64 {
+            img.read_at(&mut buf, i * (512 << 20)).unwrap();
+            assert_eq!(buf, stamp(i, 1, 4096), "write {i}");
+        }
+    }
+
+    /// Threads read through their own open file descriptions of the top
+    /// file: same bytes, separate descriptions (not dups of one).
+    #[test]
+    fn readers_on_other_threads_use_their_own_descriptions() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = new_image(dir.path(), 8 << 20);
+        img.write_at(&stamp(1, 1, CS), CS).unwrap();
+        let img = Arc::new(img);
+        // Threads take turns (other tests' threads too): until every slot
+        // was handed out.
+        for _ in 0..64 {
+            if img.readers.iter().all(|r| r.get().is_some()) {
+                break;
+            }
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                for _ in 0..3 {
+                    img.read_at(&mut buf, CS).unwrap();
+                    assert_eq!(buf, stamp(1, 1, 4096));
+                }
+            })
+            .join()
+            .unwrap();
+        }
+        let top = img.top().unwrap().file.metadata().unwrap();
+        let made: Vec<_> = img
+            .readers
+            .iter()
+            .filter_map(|r| r.get()?.as_ref())
+            .collect();
+        assert_eq!(made.len(), EXTRA_READERS, "every reader slot was used");
+        for f in made {
+            let m = f.metadata().unwrap();
+            assert_eq!((m.dev(), m.ino()), (top.dev(), top.ino()));
+        }
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! reads by `pread` at imago's mapping, and compressed clusters imago cannot
 //! read (zstd), which we decompress ourselves.
 
+use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use imago::{FormatAccess, Mapping, ShallowMapping};
 
 use super::codec::{read_compressed_cluster, CompressedDescriptor};
-use super::image::{im_err, Guard, Qcow2Image};
+use super::image::{im_err, Guard, Qcow2Image, EXTRA_READERS};
 use super::spec::OFLAG_COMPRESSED;
 use super::storage::HStore;
 use super::tables::l2_entry;
-use crate::host::read_or_zero;
+use crate::host::{read_or_zero, reopen_read_only};
 use crate::{Error, Result};
 
 impl Qcow2Image {
@@ -199,8 +202,28 @@ impl Qcow2Image {
         let n = (stop.min(end) - at) as usize;
         let chunk = buf.get_mut(..n)?;
         // An error is reported by the locked path, which reads this again.
-        read_or_zero(&self.top().ok()?.file, chunk, host + within).ok()?;
+        read_or_zero(self.data_reader()?, chunk, host + within).ok()?;
         self.mapcache.unchanged(epoch).then_some(n)
+    }
+
+    /// The top file, for this thread's lock-free reads. Threads take turns
+    /// over [`EXTRA_READERS`] + 1 open file descriptions of it: `pread`s
+    /// of several threads on one description contend on its reference
+    /// count (a shared cache line), which cost two readers on one handle
+    /// a quarter of their scaling here (docs/performance.md, issue 8).
+    fn data_reader(&self) -> Option<&File> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local!(static TURN: usize = NEXT.fetch_add(1, Ordering::Relaxed));
+        let top = &self.top().ok()?.file;
+        let turn = TURN.with(|t| *t) % (EXTRA_READERS + 1);
+        let Some(slot) = turn.checked_sub(1).and_then(|i| self.readers.get(i)) else {
+            return Some(top);
+        };
+        Some(
+            slot.get_or_init(|| reopen_read_only(top))
+                .as_ref()
+                .unwrap_or(top),
+        )
     }
 
     /// Decompress the cluster of layer `depth` holding layer offset `loff`

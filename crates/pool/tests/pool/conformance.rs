@@ -168,4 +168,5 @@ conformance!(
     image_store,
     physical_space,
     fencing,
+    compaction,
 );

@@ -1493,3 +1493,93 @@ fn upper_layers_build_no_pool_paths() {
         }
     }
 }
+
+/// Images in a staging area are written without crash ordering (a crash
+/// discards the area): no dirty bit while a handle writes, no flushes. What
+/// the commit publishes (after fsyncing it) is a consistent qcow2, and a
+/// committed image is written with ordering again.
+#[test]
+fn staged_qcow2_is_built_unordered_and_commits_check_clean() {
+    if !have("qemu-img") {
+        assert!(
+            std::env::var("VMVOL_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "qemu-img is required (VMVOL_REQUIRE_TOOLS=1) but missing from PATH"
+        );
+        eprintln!("skipped: qemu-img missing");
+        return;
+    }
+    let (_t, _reg, pool) = setup(quota(64 * GIB, 1.0));
+    let size = 16 * GIB;
+    let g = pool.reserve(size, "unordered").unwrap();
+    let st = pool.stage().unwrap();
+    let spec = ImageSpec {
+        size,
+        format: Format::Qcow2,
+        prealloc: Prealloc::Off,
+    };
+    let staged = st.create_image(DATA_IMAGE, &spec, &Control::new()).unwrap();
+    let dir = pool
+        .location()
+        .join(STAGING_DIR)
+        .join(st.id().unwrap().simple().to_string());
+    let file = dir.join("data.qcow2");
+    assert!(file.is_file(), "{} missing", file.display());
+    let dirty = |p: &Path| {
+        let mut b = [0u8; 1];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut b, 79)
+            .unwrap();
+        b[0] & 1 != 0
+    };
+    let dev = st.open_image(&staged, true).unwrap();
+    // 32 writes, each into a guest range of its own L2 table (512 MiB each).
+    for i in 0..32u64 {
+        dev.write_at(&[i as u8 + 1; 4096], i * 512 * MIB + 4096)
+            .unwrap();
+    }
+    assert!(
+        !dirty(&file),
+        "a staged image must be written unordered (no dirty bit)"
+    );
+    drop(dev); // no flush: the drop writes imago's caches back
+    pool.commit(
+        st,
+        EntryKind::Volume,
+        "u",
+        &Vol {
+            name: "u".into(),
+            tag: 0,
+        },
+    )
+    .unwrap();
+    drop(g);
+    let img = staged.committed(EntryKind::Volume, "u");
+    let AttachTarget::File { path, .. } = pool.attach_target(&img).unwrap() else {
+        panic!("local images attach as files")
+    };
+    let out = Command::new("qemu-img")
+        .args(["check", "--output", "json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "qemu-img check: {report}");
+    assert_eq!(report["check-errors"], 0, "{report}");
+    assert!(report.get("corruptions").is_none(), "{report}");
+    assert!(report.get("leaks").is_none(), "{report}");
+    let dev = pool.open_image(&img, true).unwrap();
+    let mut b = [0u8; 4096];
+    for i in 0..32u64 {
+        dev.read_at(&mut b, i * 512 * MIB + 4096).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8 + 1), "write {i} lost");
+    }
+    // Committed: ordered again, so the first write sets the dirty bit.
+    dev.write_at(&[9u8; 512], 0).unwrap();
+    assert!(
+        dirty(&path),
+        "a committed image is written with crash ordering"
+    );
+    drop(dev);
+    assert!(!dirty(&path), "a clean close clears the dirty bit");
+}

@@ -10,7 +10,7 @@ use std::any::Any;
 use std::sync::{Arc, Barrier};
 
 use serde::{Deserialize, Serialize};
-use vmvol_format::{Control, Format, Prealloc};
+use vmvol_format::{ByteRange, CompactOptions, Control, Format, Prealloc};
 use vmvol_pool::*;
 
 pub const MIB: u64 = 1 << 20;
@@ -825,4 +825,82 @@ pub fn fencing(h: &dyn Harness) {
     });
     assert!(matches!(r, Err(Error::Fenced { .. })), "{r:?}");
     f.pool.reserve(1, "fresh lease").unwrap();
+}
+
+/// Compaction through the image store: zero clusters and unused ranges are
+/// dropped, the content stays (unused ranges read as zeros), an overlay
+/// keeps hiding its base where it holds zeros, raw images are refused, and
+/// the figures follow. Also `require_room`: a check without a record.
+pub fn compaction(h: &dyn Harness) {
+    let f = h.pool(quota(10 * GIB), 1.0);
+    let pool = &f.pool;
+    let q = |size| ImageSpec {
+        size,
+        format: Format::Qcow2,
+        prealloc: Prealloc::Off,
+    };
+    let base = make(pool, "base", q(16 * MIB), &[0x44; 4 * MIB as usize]);
+    let img = make(pool, "v", q(16 * MIB), &[0x55; 4 * MIB as usize]);
+    {
+        let io = pool.open_image(&img, true).unwrap();
+        // A cluster of zeros, written as data.
+        io.write_at(&vec![0u8; MIB as usize], MIB).unwrap();
+        io.flush().unwrap();
+    }
+    let before = pool.image_summary(&img).unwrap().host_bytes;
+    let opts = CompactOptions {
+        compression: None,
+        threads: 1,
+        unused_ranges: vec![ByteRange::new(2 * MIB, MIB)],
+    };
+    let rep = pool.compact_image(&img, &opts, &Control::new()).unwrap();
+    assert_eq!(rep.bytes_before, before, "{}", h.name());
+    assert!(rep.bytes_after < rep.bytes_before, "{}: {rep:?}", h.name());
+    assert!(
+        rep.dropped_clusters >= 2 * MIB / (64 << 10),
+        "{}: {rep:?}",
+        h.name()
+    );
+    assert_eq!(read(pool, &img, 0, 4096), vec![0x55; 4096]);
+    assert_eq!(read(pool, &img, MIB, 4096), vec![0; 4096]);
+    assert_eq!(read(pool, &img, 2 * MIB + 4096, 4096), vec![0; 4096]);
+    assert_eq!(read(pool, &img, 3 * MIB, 4096), vec![0x55; 4096]);
+    let summary = pool.image_summary(&img).unwrap();
+    assert_eq!(summary.host_bytes, rep.bytes_after, "{}", h.name());
+    // An overlay whose zeros hide its base's data keeps hiding it.
+    let st = pool.stage().unwrap();
+    let o = st.create_linked(DATA_IMAGE, &base, None).unwrap();
+    {
+        let io = st.open_image(&o, true).unwrap();
+        io.write_at(&vec![0u8; MIB as usize], 0).unwrap();
+        io.flush().unwrap();
+    }
+    pool.commit(
+        st,
+        EntryKind::Volume,
+        "o",
+        &Vol {
+            name: "o".into(),
+            tag: 0,
+        },
+    )
+    .unwrap();
+    let o = o.committed(EntryKind::Volume, "o");
+    pool.compact_image(&o, &CompactOptions::default(), &Control::new())
+        .unwrap();
+    assert_eq!(read(pool, &o, 4096, 4096), vec![0; 4096], "{}", h.name());
+    assert_eq!(read(pool, &o, 2 * MIB, 4096), vec![0x44; 4096]);
+    // Raw images have no cluster map to compact.
+    let r = make(pool, "r", raw(MIB), b"x");
+    let e = pool
+        .compact_image(&r, &CompactOptions::default(), &Control::new())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidImage { .. }), "{}: {e}", h.name());
+    // require_room: refuses past the limit, records nothing.
+    let e = pool
+        .transaction("room", |t| t.require_room(100 * GIB))
+        .unwrap_err();
+    assert!(matches!(e, Error::InsufficientSpace { .. }), "{e}");
+    pool.transaction("room", |t| t.require_room(MIB)).unwrap();
+    assert_eq!(pool.describe().unwrap().reservations, 0);
 }
