@@ -193,7 +193,15 @@ impl Volumes {
                 op: "attach (volumes attach only when an instance is created; detach it first)",
             });
         }
-        let volumes = self.resolve(req)?;
+        let volumes = match self.resolve(req) {
+            Ok(v) => v,
+            Err(e) => {
+                // Refused before anything was written: leave no lock file
+                // behind either (a refusal changes nothing).
+                let _ = store.remove(&lock, &req.instance);
+                return Err(e);
+            }
+        };
         let mut rec = InstanceRecord {
             id: req.instance.clone(),
             created: now_rfc3339(),
