@@ -102,14 +102,17 @@ pub struct State {
     instance_files: Vec<String>,
 }
 
+/// One entry: kind, id, record, images (name, virtual size, host bytes).
+type EntryState = (
+    EntryKind,
+    String,
+    serde_json::Value,
+    Vec<(String, Option<u64>, u64)>,
+);
+
 #[derive(Debug, PartialEq)]
 struct PoolState {
-    entries: Vec<(
-        EntryKind,
-        String,
-        serde_json::Value,
-        Vec<(String, Option<u64>, u64)>,
-    )>,
+    entries: Vec<EntryState>,
     figures: (u64, u64, u64, usize, usize, usize),
     staging: Vec<String>,
 }

@@ -98,13 +98,13 @@ fn campaign(seed: u64, kills: usize, deadline: Instant) -> [usize; 4] {
         }
         // Recovery by a new handle opening a pool (or asked for directly).
         let vols = Volumes::new(Registry::open(env.root()).unwrap());
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             vols.pool("other").unwrap();
         } else {
             vols.recover_instances().unwrap();
         }
         assert_all_or_nothing(&env.root(), &vols);
-        let check = round % 25 == 0;
+        let check = round.is_multiple_of(25);
         assert_consistent(&env.root(), "default", check);
         assert_consistent(&env.root(), "other", check);
     }
