@@ -4,7 +4,7 @@
 //! killed at random points; after each kill a new handle recovers and
 //! all-or-nothing must hold, with pool figures equal to a rescan.
 //!
-//! `VMVOL_ATTACH_KILLS` sets the number of kills (default 600).
+//! `VMVOL_ATTACH_KILLS` sets the number of kills (default 1000).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -70,18 +70,27 @@ fn campaign(seed: u64, kills: usize, deadline: Instant) -> [usize; 4] {
     let mut round = 0u64;
     while seen[0] < kills && Instant::now() < deadline {
         round += 1;
-        let mut child = spawn(
-            "attach-loop",
-            &env.root(),
-            &(seed ^ round.wrapping_mul(0x9e37_79b9)).to_string(),
-        );
-        std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
-        let running = child.try_wait().unwrap().is_none();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        child.wait().unwrap();
-        assert!(running, "the worker exited by itself");
-        seen[0] += 1;
+        // Two workers on the same registry and the same instance ids: one
+        // is killed first and the other keeps going for a while, finding
+        // (and recovering) what the first left while it runs itself.
+        let mut kids: Vec<_> = (0..2u64)
+            .map(|k| {
+                spawn(
+                    "attach-loop",
+                    &env.root(),
+                    &(seed ^ (2 * round + k).wrapping_mul(0x9e37_79b9)).to_string(),
+                )
+            })
+            .collect();
+        for child in &mut kids {
+            std::thread::sleep(Duration::from_millis(10 + rng.below(120)));
+            let running = child.try_wait().unwrap().is_none();
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            child.wait().unwrap();
+            assert!(running, "the worker exited by itself");
+            seen[0] += 1;
+        }
         // What the kill interrupted, as the records say before recovery.
         let store = Registry::open(env.root())
             .unwrap()
@@ -126,7 +135,7 @@ fn sigkill_during_attach_and_detach_all_or_nothing() {
     let kills: usize = std::env::var("VMVOL_ATTACH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(1000);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(240);
     let threads = 4;
