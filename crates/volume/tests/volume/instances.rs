@@ -870,6 +870,24 @@ fn every_refusal_says_why_and_changes_nothing() {
         inv,
         &["entry 2", "same volume as entry 1"],
     );
+    // The default pool named and left implicit is the same pool.
+    let mut implicit = entry("default", "a", "/b", Use::Ro);
+    implicit.pool = None;
+    refused(
+        &env,
+        &request("x", vec![entry("default", "a", "/a", Use::Ro), implicit]),
+        inv,
+        &["entry 2", "already attached by entry 1"],
+    );
+    // Overlay sizes the pool cannot hold as an image.
+    let mut odd = entry("default", "a", "/a", Use::Fs);
+    odd.overlay_size = Some(OVL + 1);
+    refused(
+        &env,
+        &request("x", vec![odd]),
+        inv,
+        &["entry 1", "multiple of 512"],
+    );
 
     // A second attach of an existing instance (no hot-attach), even of
     // another volume.
@@ -1291,5 +1309,111 @@ fn overlays_are_private_clean_and_removed_at_detach() {
         .create_snapshot("default", "s", "base", &Control::new())
         .unwrap();
     env.vols.delete_volume("other", "rawbase").unwrap();
+    check_both(&env.root(), true);
+}
+
+#[test]
+fn block_overlay_over_a_linked_volume_follows_the_whole_chain() {
+    let env = Env::new();
+    env.vols
+        .create_volume(
+            "default",
+            &vmvol_volume::CreateVolume {
+                name: "golden".into(),
+                size: Some(32 * MIB),
+                source: vmvol_volume::VolumeSource::Blank {
+                    format: Format::Qcow2,
+                    prealloc: vmvol_volume::Prealloc::Off,
+                    ext4: true,
+                },
+            },
+            &Control::new(),
+        )
+        .unwrap();
+    env.write("default", "golden", 1 << 20, b"golden");
+    env.vols
+        .create_template_from_volume("default", "tpl", "golden", &Control::new())
+        .unwrap();
+    env.linked_or_full("default", "web", "tpl", vmvol_volume::LinkMode::Linked);
+    let web = env.path("default", "web");
+    let keep = tempfile::tempdir().unwrap();
+    let web_copy = to_raw(&web, keep.path());
+    let a = attach(
+        &env.vols,
+        &request("a", vec![entry("default", "web", "/web", Use::Block)]),
+    )
+    .unwrap();
+    let b = attach(
+        &env.vols,
+        &request("b", vec![entry("default", "web", "/web", Use::Fs)]),
+    )
+    .unwrap();
+    let q = file(&a.disks[0].target);
+    assert_eq!(file(&b.disks[0].target), web);
+    if require_tool("qemu-img") {
+        // overlay -> web -> template: the VMM follows three images.
+        let info = run(
+            "qemu-img",
+            &[
+                "info",
+                "--backing-chain",
+                "--output=json",
+                q.to_str().unwrap(),
+            ],
+        );
+        let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(chain.as_array().unwrap().len(), 3, "{info}");
+        run("qemu-img", &["check", q.to_str().unwrap()]);
+        // The overlay shows the template's data until it is written.
+        let raw = to_raw(&q, keep.path());
+        qemu_compare(&raw, &web_copy);
+    }
+    // A writes through its overlay; web and the template are unchanged.
+    let o = a.disks[0].volume.overlay.clone().unwrap();
+    let p = env.vols.pool("default").unwrap();
+    let io = p
+        .open_image(
+            &ImageRef::entry(
+                EntryKind::Volume,
+                &a.disks[0].volume.volume_id,
+                &o.image,
+                o.format(),
+            ),
+            true,
+        )
+        .unwrap();
+    io.write_at(b"instance a", 1 << 20).unwrap();
+    io.flush().unwrap();
+    drop(io);
+    let mut back = vec![0u8; 10];
+    p.open_image(
+        &ImageRef::entry(
+            EntryKind::Volume,
+            &a.disks[0].volume.volume_id,
+            &o.image,
+            o.format(),
+        ),
+        false,
+    )
+    .unwrap()
+    .read_at(&mut back, 1 << 20)
+    .unwrap();
+    assert_eq!(&back, b"instance a");
+    assert_eq!(env.read("default", "web", 1 << 20, 6), b"golden");
+    qemu_compare(&web, &web_copy);
+    qemu_check(&q);
+    check_both(&env.root(), true);
+    // The template cannot go while web exists; web cannot go while attached.
+    assert_eq!(
+        env.vols.delete_volume("default", "web").unwrap_err().kind(),
+        ErrorKind::InUse
+    );
+    for i in ["a", "b"] {
+        env.vols.detach_instance(i).unwrap();
+    }
+    assert!(!q.exists());
+    qemu_compare(&web, &web_copy);
+    check_both(&env.root(), true);
+    env.vols.delete_volume("default", "web").unwrap();
     check_both(&env.root(), true);
 }
