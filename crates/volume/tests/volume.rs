@@ -7,6 +7,10 @@
 mod bad_input;
 #[path = "volume/crash.rs"]
 mod crash;
+#[path = "volume/instances.rs"]
+mod instances;
+#[path = "volume/instances_crash.rs"]
+mod instances_crash;
 #[path = "volume/lifecycle.rs"]
 mod lifecycle;
 #[path = "volume/model.rs"]

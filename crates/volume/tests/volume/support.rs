@@ -320,7 +320,19 @@ pub fn assert_consistent(root: &Path, pool: &str, check: bool) {
             let Listed::Ok(e) = l else {
                 panic!("damaged {l:?}")
             };
-            let names: Vec<_> = e.images.iter().map(|i| i.image.name.as_str()).collect();
+            let mut names: Vec<_> = e.images.iter().map(|i| i.image.name.as_str()).collect();
+            // A volume also holds one `ovl-*` image per attachment with an
+            // overlay (instances' private writes), nothing else.
+            let overlays = e.record.data["attachments"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|a| !a["overlay"].is_null()).count());
+            let ovl = names.iter().filter(|n| n.starts_with("ovl-")).count();
+            assert_eq!(
+                ovl, overlays,
+                "{kind} {} has {ovl} overlay images for {overlays} overlay attachments",
+                e.id
+            );
+            names.retain(|n| !n.starts_with("ovl-"));
             assert_eq!(names, ["data"], "{kind} {} images", e.id);
             let base = &e.record.data["base"];
             if let Some(id) = base.get("id").and_then(|v| v.as_str()) {
@@ -336,9 +348,10 @@ pub fn assert_consistent(root: &Path, pool: &str, check: bool) {
                 );
             }
             if check {
-                let img = &e.images[0].image;
-                if let AttachTarget::File { path, .. } = p.attach_target(img).unwrap() {
-                    qemu_check(&path);
+                for i in &e.images {
+                    if let AttachTarget::File { path, .. } = p.attach_target(&i.image).unwrap() {
+                        qemu_check(&path);
+                    }
                 }
             }
         }
