@@ -43,6 +43,23 @@ struct SnapInfoT {
     name: *const c_char,
 }
 
+#[repr(C)]
+struct LinkedImageSpecT {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
+#[repr(C)]
+struct SnapSpecT {
+    id: u64,
+    namespace_type: c_int,
+    name: *mut c_char,
+}
+
 type DiffCb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
 #[link(name = "rados")]
@@ -87,12 +104,7 @@ extern "C" {
         value: *const c_char,
         len: usize,
     );
-    fn rados_write_op_setxattr(
-        op: WriteOpT,
-        name: *const c_char,
-        value: *const c_char,
-        len: usize,
-    );
+    fn rados_write_op_setxattr(op: WriteOpT, name: *const c_char, value: *const c_char, len: usize);
     fn rados_write_op_exec(
         op: WriteOpT,
         cls: *const c_char,
@@ -193,8 +205,7 @@ extern "C" {
     fn rbd_remove(io: IoCtxT, name: *const c_char) -> c_int;
     fn rbd_rename(io: IoCtxT, src: *const c_char, dst: *const c_char) -> c_int;
     fn rbd_list(io: IoCtxT, names: *mut c_char, size: *mut usize) -> c_int;
-    fn rbd_open(io: IoCtxT, name: *const c_char, image: *mut ImageT, snap: *const c_char)
-        -> c_int;
+    fn rbd_open(io: IoCtxT, name: *const c_char, image: *mut ImageT, snap: *const c_char) -> c_int;
     fn rbd_open_read_only(
         io: IoCtxT,
         name: *const c_char,
@@ -207,7 +218,6 @@ extern "C" {
     fn rbd_resize(image: ImageT, size: u64) -> c_int;
     fn rbd_read(image: ImageT, ofs: u64, len: usize, buf: *mut c_char) -> isize;
     fn rbd_write(image: ImageT, ofs: u64, len: usize, buf: *const c_char) -> isize;
-    fn rbd_discard(image: ImageT, ofs: u64, len: u64) -> c_int;
     fn rbd_write_zeroes(
         image: ImageT,
         ofs: u64,
@@ -217,7 +227,6 @@ extern "C" {
     ) -> isize;
     fn rbd_flush(image: ImageT) -> c_int;
     fn rbd_copy(image: ImageT, dest_io: IoCtxT, dest: *const c_char) -> c_int;
-    fn rbd_flatten(image: ImageT) -> c_int;
     fn rbd_sparsify(image: ImageT, sparse_size: usize) -> c_int;
     fn rbd_snap_create(image: ImageT, name: *const c_char) -> c_int;
     fn rbd_snap_remove(image: ImageT, name: *const c_char) -> c_int;
@@ -225,13 +234,9 @@ extern "C" {
     fn rbd_snap_unprotect(image: ImageT, name: *const c_char) -> c_int;
     fn rbd_snap_list(image: ImageT, snaps: *mut SnapInfoT, max: *mut c_int) -> c_int;
     fn rbd_snap_list_end(snaps: *mut SnapInfoT);
-    fn rbd_metadata_get(
-        image: ImageT,
-        key: *const c_char,
-        value: *mut c_char,
-        len: *mut usize,
-    ) -> c_int;
-    fn rbd_metadata_set(image: ImageT, key: *const c_char, value: *const c_char) -> c_int;
+    fn rbd_get_parent(image: ImageT, parent: *mut LinkedImageSpecT, snap: *mut SnapSpecT) -> c_int;
+    fn rbd_linked_image_spec_cleanup(spec: *mut LinkedImageSpecT);
+    fn rbd_snap_spec_cleanup(spec: *mut SnapSpecT);
     fn rbd_diff_iterate2(
         image: ImageT,
         from_snap: *const c_char,
@@ -254,6 +259,9 @@ impl Errno {
         std::io::Error::from_raw_os_error(self.0)
     }
 }
+
+/// A page of omap pairs and whether more follow.
+pub type OmapPage = (Vec<(String, Vec<u8>)>, bool);
 
 /// `Result` of the binding.
 pub type R<T> = std::result::Result<T, Errno>;
@@ -581,13 +589,7 @@ impl IoCtx {
 
     /// Up to `max` omap pairs of `oid` after key `after` whose keys start
     /// with `prefix`; the flag says whether more follow.
-    pub fn omap_get(
-        &self,
-        oid: &str,
-        after: &str,
-        prefix: &str,
-        max: u64,
-    ) -> R<(Vec<(String, Vec<u8>)>, bool)> {
+    pub fn omap_get(&self, oid: &str, after: &str, prefix: &str, max: u64) -> R<OmapPage> {
         let (o, a, p) = (cs(oid)?, cs(after)?, cs(prefix)?);
         // SAFETY: no preconditions; released below.
         let op = unsafe { rados_create_read_op() };
@@ -752,8 +754,12 @@ impl IoCtx {
         let mut cap = 1024usize;
         loop {
             let mut excl: c_int = 0;
-            let (mut tag, mut cl, mut co, mut ad) =
-                (vec![0u8; cap], vec![0u8; cap], vec![0u8; cap], vec![0u8; cap]);
+            let (mut tag, mut cl, mut co, mut ad) = (
+                vec![0u8; cap],
+                vec![0u8; cap],
+                vec![0u8; cap],
+                vec![0u8; cap],
+            );
             let (mut tl, mut cll, mut col, mut adl) = (cap, cap, cap, cap);
             // SAFETY: valid ioctx and strings; each buffer is writable for the
             // length passed beside it.
@@ -942,9 +948,8 @@ impl Image {
         while done < buf.len() {
             let rest = &buf[done..];
             // SAFETY: open image; `rest` is readable for its length.
-            let n = unsafe {
-                rbd_write(self.h, ofs + done as u64, rest.len(), rest.as_ptr().cast())
-            };
+            let n =
+                unsafe { rbd_write(self.h, ofs + done as u64, rest.len(), rest.as_ptr().cast()) };
             if n < 0 {
                 return Err(Errno(i32::try_from(-n).unwrap_or(libc::EIO)));
             }
@@ -954,12 +959,6 @@ impl Image {
             done += n.unsigned_abs();
         }
         Ok(())
-    }
-
-    /// Discards a range (reads as zeros afterwards).
-    pub fn discard(&self, ofs: u64, len: u64) -> R<()> {
-        // SAFETY: open image.
-        check(unsafe { rbd_discard(self.h, ofs, len) })
     }
 
     /// Writes zeros over a range (deallocating where possible).
@@ -990,12 +989,6 @@ impl Image {
         let d = cs(dest)?;
         // SAFETY: open image; the destination is in the image's own ioctx.
         check(unsafe { rbd_copy(self.h, self.io.h, d.as_ptr()) })
-    }
-
-    /// Copies the parent's data in and detaches from it.
-    pub fn flatten(&self) -> R<()> {
-        // SAFETY: open image.
-        check(unsafe { rbd_flatten(self.h) })
     }
 
     /// Deallocates zero-filled runs of `sparse_size` bytes.
@@ -1057,38 +1050,16 @@ impl Image {
                 .filter(|s| !s.name.is_null())
                 // SAFETY: librbd filled `name` with NUL-terminated strings that
                 // stay valid until rbd_snap_list_end below.
-                .map(|s| unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned())
+                .map(|s| {
+                    unsafe { CStr::from_ptr(s.name) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
                 .collect();
             // SAFETY: frees the names filled in above, once.
             unsafe { rbd_snap_list_end(v.as_mut_ptr()) };
             return Ok(names);
         }
-    }
-
-    /// The value of image metadata `key` (ENOENT if unset).
-    pub fn metadata_get(&self, key: &str) -> R<String> {
-        let k = cs(key)?;
-        let mut cap = 512usize;
-        loop {
-            let mut buf = vec![0u8; cap];
-            let mut len = cap;
-            // SAFETY: open image; `buf` is writable for `len` bytes.
-            let rc = unsafe { rbd_metadata_get(self.h, k.as_ptr(), buf.as_mut_ptr().cast(), &mut len) };
-            if rc == -libc::ERANGE && cap < (1 << 20) {
-                cap = len.max(cap * 2);
-                continue;
-            }
-            check(rc)?;
-            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len().min(len));
-            return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
-        }
-    }
-
-    /// Sets image metadata `key`.
-    pub fn metadata_set(&self, key: &str, value: &str) -> R<()> {
-        let (k, v) = (cs(key)?, cs(value)?);
-        // SAFETY: open image, valid strings.
-        check(unsafe { rbd_metadata_set(self.h, k.as_ptr(), v.as_ptr()) })
     }
 
     /// The extents of `[ofs, ofs+len)` that hold data (`include_parent`:
@@ -1117,5 +1088,44 @@ impl Image {
             )
         })?;
         Ok(v)
+    }
+
+    /// The image's parent (image name, snapshot name) if it is a clone.
+    pub fn parent(&self) -> R<Option<(String, String)>> {
+        let mut p = LinkedImageSpecT {
+            pool_id: 0,
+            pool_name: ptr::null_mut(),
+            pool_namespace: ptr::null_mut(),
+            image_id: ptr::null_mut(),
+            image_name: ptr::null_mut(),
+            trash: false,
+        };
+        let mut s = SnapSpecT {
+            id: 0,
+            namespace_type: 0,
+            name: ptr::null_mut(),
+        };
+        // SAFETY: open image; both out structs have the C layout.
+        let rc = unsafe { rbd_get_parent(self.h, &mut p, &mut s) };
+        if rc == -libc::ENOENT {
+            return Ok(None);
+        }
+        check(rc)?;
+        let text = |c: *mut c_char| {
+            if c.is_null() {
+                String::new()
+            } else {
+                // SAFETY: librbd filled it with a NUL-terminated string that
+                // lives until the cleanup calls below.
+                unsafe { CStr::from_ptr(c) }.to_string_lossy().into_owned()
+            }
+        };
+        let out = (text(p.image_name), text(s.name));
+        // SAFETY: frees what rbd_get_parent allocated, once each.
+        unsafe {
+            rbd_linked_image_spec_cleanup(&mut p);
+            rbd_snap_spec_cleanup(&mut s);
+        }
+        Ok(Some(out))
     }
 }

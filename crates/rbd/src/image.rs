@@ -29,7 +29,12 @@ fn fmt_err(path: &Path, op: &'static str, e: Errno) -> vmvol_format::Error {
 
 impl RbdImage {
     /// Opens image `image` of `io`; `label` names it in messages.
-    pub(crate) fn open(io: &Arc<IoCtx>, image: &str, label: PathBuf, writable: bool) -> Result<RbdImage> {
+    pub(crate) fn open(
+        io: &Arc<IoCtx>,
+        image: &str,
+        label: PathBuf,
+        writable: bool,
+    ) -> Result<RbdImage> {
         let img = Image::open(io, image, !writable).map_err(|e| Error::Ceph {
             object: label.clone(),
             op: "open image",

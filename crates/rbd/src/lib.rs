@@ -10,13 +10,13 @@
 //! The binding to librados/librbd is a small hand-written FFI module
 //! (`ffi`), the only place with `unsafe`.
 
-//mod backend;
+mod backend;
 mod error;
 mod ffi;
 mod image;
-//mod lease;
+mod lease;
 
-//pub use backend::{RbdBackend, RbdOptions};
+pub use backend::{RbdBackend, RbdOptions};
 pub use error::{Error, Result};
 pub use image::RbdImage;
 

@@ -48,7 +48,10 @@ fn patterns_match_rbd_export() {
     io.flush().unwrap();
     let t = tempfile::tempdir().unwrap();
     let exported = export(c, &spec, "img", &t.path().join("x.raw"));
-    assert!(exported == model, "rbd export differs from what was written");
+    assert!(
+        exported == model,
+        "rbd export differs from what was written"
+    );
     // Out of range and read-only refusals.
     assert!(matches!(
         io.write_at(b"x", 20 * MIB),

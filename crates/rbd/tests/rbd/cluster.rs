@@ -26,7 +26,10 @@ fn required() -> bool {
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
-        .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+        .args([
+            "-c",
+            &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+        ])
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
@@ -65,7 +68,11 @@ fn start() -> Result<Cluster, String> {
         .output()
         .map_err(|e| format!("run {}: {e}", script().display()))?;
     if !out.status.success() {
-        let _ = Command::new("bash").arg(script()).arg("stop").arg(&dir).status();
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&dir)
+            .status();
         return Err(format!(
             "ceph-cluster.sh start failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -95,6 +102,20 @@ fn start() -> Result<Cluster, String> {
     // are active (never wait for HEALTH_OK: no mgr).
     ceph(&c, "ceph", &["osd", "pool", "create", "vmvol", "8"]);
     ceph(&c, "rbd", &["pool", "init", "vmvol"]);
+    // Without a mgr the cluster reports no space figures: the pool quota
+    // is what the backend's capacity comes from.
+    ceph(
+        &c,
+        "ceph",
+        &[
+            "osd",
+            "pool",
+            "set-quota",
+            "vmvol",
+            "max_bytes",
+            "17179869184",
+        ],
+    );
     Ok(c)
 }
 
@@ -116,7 +137,11 @@ pub fn cluster() -> Option<&'static Cluster> {
 pub fn namespace(c: &Cluster) -> RbdSpec {
     static N: AtomicU32 = AtomicU32::new(0);
     let ns = format!("t{}", N.fetch_add(1, Ordering::Relaxed));
-    ceph(c, "rbd", &["namespace", "create", "--pool", &c.pool, "--namespace", &ns]);
+    ceph(
+        c,
+        "rbd",
+        &["namespace", "create", "--pool", &c.pool, "--namespace", &ns],
+    );
     RbdSpec {
         conf: c.conf.clone(),
         id: "admin".into(),
