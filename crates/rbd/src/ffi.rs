@@ -1048,9 +1048,9 @@ impl Image {
             let names = v[..n]
                 .iter()
                 .filter(|s| !s.name.is_null())
-                // SAFETY: librbd filled `name` with NUL-terminated strings that
-                // stay valid until rbd_snap_list_end below.
                 .map(|s| {
+                    // SAFETY: librbd filled `name` with NUL-terminated strings
+                    // that stay valid until rbd_snap_list_end below.
                     unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
                         .into_owned()
