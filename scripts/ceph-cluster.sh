@@ -34,11 +34,25 @@ for t in ceph-mon ceph-osd ceph ceph-authtool monmaptool; do
   command -v "$t" >/dev/null || { echo "missing $t (apt-get install ceph-mon ceph-osd ceph-common)" >&2; exit 3; }
 done
 
-# Port: given, else derived from the pid so parallel test binaries do not collide.
-port=${3:-$((20000 + ($$ % 200) * 20))}
+# Port: given, else the first free block of 20 from one derived from the pid,
+# so parallel test binaries and other clusters do not collide.
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [ -n "${3:-}" ]; then
+  port=$3
+else
+  port=$((20000 + ($$ % 500) * 20))
+  for _ in $(seq 1 50); do
+    busy=0
+    for p in $port $((port + 1)) $((port + 2)) $((port + 3)); do in_use "$p" && busy=1; done
+    [ $busy = 0 ] && break
+    port=$(( (port - 20000 + 20) % 10000 + 20000 ))
+  done
+fi
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 mkdir -p "$dir/run" "$dir/log" "$dir/mon" "$dir/osd"
+# On failure, say which step failed and show the daemons' last words.
+trap 'rc=$?; echo "ceph-cluster.sh: failed (line $LINENO, rc $rc); logs:" >&2; tail -n 5 "$dir"/log/* >&2 2>/dev/null; exit $rc' ERR
 fsid=$(cat /proc/sys/kernel/random/uuid)
 conf="$dir/ceph.conf"
 cat > "$conf" <<CONF
@@ -74,6 +88,9 @@ mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
 paxos propose interval = 0.05
+# A throwaway mon: do not refuse to start on a fullish shared disk.
+mon data avail crit = 1
+mon data avail warn = 2
 paxos min wait = 0.01
 osd max object name len = 256
 osd max object namespace len = 64
@@ -81,6 +98,12 @@ rados osd op timeout = 30
 rados mon op timeout = 30
 client mount timeout = 30
 rbd cache = false
+
+[client]
+# Per process: librados binds its admin socket at connect and, when the path
+# is taken, first asks the owner -- 10 s of waiting when that owner is stopped.
+admin socket = $dir/run/\$name.\$pid.asok
+log file = $dir/log/\$name.\$pid.log
 CONF
 
 ceph-authtool --create-keyring "$dir/mon.keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null

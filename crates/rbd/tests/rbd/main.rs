@@ -7,5 +7,6 @@
 mod blockio;
 mod cluster;
 mod conformance;
+mod hosts;
 #[path = "../../../pool/tests/pool/suite.rs"]
 mod suite;
