@@ -119,3 +119,44 @@ impl Connection {
         RbdImage::open(&self.io, name, self.label(name), writable)
     }
 }
+
+/// Serves `BackendSpec::Rbd` pools to every [`vmvol_pool::Registry`] of the
+/// process (see [`register`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RbdProvider {
+    /// Lease and other tunables of the backends it opens.
+    pub options: RbdOptions,
+}
+
+fn rbd_spec<'a>(spec: &'a vmvol_pool::BackendSpec) -> vmvol_pool::Result<&'a RbdSpec> {
+    match spec {
+        vmvol_pool::BackendSpec::Rbd(r) => Ok(r),
+        other => Err(vmvol_pool::Error::BackendNotBuiltIn {
+            pool: other.to_string(),
+            backend: other.type_name(),
+        }),
+    }
+}
+
+impl vmvol_pool::BackendProvider for RbdProvider {
+    fn type_name(&self) -> &'static str {
+        "rbd"
+    }
+
+    fn create(&self, spec: &vmvol_pool::BackendSpec, config: &[u8]) -> vmvol_pool::Result<()> {
+        RbdBackend::create(rbd_spec(spec)?, config)
+    }
+
+    fn open(
+        &self,
+        spec: &vmvol_pool::BackendSpec,
+    ) -> vmvol_pool::Result<Arc<dyn vmvol_pool::backend::PoolBackend>> {
+        Ok(Arc::new(RbdBackend::open(rbd_spec(spec)?, self.options)?))
+    }
+}
+
+/// Registers the RBD backend (default options) with vmvol-pool, so that
+/// registries define and open `rbd` pools in this process.
+pub fn register() {
+    vmvol_pool::register_backend(Arc::new(RbdProvider::default()));
+}

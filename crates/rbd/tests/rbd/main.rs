@@ -8,5 +8,6 @@ mod blockio;
 mod cluster;
 mod conformance;
 mod hosts;
+mod registry;
 #[path = "../../../pool/tests/pool/suite.rs"]
 mod suite;
