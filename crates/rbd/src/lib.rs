@@ -128,7 +128,7 @@ pub struct RbdProvider {
     pub options: RbdOptions,
 }
 
-fn rbd_spec<'a>(spec: &'a vmvol_pool::BackendSpec) -> vmvol_pool::Result<&'a RbdSpec> {
+fn rbd_spec(spec: &vmvol_pool::BackendSpec) -> vmvol_pool::Result<&RbdSpec> {
     match spec {
         vmvol_pool::BackendSpec::Rbd(r) => Ok(r),
         other => Err(vmvol_pool::Error::BackendNotBuiltIn {
