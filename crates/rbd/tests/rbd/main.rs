@@ -11,3 +11,4 @@ mod hosts;
 mod registry;
 #[path = "../../../pool/tests/pool/suite.rs"]
 mod suite;
+mod volumes;
