@@ -57,12 +57,16 @@ pub struct RbdOptions {
     /// How long a lease (pool lock, staging area, reservation) lasts without
     /// renewal; renewed every third of it while held.
     pub lease: Duration,
+    /// Journal entries kept before the journal starts a new generation
+    /// (readers behind it then rescan: `JournalRead::Reset`).
+    pub journal_max: u64,
 }
 
 impl Default for RbdOptions {
     fn default() -> RbdOptions {
         RbdOptions {
             lease: Duration::from_secs(30),
+            journal_max: 4096,
         }
     }
 }
@@ -570,7 +574,28 @@ impl PoolLock for RbdBackend {
 
 impl ChangeJournal for RbdBackend {
     fn journal_append(&self, guard: &ExclusiveGuard, change: &Change) -> Result<JournalCursor> {
-        let head = self.journal_head()?;
+        let mut head = self.journal_head()?;
+        if head.len >= self.opts.journal_max {
+            // Compaction: a new generation; readers of the old one rescan.
+            let old: Vec<String> = self
+                .omap_prefix("j.")?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            head = JournalHead {
+                epoch: head.epoch.wrapping_add(1),
+                len: 0,
+            };
+            let kv = [(
+                "jhead".to_string(),
+                serde_json::to_vec(&head).map_err(|e| self.json_err(e))?,
+            )];
+            self.fenced(
+                guard,
+                "compact journal",
+                &[WriteStep::OmapRm(&old), WriteStep::OmapSet(&kv)],
+            )?;
+        }
         let next = JournalHead {
             epoch: head.epoch,
             len: head.len + 1,

@@ -22,7 +22,16 @@ pub fn define(spec: &RbdSpec, capacity: CapacityPolicy, ratio: f64) {
 }
 
 pub fn open(spec: &RbdSpec) -> Arc<RbdBackend> {
-    Arc::new(RbdBackend::open(spec, RbdOptions { lease: LEASE }).unwrap())
+    Arc::new(
+        RbdBackend::open(
+            spec,
+            RbdOptions {
+                lease: LEASE,
+                ..RbdOptions::default()
+            },
+        )
+        .unwrap(),
+    )
 }
 
 fn fixture(spec: RbdSpec, capacity: CapacityPolicy, ratio: f64) -> Fixture {

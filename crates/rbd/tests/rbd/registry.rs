@@ -14,7 +14,10 @@ use crate::suite::{make, raw};
 fn registry_defines_opens_and_undefines_rbd_pools() {
     let Some(c) = cluster() else { return };
     register_backend(Arc::new(RbdProvider {
-        options: RbdOptions { lease: LEASE },
+        options: RbdOptions {
+            lease: LEASE,
+            ..RbdOptions::default()
+        },
     }));
     let spec = namespace(c);
     let backend = BackendSpec::Rbd(spec.clone());

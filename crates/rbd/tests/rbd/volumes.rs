@@ -50,7 +50,10 @@ fn parent_of(c: &Cluster, spec: &RbdSpec, image: &str) -> Option<String> {
 fn volume_lifecycle_on_rbd() {
     let Some(c) = cluster() else { return };
     register_backend(Arc::new(RbdProvider {
-        options: RbdOptions { lease: LEASE },
+        options: RbdOptions {
+            lease: LEASE,
+            ..RbdOptions::default()
+        },
     }));
     let spec = namespace(c);
     let root = tempfile::tempdir().unwrap();
