@@ -117,6 +117,8 @@ fn bench(cr: &mut Criterion) {
         io.write_at(&fill, off).unwrap();
     }
     io.flush().unwrap();
+    // The reference before and after ours: the machine's load drifts.
+    reference(&c, "before");
     let mut g = cr.benchmark_group("rbd");
     g.measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1))
@@ -156,16 +158,20 @@ fn bench(cr: &mut Criterion) {
     });
     g.finish();
     drop(io);
-    // The reference on the same image, same thread count.
+    reference(&c, "after");
+}
+
+/// `rbd bench` on the same image, same thread count, each case.
+fn reference(c: &Cluster, when: &str) {
     for (t, s, p) in [
         ("write", "4K", "rand"),
         ("read", "4K", "rand"),
         ("write", "64K", "seq"),
         ("read", "64K", "seq"),
     ] {
-        let (ops, bytes) = rbd_bench(&c, "bench/b", t, s, p);
+        let (ops, bytes) = rbd_bench(c, "bench/b", t, s, p);
         println!(
-            "rbd bench --io-threads 1 {s} {p} {t}: {ops:.0} ops/s, {:.1} MiB/s, {:.1} µs/op",
+            "rbd bench --io-threads 1 {s} {p} {t} ({when}): {ops:.0} ops/s, {:.1} MiB/s, {:.1} µs/op",
             bytes / f64::from(1 << 20),
             1e6 / ops
         );
