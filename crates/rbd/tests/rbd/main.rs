@@ -8,6 +8,7 @@ mod blockio;
 mod cluster;
 mod conformance;
 mod hosts;
+mod images;
 mod journal;
 mod registry;
 #[path = "../../../pool/tests/pool/suite.rs"]
