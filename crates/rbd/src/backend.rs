@@ -81,6 +81,20 @@ pub struct RbdBackend {
     paused: Arc<AtomicBool>,
     /// Cookies of this client's current exclusive tenures, by token.
     tenures: Arc<Mutex<HashMap<u64, String>>>,
+    /// This client's session: a leased lock and a marker `c.<uuid>` with
+    /// its address, so that recovery can fence it once it is dead.
+    session: Option<(uuid::Uuid, Lease)>,
+}
+
+impl Drop for RbdBackend {
+    fn drop(&mut self) {
+        if let Some((id, lease)) = self.session.take() {
+            drop(lease);
+            let k = [format!("c.{}", id.simple())];
+            let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+            let _ = self.conn.io.remove(&live_oid(id));
+        }
+    }
 }
 
 /// The hold of an exclusive tenure (the lease is released after the
@@ -89,6 +103,13 @@ struct Tenure {
     token: u64,
     tenures: Arc<Mutex<HashMap<u64, String>>>,
     _lease: Lease,
+}
+
+/// A link snapshot being made for a clone in a staging area.
+#[derive(Serialize, Deserialize)]
+struct LinkMarker {
+    area: uuid::Uuid,
+    base: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -186,8 +207,20 @@ impl RbdBackend {
 
     /// Opens the pool in `spec`'s pool/namespace.
     pub fn open(spec: &RbdSpec, opts: RbdOptions) -> Result<RbdBackend> {
-        let b = RbdBackend::connect(spec, opts)?;
+        let mut b = RbdBackend::connect(spec, opts)?;
         b.read_config()?;
+        let id = uuid::Uuid::new_v4();
+        let lease = b.take_live(id)?;
+        let addr = b.conn.cluster.addrs().unwrap_or_default();
+        let kv = [(format!("c.{}", id.simple()), addr.into_bytes())];
+        b.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+            )
+            .map_err(|e| b.err(POOL_OBJ, "record client session", e))?;
+        b.session = Some((id, lease));
         Ok(b)
     }
 
@@ -205,6 +238,7 @@ impl RbdBackend {
             opts,
             paused: Arc::new(AtomicBool::new(false)),
             tenures: Arc::default(),
+            session: None,
         })
     }
 
@@ -479,7 +513,33 @@ impl RbdBackend {
         }
     }
 
-    fn remove_staged_images(&self, area: uuid::Uuid, out: Option<&mut Vec<Recovered>>) {
+    /// Removes a dead area's images; if the dead client still holds some
+    /// open (watches), blocklists its address `addr` first and retries for
+    /// a few seconds. Whether all went.
+    fn remove_dead_area(&self, area: uuid::Uuid, addr: &str, out: &mut Vec<Recovered>) -> bool {
+        if self.remove_staged_images(area, Some(out)) {
+            return true;
+        }
+        if addr.is_empty() || self.conn.cluster.blocklist(addr, 3600).is_err() {
+            return false;
+        }
+        out.push(Recovered {
+            path: PathBuf::from(addr),
+            what: "dead client blocklisted: it still held images of its staging area open".into(),
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.remove_staged_images(area, Some(out)) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn remove_staged_images(&self, area: uuid::Uuid, out: Option<&mut Vec<Recovered>>) -> bool {
         let mut left: Vec<(String, ImageRef)> = self
             .images()
             .unwrap_or_default()
@@ -510,6 +570,7 @@ impl RbdBackend {
                 });
             }
         }
+        left.is_empty()
     }
 }
 
@@ -664,6 +725,33 @@ impl ChangeJournal for RbdBackend {
 }
 
 impl RbdBackend {
+    /// Blocklists the address of every client session whose lease lapsed
+    /// (a dead or stalled client) and forgets it.
+    fn fence_dead_sessions(&self, guard: &ExclusiveGuard, out: &mut Vec<Recovered>) -> Result<()> {
+        for (k, v) in self.omap_prefix("c.")? {
+            let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
+                continue;
+            };
+            if self.live_holders(id)? {
+                continue;
+            }
+            let addr = String::from_utf8_lossy(&v).into_owned();
+            if !addr.is_empty() && self.conn.cluster.blocklist(&addr, 3600).is_ok() {
+                out.push(Recovered {
+                    path: PathBuf::from(&addr),
+                    what: "dead client blocklisted: it still held images open".into(),
+                });
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
+            let _ = self.conn.io.remove(&live_oid(id));
+        }
+        Ok(())
+    }
+
     fn journal_head(&self) -> Result<JournalHead> {
         match self.omap_one("jhead")? {
             Some(b) => serde_json::from_slice(&b).map_err(|e| Error::Damaged {
@@ -845,11 +933,14 @@ impl RecordStore for RbdBackend {
             let io = self.open_raw(r, true)?;
             self.drop_snapshots(r, &io)?;
         }
-        for r in &mine {
-            self.remove_rbd(r)?;
-        }
+        // The entry goes first (atomically); a crash or failure after it
+        // leaves images of no entry, which recovery removes.
         let rm = [entry_key(kind, id), record_key(kind, id)];
-        self.fenced(guard, "remove entry", &[WriteStep::OmapRm(&rm)])
+        self.fenced(guard, "remove entry", &[WriteStep::OmapRm(&rm)])?;
+        for r in &mine {
+            let _ = self.remove_rbd(r);
+        }
+        Ok(())
     }
 
     fn destroy(&self, guard: ExclusiveGuard, _remove_dir: bool) -> Result<()> {
@@ -887,7 +978,10 @@ impl Liveness for RbdBackend {
     fn create_staging(&self) -> Result<StagingArea> {
         let id = uuid::Uuid::new_v4();
         let lease = self.take_live(id)?;
-        let kv = [(format!("s.{}", id.simple()), Vec::new())];
+        // Our address, so that recovery can fence us if we die holding
+        // images open (their watches would block removal for minutes).
+        let addr = self.conn.cluster.addrs().unwrap_or_default();
+        let kv = [(format!("s.{}", id.simple()), addr.into_bytes())];
         self.conn
             .io
             .write_op(
@@ -930,7 +1024,7 @@ impl Liveness for RbdBackend {
         self.check_fence(guard, "recover pool")?;
         let mut out = Vec::new();
         let mut live_areas = std::collections::HashSet::new();
-        for (k, _) in self.omap_prefix("s.")? {
+        for (k, v) in self.omap_prefix("s.")? {
             let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
                 continue;
             };
@@ -938,7 +1032,12 @@ impl Liveness for RbdBackend {
                 live_areas.insert(id);
                 continue;
             }
-            self.remove_staged_images(id, Some(&mut out));
+            let addr = String::from_utf8_lossy(&v).into_owned();
+            if !self.remove_dead_area(id, &addr, &mut out) {
+                // Still held open: keep the marker, the next recovery retries.
+                live_areas.insert(id);
+                continue;
+            }
             self.fenced(
                 guard,
                 "recover pool",
@@ -949,6 +1048,35 @@ impl Liveness for RbdBackend {
                 path: self.conn.label(&format!("staging/{}", id.simple())),
                 what: "staging area left by a dead operation".into(),
             });
+        }
+        // Link snapshots of dead operations that died before their clone
+        // existed (or whose clone recovery just removed).
+        for (k, v) in self.omap_prefix("l.")? {
+            let Ok(m) = serde_json::from_slice::<LinkMarker>(&v) else {
+                continue;
+            };
+            if live_areas.contains(&m.area) {
+                continue;
+            }
+            let snap = &k[2..];
+            if let Ok(io) = crate::ffi::Image::open(&self.conn.io, &m.base, false) {
+                match io.snap_unprotect(snap) {
+                    Err(Errno(libc::EBUSY)) => {} // a clone depends on it: keep
+                    _ => {
+                        if io.snap_remove(snap).is_ok() {
+                            out.push(Recovered {
+                                path: self.conn.label(&format!("{}@{snap}", m.base)),
+                                what: "link snapshot left by a dead operation".into(),
+                            });
+                        }
+                    }
+                }
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
         }
         // Images of no live staging area and of no entry: a crash between
         // creating or renaming them and the commit or cleanup.
@@ -965,6 +1093,8 @@ impl Liveness for RbdBackend {
                 ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
             })
             .collect();
+        let mut fenced_dead = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !strays.is_empty() {
             let before = strays.len();
             strays.retain(|(n, r)| {
@@ -979,7 +1109,16 @@ impl Liveness for RbdBackend {
                 }
             });
             if strays.len() == before {
-                break;
+                // Held open by a client that died: fence the dead sessions
+                // (their watches go), then retry for a while.
+                if !fenced_dead {
+                    fenced_dead = true;
+                    self.fence_dead_sessions(guard, &mut out)?;
+                } else if Instant::now() >= deadline {
+                    break;
+                } else {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
         for (k, v) in self.omap_prefix("v.")? {
@@ -1169,27 +1308,55 @@ impl ImageStore for RbdBackend {
             });
         }
         // One protected snapshot per link: removing the clone removes it.
+        // Until the clone exists a marker names the snapshot, so recovery
+        // can remove it if this process dies in between.
         let snap = format!("{LINK_SNAP}{}", uuid::Uuid::new_v4().simple());
         let features = b
             .raw()
             .features()
             .map_err(|e| self.image_err(base, "read features", e))?;
-        b.raw()
-            .snap_create(&snap)
-            .map_err(|e| self.image_err(base, "create snapshot", e))?;
-        b.raw()
-            .snap_protect(&snap)
-            .map_err(|e| self.image_err(base, "protect snapshot", e))?;
-        let child = rbd_name(&r);
-        if let Err(e) = self
-            .conn
+        let marker = format!("l.{snap}");
+        let mk = LinkMarker {
+            area: area.id,
+            base: rbd_name(base),
+        };
+        let kv = [(
+            marker.clone(),
+            serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
+        )];
+        self.conn
             .io
-            .rbd_clone(&rbd_name(base), &snap, &child, features)
-        {
+            .write_op(
+                POOL_OBJ,
+                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+            )
+            .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
+        let unmark = || {
+            let k = [marker.clone()];
+            let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+        };
+        let made = b
+            .raw()
+            .snap_create(&snap)
+            .map_err(|e| self.image_err(base, "create snapshot", e))
+            .and_then(|()| {
+                b.raw()
+                    .snap_protect(&snap)
+                    .map_err(|e| self.image_err(base, "protect snapshot", e))
+            })
+            .and_then(|()| {
+                self.conn
+                    .io
+                    .rbd_clone(&rbd_name(base), &snap, &rbd_name(&r), features)
+                    .map_err(|e| self.image_err(&r, "clone image", e))
+            });
+        if let Err(e) = made {
             let _ = b.raw().snap_unprotect(&snap);
             let _ = b.raw().snap_remove(&snap);
-            return Err(self.image_err(&r, "clone image", e));
+            unmark();
+            return Err(e);
         }
+        unmark();
         if size > bsize {
             self.grow_any(&r, size)?;
         }

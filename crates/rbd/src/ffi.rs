@@ -82,6 +82,8 @@ extern "C" {
         outslen: *mut usize,
     ) -> c_int;
     fn rados_buffer_free(buf: *mut c_char);
+    fn rados_getaddrs(cluster: RadosT, addrs: *mut *mut c_char) -> c_int;
+    fn rados_blocklist_add(cluster: RadosT, addr: *mut c_char, expire_seconds: u32) -> c_int;
     fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, io: *mut IoCtxT) -> c_int;
     fn rados_ioctx_destroy(io: IoCtxT);
     fn rados_ioctx_set_namespace(io: IoCtxT, nspace: *const c_char);
@@ -378,6 +380,33 @@ impl Cluster {
         let st = String::from_utf8_lossy(&take(st, stlen)).into_owned();
         check(rc)?;
         Ok((out, st))
+    }
+
+    /// This client's addresses, as blocklisting takes them.
+    pub fn addrs(&self) -> R<String> {
+        let mut p: *mut c_char = ptr::null_mut();
+        // SAFETY: connected handle; `p` is a valid out pointer.
+        check(unsafe { rados_getaddrs(self.h, &mut p) })?;
+        if p.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: librados returned a NUL-terminated string allocated with
+        // malloc (strdup); we copy it and free it once.
+        let s = unsafe {
+            let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+            libc::free(p.cast());
+            s
+        };
+        Ok(s)
+    }
+
+    /// Blocklists client `addr` at the OSDs for `seconds` (its watches and
+    /// locks are dropped, its ops refused).
+    pub fn blocklist(&self, addr: &str, seconds: u32) -> R<()> {
+        let a = cs(addr)?;
+        // SAFETY: connected handle; librados only reads the string (the
+        // `char *` in its signature is not written through).
+        check(unsafe { rados_blocklist_add(self.h, a.as_ptr().cast_mut(), seconds) })
     }
 
     /// An I/O context on `pool`, namespace `ns` (empty: the default one).

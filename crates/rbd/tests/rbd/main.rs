@@ -7,6 +7,7 @@
 mod blockio;
 mod cluster;
 mod conformance;
+mod crash;
 mod hosts;
 mod images;
 mod journal;
