@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmvol_format::{Control, Format};
-use vmvol_pool::backend::Liveness;
 use vmvol_pool::*;
 use vmvol_rbd::{RbdBackend, RbdOptions};
 
