@@ -78,6 +78,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Pools on Ceph RBD, when built with `--features rbd`.
+    #[cfg(feature = "rbd")]
+    vmvol::rbd::register();
     let res = match cli.cmd {
         Cmd::Image(c) => image::run(c),
         Cmd::Fs(c) => fs::run(c),

@@ -29,6 +29,23 @@ enum PoolCmd {
         /// Pool directory (default: <root>/pools/<name>).
         #[arg(long)]
         path: Option<PathBuf>,
+        /// Put the pool on Ceph RBD: CEPH_POOL[/NAMESPACE] (made by the operator).
+        #[cfg(feature = "rbd")]
+        #[arg(
+            long,
+            value_name = "CEPH_POOL[/NAMESPACE]",
+            conflicts_with = "path",
+            requires = "ceph_conf"
+        )]
+        rbd: Option<String>,
+        /// The Ceph cluster's configuration file (with --rbd).
+        #[cfg(feature = "rbd")]
+        #[arg(long, value_name = "FILE")]
+        ceph_conf: Option<PathBuf>,
+        /// The Ceph client id (user) to connect as (with --rbd).
+        #[cfg(feature = "rbd")]
+        #[arg(long, value_name = "USER", default_value = "admin")]
+        ceph_id: String,
         /// Capacity quota, e.g. 500G (default: the filesystem's size).
         #[arg(long, value_parser = parse_size)]
         quota: Option<u64>,
@@ -77,20 +94,44 @@ pub fn run(args: PoolArgs) -> AnyResult<()> {
         PoolCmd::Define {
             name,
             path,
+            #[cfg(feature = "rbd")]
+            rbd,
+            #[cfg(feature = "rbd")]
+            ceph_conf,
+            #[cfg(feature = "rbd")]
+            ceph_id,
             quota,
             overcommit,
             activate,
             out,
         } => {
-            let spec = PoolSpec {
-                path,
-                capacity: match quota {
-                    Some(bytes) => CapacityPolicy::Quota { bytes },
-                    None => CapacityPolicy::Filesystem,
-                },
-                overcommit_ratio: overcommit,
+            let capacity = match quota {
+                Some(bytes) => CapacityPolicy::Quota { bytes },
+                None => CapacityPolicy::Filesystem,
             };
-            let mut cfg = reg.define(&name, &spec)?;
+            #[cfg(feature = "rbd")]
+            let rbd_backend = rbd.map(|r| {
+                let (pool, namespace) = r.split_once('/').unwrap_or((&r, ""));
+                vmvol::pool::BackendSpec::Rbd(vmvol::pool::RbdSpec {
+                    conf: ceph_conf.unwrap_or_default(),
+                    id: ceph_id,
+                    pool: pool.to_string(),
+                    namespace: namespace.to_string(),
+                })
+            });
+            #[cfg(not(feature = "rbd"))]
+            let rbd_backend: Option<vmvol::pool::BackendSpec> = None;
+            let mut cfg = match rbd_backend {
+                Some(backend) => reg.define_on(&name, &backend, capacity, overcommit)?,
+                None => {
+                    let spec = PoolSpec {
+                        path,
+                        capacity,
+                        overcommit_ratio: overcommit,
+                    };
+                    reg.define(&name, &spec)?
+                }
+            };
             if activate {
                 cfg = reg.activate(&name, wait)?;
             }

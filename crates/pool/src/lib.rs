@@ -80,6 +80,7 @@ mod lock;
 pub mod memory;
 mod name;
 mod pool;
+mod provider;
 mod record;
 mod registry;
 mod spec;
@@ -93,6 +94,7 @@ pub use pool::{
     allocation_limit, CapacityPolicy, Pool, PoolConfig, PoolDescription, PoolState, PoolTxn,
     Reservation, Staging,
 };
+pub use provider::{register_backend, BackendProvider};
 pub use record::{
     fsync_dir, is_temp_name, write_atomic, Damaged, Entry, EntryKind, Listed, Record, RecordType,
 };

@@ -76,19 +76,14 @@ impl TryFrom<PoolRefWire> for PoolRef {
 pub(crate) fn open_backend(name: &str, spec: &BackendSpec) -> Result<Arc<dyn PoolBackend>> {
     match spec {
         BackendSpec::Local { path } => Ok(Arc::new(LocalBackend::open(path)?)),
-        other => Err(Error::BackendNotBuiltIn {
-            pool: name.to_string(),
-            backend: other.type_name(),
-        }),
+        other => match crate::provider::provider(other.type_name()) {
+            Some(p) => p.open(other),
+            None => Err(Error::BackendNotBuiltIn {
+                pool: name.to_string(),
+                backend: other.type_name(),
+            }),
+        },
     }
-}
-
-/// The local directory of a record's backend, or why there is none.
-fn local_dir<'a>(name: &str, spec: &'a BackendSpec) -> Result<&'a Path> {
-    spec.local_path().ok_or_else(|| Error::BackendNotBuiltIn {
-        pool: name.to_string(),
-        backend: spec.type_name(),
-    })
 }
 
 /// What `define` needs besides the name.
@@ -137,7 +132,11 @@ pub struct Registry {
 }
 
 fn validate_spec(name: &str, spec: &PoolSpec) -> Result<()> {
-    crate::pool::validate_policy(name, spec.capacity, spec.overcommit_ratio)
+    validate_policy(name, spec.capacity, spec.overcommit_ratio)
+}
+
+fn validate_policy(name: &str, capacity: CapacityPolicy, ratio: f64) -> Result<()> {
+    crate::pool::validate_policy(name, capacity, ratio)
 }
 
 impl Registry {
@@ -348,6 +347,56 @@ impl Registry {
         Ok(config)
     }
 
+    /// Defines pool `name` on a backend other than a local directory (one
+    /// served by a [`BackendProvider`](crate::BackendProvider), e.g. RBD):
+    /// creates its layout there and registers it; it starts inactive. A
+    /// local `backend` is defined as by [`Registry::define`] with its path.
+    ///
+    /// Errors: [`Error::BackendNotBuiltIn`] if no provider serves the type.
+    pub fn define_on(
+        &self,
+        name: &str,
+        backend: &BackendSpec,
+        capacity: CapacityPolicy,
+        overcommit_ratio: f64,
+    ) -> Result<PoolConfig> {
+        if let Some(path) = backend.local_path() {
+            let spec = PoolSpec {
+                path: Some(path.to_path_buf()),
+                capacity,
+                overcommit_ratio,
+            };
+            return self.define(name, &spec);
+        }
+        validate_name(name)?;
+        validate_policy(name, capacity, overcommit_ratio)?;
+        let p = crate::provider::provider(backend.type_name()).ok_or_else(|| {
+            Error::BackendNotBuiltIn {
+                pool: name.to_string(),
+                backend: backend.type_name(),
+            }
+        })?;
+        let _l = self.lock("define pool")?;
+        let rec = self.record_path(name);
+        if rec.exists() {
+            return Err(Error::AlreadyDefined {
+                name: name.to_string(),
+                path: rec,
+            });
+        }
+        let config = PoolConfig::new(name, backend.clone(), capacity, overcommit_ratio)?;
+        let bytes = Record::new(config.clone()).to_bytes(&rec)?;
+        p.create(backend, &bytes)?;
+        let r = PoolRef {
+            name: name.to_string(),
+            uuid: config.uuid,
+            backend: backend.clone(),
+            created_dir: false,
+        };
+        write_atomic(&rec, &Record::new(r).to_bytes(&rec)?)?;
+        Ok(config)
+    }
+
     /// Every defined pool, sorted by name; damaged ones included with path
     /// and reason.
     pub fn list(&self) -> Result<Vec<PoolListing>> {
@@ -383,10 +432,26 @@ impl Registry {
         let r = self
             .pool_ref(name)
             .map_err(|e| (rec.to_path_buf(), e.to_string()))?;
-        let dir = local_dir(name, &r.backend).map_err(|e| (rec.to_path_buf(), e.to_string()))?;
-        let cfg_path = LocalBackend::config_file(dir);
-        let cfg =
-            Record::<PoolConfig>::read(&cfg_path).map_err(|e| (cfg_path.clone(), e.to_string()))?;
+        let (cfg, cfg_path) = match r.backend.local_path() {
+            Some(dir) => {
+                let cfg_path = LocalBackend::config_file(dir);
+                let cfg = Record::<PoolConfig>::read(&cfg_path)
+                    .map_err(|e| (cfg_path.clone(), e.to_string()))?;
+                (cfg, cfg_path)
+            }
+            None => {
+                // Another backend (a registered provider): its own config record.
+                let b = open_backend(name, &r.backend)
+                    .map_err(|e| (rec.to_path_buf(), e.to_string()))?;
+                let cfg_path = b.config_path();
+                let bytes = b
+                    .read_config()
+                    .map_err(|e| (cfg_path.clone(), e.to_string()))?;
+                let cfg = Record::<PoolConfig>::parse(&bytes)
+                    .map_err(|reason| (cfg_path.clone(), reason))?;
+                (cfg, cfg_path)
+            }
+        };
         if cfg.data.name != name || cfg.data.uuid != r.uuid {
             return Err((
                 cfg_path,
@@ -476,12 +541,17 @@ impl Registry {
         let _l = self.lock("undefine pool")?;
         let rec = self.record_path(name);
         match self.pool_ref(name) {
-            Ok(r) => {
-                let dir = local_dir(name, &r.backend)?;
-                if LocalBackend::config_file(dir).exists() {
-                    Pool::open(dir, wait)?.destroy_if_empty(r.created_dir)?;
+            Ok(r) => match r.backend.local_path() {
+                Some(dir) => {
+                    if LocalBackend::config_file(dir).exists() {
+                        Pool::open(dir, wait)?.destroy_if_empty(r.created_dir)?;
+                    }
                 }
-            }
+                None => {
+                    let b = open_backend(name, &r.backend)?;
+                    Pool::with_backend(b, wait)?.destroy_if_empty(false)?;
+                }
+            },
             Err(Error::Damaged { .. }) => {}
             Err(e) => return Err(e),
         }

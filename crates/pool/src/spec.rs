@@ -15,8 +15,9 @@ pub enum BackendSpec {
         /// The pool directory (absolute).
         path: PathBuf,
     },
-    /// A Ceph RBD pool. Reserved: this build refuses to open it with
-    /// [`Error::BackendNotBuiltIn`](crate::Error::BackendNotBuiltIn).
+    /// A Ceph RBD pool, opened through the provider `vmvol-rbd` registers
+    /// ([`register_backend`](crate::register_backend)); without it, refused
+    /// with [`Error::BackendNotBuiltIn`](crate::Error::BackendNotBuiltIn).
     Rbd(RbdSpec),
     /// A process-local pool in memory (tests only; never opened from a registry).
     Memory {

@@ -11,6 +11,7 @@
 //! | `chv` | `vmvol-chv` | Cloud Hypervisor disks (`DiskConfig`, `--disk`), the config disk, the guest mount script |
 //! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress; instances' attachments |
 //! | [`instance`] | (here) | instances end to end: attach with the config disk, show the Cloud Hypervisor disks, detach |
+//! | `rbd` (feature `rbd`) | `vmvol-rbd` | pools on Ceph RBD: `rbd::register()` lets every registry define and open them |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
 //!
@@ -42,6 +43,8 @@ pub use vmvol_chv as chv;
 pub use vmvol_format as format;
 pub use vmvol_fs as fs;
 pub use vmvol_pool as pool;
+#[cfg(feature = "rbd")]
+pub use vmvol_rbd as rbd;
 pub use vmvol_volume as volume;
 
 pub use vmvol_format::{BlockIo, Format, Image, OpenOptions};

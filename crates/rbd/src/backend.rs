@@ -1,0 +1,1509 @@
+//! The pool backend on RBD: the seam's traits over one RADOS pool/namespace.
+//!
+//! Layout in the namespace:
+//! ```text
+//! vmvol.pool                 the pool object
+//!   lock "vmvol.pool"        the pool lock (cls_lock, shared/exclusive, leased)
+//!   xattr "epoch"            fencing token of the current exclusive tenure
+//!   omap config              the pool's config record
+//!   omap e.<kind>.<id>       an entry exists (its images may be damaged)
+//!   omap r.<kind>.<id>       the entry's record
+//!   omap jhead, j.<offset>   the change journal
+//!   omap s.<uuid>            a staging area; live while vmvol.live.<uuid> is locked
+//!   omap v.<uuid>            a reservation (JSON); live likewise
+//! vmvol.live.<uuid>          lock "live": the lease of one staging area or reservation
+//! RBD image v+<kind>+<id>+<name>+<fmt>   an entry's image
+//! RBD image s+<uuid>+<name>+<fmt>        a staged image
+//! ```
+//! Names of the pool may contain '.', never '+', so image names parse back.
+//! Every write of the pool object under the exclusive lock carries
+//! `lock.assert_locked` and a compare of the epoch xattr in the same atomic
+//! RADOS operation: a holder whose lease lapsed is refused by the OSD.
+//! Image operations (RBD calls, not single-object ops) are preceded by such
+//! a fenced no-op on the pool object.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmvol_format::{BlockIo, Control, Format, Prealloc};
+use vmvol_pool::backend::{
+    Change, ChangeJournal, ExclusiveGuard, FsStats, ImageStore, JournalCursor, JournalRead,
+    Liveness, LivenessHold, PoolLock, RecordStore, Recovered, ReservationInfo, ScannedEntry,
+    SharedGuard, SpaceFigures, StagingArea,
+};
+use vmvol_pool::{
+    validate_name, AttachTarget, EntryKind, Error, ImageOwner, ImageRef, ImageSpec, ImageSummary,
+    RbdSpec, Result, Wait,
+};
+
+use crate::ffi::{Errno, WriteStep};
+use crate::image::RbdImage;
+use crate::lease::{assert_locked_input, Kind, Lease};
+use crate::Connection;
+
+const POOL_OBJ: &str = "vmvol.pool";
+const LOCK: &str = "vmvol.pool";
+const LIVE_LOCK: &str = "live";
+const EPOCH: &str = "epoch";
+const LINK_SNAP: &str = "vmvol-link-";
+
+/// Tunables of an [`RbdBackend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdOptions {
+    /// How long a lease (pool lock, staging area, reservation) lasts without
+    /// renewal; renewed every third of it while held.
+    pub lease: Duration,
+    /// Journal entries kept before the journal starts a new generation
+    /// (readers behind it then rescan: `JournalRead::Reset`).
+    pub journal_max: u64,
+}
+
+impl Default for RbdOptions {
+    fn default() -> RbdOptions {
+        RbdOptions {
+            lease: Duration::from_secs(30),
+            journal_max: 4096,
+        }
+    }
+}
+
+/// A pool on a Ceph RBD pool/namespace. Each instance is one cluster client
+/// (like one process or host); clones of the `Arc` share it.
+#[derive(Debug)]
+pub struct RbdBackend {
+    conn: Connection,
+    location: PathBuf,
+    opts: RbdOptions,
+    paused: Arc<AtomicBool>,
+    /// Cookies of this client's current exclusive tenures, by token.
+    tenures: Arc<Mutex<HashMap<u64, String>>>,
+    /// This client's session: a leased lock and a marker `c.<uuid>` with
+    /// its address, so that recovery can fence it once it is dead.
+    session: Option<(uuid::Uuid, Lease)>,
+}
+
+impl Drop for RbdBackend {
+    fn drop(&mut self) {
+        if let Some((id, lease)) = self.session.take() {
+            drop(lease);
+            let k = [format!("c.{}", id.simple())];
+            let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+            let _ = self.conn.io.remove(&live_oid(id));
+        }
+    }
+}
+
+/// The hold of an exclusive tenure (the lease is released after the
+/// cookie is forgotten: fields drop in order).
+struct Tenure {
+    token: u64,
+    tenures: Arc<Mutex<HashMap<u64, String>>>,
+    _lease: Lease,
+}
+
+/// A link snapshot being made for a clone in a staging area.
+#[derive(Serialize, Deserialize)]
+struct LinkMarker {
+    area: uuid::Uuid,
+    base: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JournalHead {
+    epoch: u64,
+    len: u64,
+}
+
+fn kind_str(k: EntryKind) -> &'static str {
+    k.dir_name()
+}
+
+fn kind_of(s: &str) -> Option<EntryKind> {
+    EntryKind::ALL.into_iter().find(|k| k.dir_name() == s)
+}
+
+fn fmt_of(s: &str) -> Option<Format> {
+    match s {
+        "raw" => Some(Format::Raw),
+        "qcow2" => Some(Format::Qcow2),
+        _ => None,
+    }
+}
+
+/// The RBD image name of an image.
+fn rbd_name(r: &ImageRef) -> String {
+    match &r.owner {
+        ImageOwner::Entry { kind, id } => {
+            format!(
+                "v+{}+{id}+{}+{}",
+                kind_str(*kind),
+                r.name,
+                r.format.as_str()
+            )
+        }
+        ImageOwner::Staging { area } => {
+            format!("s+{}+{}+{}", area.simple(), r.name, r.format.as_str())
+        }
+    }
+}
+
+/// The image an RBD image name stands for, if it is one of ours.
+fn parse_name(n: &str) -> Option<ImageRef> {
+    let parts: Vec<&str> = n.split('+').collect();
+    match parts.as_slice() {
+        ["v", kind, id, name, fmt] => Some(ImageRef::entry(kind_of(kind)?, id, name, fmt_of(fmt)?)),
+        ["s", area, name, fmt] => Some(ImageRef {
+            owner: ImageOwner::Staging {
+                area: uuid::Uuid::parse_str(area).ok()?,
+            },
+            name: (*name).to_string(),
+            format: fmt_of(fmt)?,
+        }),
+        _ => None,
+    }
+}
+
+fn entry_key(kind: EntryKind, id: &str) -> String {
+    format!("e.{}.{id}", kind_str(kind))
+}
+
+fn record_key(kind: EntryKind, id: &str) -> String {
+    format!("r.{}.{id}", kind_str(kind))
+}
+
+fn live_oid(id: uuid::Uuid) -> String {
+    format!("vmvol.live.{}", id.simple())
+}
+
+impl RbdBackend {
+    /// Creates the pool's layout in `spec`'s pool/namespace (which the
+    /// operator made) holding config record `config`; refused if a vmvol
+    /// pool is there already.
+    pub fn create(spec: &RbdSpec, config: &[u8]) -> Result<()> {
+        let b = RbdBackend::connect(spec, RbdOptions::default())?;
+        let kv = [
+            ("config".to_string(), config.to_vec()),
+            (
+                "jhead".to_string(),
+                serde_json::to_vec(&JournalHead { epoch: 1, len: 0 }).unwrap_or_default(),
+            ),
+        ];
+        b.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[
+                    WriteStep::Create { exclusive: true },
+                    WriteStep::SetXattr(EPOCH, b"0"),
+                    WriteStep::OmapSet(&kv),
+                ],
+            )
+            .map_err(|e| b.err(POOL_OBJ, "create pool object", e))
+    }
+
+    /// Opens the pool in `spec`'s pool/namespace.
+    pub fn open(spec: &RbdSpec, opts: RbdOptions) -> Result<RbdBackend> {
+        let mut b = RbdBackend::connect(spec, opts)?;
+        b.read_config()?;
+        let id = uuid::Uuid::new_v4();
+        let lease = b.take_live(id)?;
+        let addr = b.conn.cluster.addrs().unwrap_or_default();
+        let kv = [(format!("c.{}", id.simple()), addr.into_bytes())];
+        b.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+            )
+            .map_err(|e| b.err(POOL_OBJ, "record client session", e))?;
+        b.session = Some((id, lease));
+        Ok(b)
+    }
+
+    fn connect(spec: &RbdSpec, opts: RbdOptions) -> Result<RbdBackend> {
+        let conn = Connection::connect(spec).map_err(|e| match e {
+            crate::Error::Ceph { object, op, source } => Error::Io {
+                path: object,
+                op,
+                source,
+            },
+        })?;
+        Ok(RbdBackend {
+            location: conn.label(""),
+            conn,
+            opts,
+            paused: Arc::new(AtomicBool::new(false)),
+            tenures: Arc::default(),
+            session: None,
+        })
+    }
+
+    /// The connection (to open images by RBD name, for tools and tests).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The lease duration.
+    pub fn lease(&self) -> Duration {
+        self.opts.lease
+    }
+
+    /// Test hook: stops (or resumes) renewing every lease of this client, as
+    /// a stalled host would; after [`RbdBackend::lease`] they lapse.
+    pub fn pause_renewals(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The RBD image name of `image` (for `rbd export` and friends).
+    pub fn image_name(image: &ImageRef) -> String {
+        rbd_name(image)
+    }
+
+    fn err(&self, what: &str, op: &'static str, e: Errno) -> Error {
+        Error::Io {
+            path: self.conn.label(what),
+            op,
+            source: e.io(),
+        }
+    }
+
+    fn image_err(&self, image: &ImageRef, op: &'static str, e: Errno) -> Error {
+        if e.0 == libc::ENOENT {
+            return Error::ImageNotFound {
+                image: image.to_string(),
+            };
+        }
+        self.err(&rbd_name(image), op, e)
+    }
+
+    /// The fence steps of a write under `guard`: the lock is still ours
+    /// (unexpired) and the epoch is still our token.
+    fn fence_input(&self, guard: &ExclusiveGuard) -> Result<(Vec<u8>, String)> {
+        let cookie = lk(&self.tenures)
+            .get(&guard.token())
+            .cloned()
+            .ok_or_else(|| Error::Fenced {
+                location: self.location.clone(),
+                op: "write",
+                reason: format!(
+                    "the exclusive lease of tenure {} is not held by this client \
+                     (released, or lapsed and expired)",
+                    guard.token()
+                ),
+            })?;
+        Ok((
+            assert_locked_input(LOCK, &cookie),
+            guard.token().to_string(),
+        ))
+    }
+
+    /// Applies `steps` to the pool object together with the fence; maps a
+    /// refusal by the cluster to [`Error::Fenced`].
+    fn fenced(
+        &self,
+        guard: &ExclusiveGuard,
+        op: &'static str,
+        steps: &[WriteStep<'_>],
+    ) -> Result<()> {
+        let (input, token) = self.fence_input(guard)?;
+        let mut all = vec![
+            WriteStep::Exec("lock", "assert_locked", &input),
+            WriteStep::CmpXattrEq(EPOCH, token.as_bytes()),
+        ];
+        all.extend_from_slice(steps);
+        match self.conn.io.write_op(POOL_OBJ, &all) {
+            Ok(()) => Ok(()),
+            Err(Errno(e)) if e == libc::EBUSY || e == libc::ENOENT || e == libc::ECANCELED => {
+                Err(Error::Fenced {
+                    location: self.location.clone(),
+                    op,
+                    reason: format!(
+                        "the cluster refused the write: the exclusive lease of tenure {} lapsed \
+                         or expired and passed on (errno {e} from lock.assert_locked/epoch check)",
+                        guard.token()
+                    ),
+                })
+            }
+            Err(e) => Err(self.err(POOL_OBJ, op, e)),
+        }
+    }
+
+    fn omap_one(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let (vals, _) = self
+            .conn
+            .io
+            .omap_get(POOL_OBJ, "", key, 4)
+            .map_err(|e| self.err(POOL_OBJ, "read pool object", e))?;
+        Ok(vals.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
+    }
+
+    fn omap_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.conn
+            .io
+            .omap_all(POOL_OBJ, prefix)
+            .map_err(|e| self.err(POOL_OBJ, "read pool object", e))
+    }
+
+    fn images(&self) -> Result<Vec<(String, ImageRef)>> {
+        let names = self
+            .conn
+            .io
+            .rbd_list()
+            .map_err(|e| self.err("", "list images", e))?;
+        Ok(names
+            .into_iter()
+            .filter_map(|n| parse_name(&n).map(|r| (n, r)))
+            .collect())
+    }
+
+    fn open_raw(&self, image: &ImageRef, writable: bool) -> Result<RbdImage> {
+        let name = rbd_name(image);
+        RbdImage::open(&self.conn.io, &name, self.conn.label(&name), writable).map_err(
+            |e| match e {
+                crate::Error::Ceph { source, .. }
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Error::ImageNotFound {
+                        image: image.to_string(),
+                    }
+                }
+                crate::Error::Ceph { object, op, source } => Error::Io {
+                    path: object,
+                    op,
+                    source,
+                },
+            },
+        )
+    }
+
+    fn summary(&self, image: &ImageRef, with_base: bool) -> ImageSummary {
+        let mut s = ImageSummary {
+            image: image.clone(),
+            virtual_size: None,
+            host_bytes: 0,
+            backing: None,
+            error: None,
+        };
+        match self.open_raw(image, false) {
+            Ok(io) => {
+                s.virtual_size = Some(io.size());
+                s.host_bytes = io.allocated().unwrap_or(0);
+                if with_base {
+                    if let Ok(Some((parent, _))) = io.raw().parent() {
+                        s.backing = parse_name(&parent);
+                    }
+                }
+            }
+            Err(e) => s.error = Some(e.to_string()),
+        }
+        s
+    }
+
+    /// Removes an image and the link snapshot it holds on its parent;
+    /// refused while clones depend on one of its snapshots.
+    fn remove_rbd(&self, image: &ImageRef) -> Result<()> {
+        let name = rbd_name(image);
+        let parent = {
+            let io = self.open_raw(image, true)?;
+            self.drop_snapshots(image, &io)?;
+            io.raw().parent().ok().flatten()
+        };
+        self.conn
+            .io
+            .rbd_remove(&name)
+            .map_err(|e| self.image_err(image, "remove image", e))?;
+        if let Some((p, snap)) = parent {
+            if snap.starts_with(LINK_SNAP) {
+                if let Ok(pio) = crate::ffi::Image::open(&self.conn.io, &p, false) {
+                    let _ = pio.snap_unprotect(&snap);
+                    let _ = pio.snap_remove(&snap);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the image's link snapshots whose clones are gone; refused
+    /// (nothing removed that matters) if a clone depends on one.
+    fn drop_snapshots(&self, image: &ImageRef, io: &RbdImage) -> Result<()> {
+        let snaps = io
+            .raw()
+            .snap_list()
+            .map_err(|e| self.image_err(image, "list snapshots", e))?;
+        for s in snaps {
+            match io.raw().snap_unprotect(&s) {
+                Ok(()) => {}
+                Err(Errno(libc::EINVAL)) => {} // not protected
+                Err(Errno(libc::EBUSY)) => {
+                    return Err(Error::InvalidImage {
+                        image: image.to_string(),
+                        reason: format!(
+                            "linked images depend on it (clones of its snapshot {s}); \
+                             remove them first"
+                        ),
+                    })
+                }
+                Err(e) => return Err(self.image_err(image, "unprotect snapshot", e)),
+            }
+            io.raw()
+                .snap_remove(&s)
+                .map_err(|e| self.image_err(image, "remove snapshot", e))?;
+        }
+        Ok(())
+    }
+
+    fn live_holders(&self, id: uuid::Uuid) -> Result<bool> {
+        let oid = live_oid(id);
+        self.conn
+            .io
+            .lockers(&oid, LIVE_LOCK)
+            .map(|l| !l.is_empty())
+            .map_err(|e| self.err(&oid, "list lockers", e))
+    }
+
+    fn take_live(&self, id: uuid::Uuid) -> Result<Lease> {
+        let oid = live_oid(id);
+        Lease::try_take(
+            &self.conn.io,
+            &oid,
+            LIVE_LOCK,
+            Kind::Exclusive,
+            self.opts.lease,
+            &self.paused,
+        )
+        .map_err(|e| self.err(&oid, "take liveness lease", e))
+    }
+
+    fn acquire(&self, wait: Wait, op: &'static str, kind: Kind) -> Result<Lease> {
+        let start = Instant::now();
+        let mut nap = Duration::from_millis(5);
+        loop {
+            match Lease::try_take(
+                &self.conn.io,
+                POOL_OBJ,
+                LOCK,
+                kind,
+                self.opts.lease,
+                &self.paused,
+            ) {
+                Ok(l) => return Ok(l),
+                Err(Errno(e)) if e == libc::EBUSY || e == libc::EEXIST => {}
+                Err(e) => return Err(self.err(POOL_OBJ, "lock pool", e)),
+            }
+            let waited = start.elapsed();
+            let limit = match wait {
+                Wait::Block => Duration::MAX,
+                Wait::FailFast => Duration::ZERO,
+                Wait::Timeout(d) => d,
+            };
+            if waited >= limit {
+                return Err(Error::Busy {
+                    path: self.location.clone(),
+                    op,
+                    waited,
+                });
+            }
+            std::thread::sleep(nap.min(limit.saturating_sub(waited)));
+            nap = (nap * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Removes a dead area's images; if the dead client still holds some
+    /// open (watches), blocklists its address `addr` first and retries for
+    /// a few seconds. Whether all went.
+    fn remove_dead_area(&self, area: uuid::Uuid, addr: &str, out: &mut Vec<Recovered>) -> bool {
+        if self.remove_staged_images(area, Some(out)) {
+            return true;
+        }
+        if addr.is_empty() || self.conn.cluster.blocklist(addr, 3600).is_err() {
+            return false;
+        }
+        out.push(Recovered {
+            path: PathBuf::from(addr),
+            what: "dead client blocklisted: it still held images of its staging area open".into(),
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.remove_staged_images(area, Some(out)) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn remove_staged_images(&self, area: uuid::Uuid, out: Option<&mut Vec<Recovered>>) -> bool {
+        let mut left: Vec<(String, ImageRef)> = self
+            .images()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, r)| r.owner == ImageOwner::Staging { area })
+            .collect();
+        // Clones before their bases: retry while something goes.
+        let mut removed = Vec::new();
+        while !left.is_empty() {
+            let before = left.len();
+            left.retain(|(n, r)| {
+                if self.remove_rbd(r).is_ok() {
+                    removed.push(n.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            if left.len() == before {
+                break;
+            }
+        }
+        if let Some(out) = out {
+            for n in removed {
+                out.push(Recovered {
+                    path: self.conn.label(&n),
+                    what: "image of a staging area left by a dead operation".into(),
+                });
+            }
+        }
+        left.is_empty()
+    }
+}
+
+/// Releases the tenure's lease and forgets its cookie.
+impl Drop for Tenure {
+    fn drop(&mut self) {
+        lk(&self.tenures).remove(&self.token);
+    }
+}
+
+fn lk<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PoolLock for RbdBackend {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn lock_shared(&self, wait: Wait, op: &'static str) -> Result<SharedGuard> {
+        Ok(SharedGuard::new(self.acquire(wait, op, Kind::Shared)?))
+    }
+
+    fn lock_exclusive(&self, wait: Wait, op: &'static str) -> Result<ExclusiveGuard> {
+        let lease = self.acquire(wait, op, Kind::Exclusive)?;
+        // A new tenure: bump the epoch under the lock just taken.
+        let old = self
+            .conn
+            .io
+            .getxattr(POOL_OBJ, EPOCH)
+            .map_err(|e| self.err(POOL_OBJ, "read lease epoch", e))?;
+        let old_n: u64 = String::from_utf8_lossy(&old).trim().parse().unwrap_or(0);
+        let token = old_n.saturating_add(1);
+        let input = assert_locked_input(LOCK, &lease.cookie);
+        let t = token.to_string();
+        self.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[
+                    WriteStep::Exec("lock", "assert_locked", &input),
+                    WriteStep::CmpXattrEq(EPOCH, &old),
+                    WriteStep::SetXattr(EPOCH, t.as_bytes()),
+                ],
+            )
+            .map_err(|e| self.err(POOL_OBJ, "advance lease epoch", e))?;
+        lk(&self.tenures).insert(token, lease.cookie.clone());
+        Ok(ExclusiveGuard::new(
+            token,
+            Tenure {
+                token,
+                tenures: Arc::clone(&self.tenures),
+                _lease: lease,
+            },
+        ))
+    }
+
+    fn check_fence(&self, guard: &ExclusiveGuard, op: &'static str) -> Result<()> {
+        self.fenced(guard, op, &[])
+    }
+}
+
+impl ChangeJournal for RbdBackend {
+    fn journal_append(&self, guard: &ExclusiveGuard, change: &Change) -> Result<JournalCursor> {
+        let mut head = self.journal_head()?;
+        if head.len >= self.opts.journal_max {
+            // Compaction: a new generation; readers of the old one rescan.
+            let old: Vec<String> = self
+                .omap_prefix("j.")?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            head = JournalHead {
+                epoch: head.epoch.wrapping_add(1),
+                len: 0,
+            };
+            let kv = [(
+                "jhead".to_string(),
+                serde_json::to_vec(&head).map_err(|e| self.json_err(e))?,
+            )];
+            self.fenced(
+                guard,
+                "compact journal",
+                &[WriteStep::OmapRm(&old), WriteStep::OmapSet(&kv)],
+            )?;
+        }
+        let next = JournalHead {
+            epoch: head.epoch,
+            len: head.len + 1,
+        };
+        let kv = [
+            (
+                format!("j.{:016x}", head.len),
+                serde_json::to_vec(change).map_err(|e| self.json_err(e))?,
+            ),
+            (
+                "jhead".to_string(),
+                serde_json::to_vec(&next).map_err(|e| self.json_err(e))?,
+            ),
+        ];
+        self.fenced(guard, "append to journal", &[WriteStep::OmapSet(&kv)])?;
+        Ok(JournalCursor {
+            epoch: next.epoch,
+            offset: next.len,
+        })
+    }
+
+    fn journal_read(&self, since: JournalCursor) -> Result<JournalRead> {
+        let head = self.journal_head()?;
+        let now = JournalCursor {
+            epoch: head.epoch,
+            offset: head.len,
+        };
+        if since.epoch != now.epoch || since.offset > now.offset {
+            return Ok(JournalRead::Reset(now));
+        }
+        if since.offset == now.offset {
+            return Ok(JournalRead::Changes(Vec::new(), now));
+        }
+        let after = match since.offset {
+            0 => String::new(),
+            n => format!("j.{:016x}", n - 1),
+        };
+        let mut out = Vec::new();
+        let mut from = after;
+        loop {
+            let (page, more) = self
+                .conn
+                .io
+                .omap_get(POOL_OBJ, &from, "j.", 1000)
+                .map_err(|e| self.err(POOL_OBJ, "read journal", e))?;
+            let Some(last) = page.last().map(|(k, _)| k.clone()) else {
+                break;
+            };
+            for (k, v) in page {
+                let off = u64::from_str_radix(k.trim_start_matches("j."), 16).unwrap_or(u64::MAX);
+                if off >= now.offset {
+                    continue;
+                }
+                match serde_json::from_slice::<Change>(&v) {
+                    Ok(c) => out.push(c),
+                    Err(_) => return Ok(JournalRead::Reset(now)),
+                }
+            }
+            if !more {
+                break;
+            }
+            from = last;
+        }
+        Ok(JournalRead::Changes(out, now))
+    }
+}
+
+impl RbdBackend {
+    /// Blocklists the address of every client session whose lease lapsed
+    /// (a dead or stalled client) and forgets it.
+    fn fence_dead_sessions(&self, guard: &ExclusiveGuard, out: &mut Vec<Recovered>) -> Result<()> {
+        for (k, v) in self.omap_prefix("c.")? {
+            let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
+                continue;
+            };
+            if self.live_holders(id)? {
+                continue;
+            }
+            let addr = String::from_utf8_lossy(&v).into_owned();
+            if !addr.is_empty() && self.conn.cluster.blocklist(&addr, 3600).is_ok() {
+                out.push(Recovered {
+                    path: PathBuf::from(&addr),
+                    what: "dead client blocklisted: it still held images open".into(),
+                });
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
+            let _ = self.conn.io.remove(&live_oid(id));
+        }
+        Ok(())
+    }
+
+    fn journal_head(&self) -> Result<JournalHead> {
+        match self.omap_one("jhead")? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| Error::Damaged {
+                path: self.conn.label("vmvol.pool#jhead"),
+                reason: e.to_string(),
+            }),
+            None => Ok(JournalHead { epoch: 1, len: 0 }),
+        }
+    }
+
+    fn json_err(&self, e: serde_json::Error) -> Error {
+        Error::Damaged {
+            path: self.location.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Stores raw record bytes (or removes the record) of entry `kind/id`
+    /// behind the API's back: a test hook for damaged records.
+    pub fn put_raw_record(&self, kind: EntryKind, id: &str, bytes: Option<&[u8]>) -> Result<()> {
+        let r = match bytes {
+            Some(b) => {
+                let kv = [(record_key(kind, id), b.to_vec())];
+                self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapSet(&kv)])
+            }
+            None => {
+                let k = [record_key(kind, id)];
+                self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)])
+            }
+        };
+        r.map_err(|e| self.err(POOL_OBJ, "store raw record", e))
+    }
+}
+
+impl RecordStore for RbdBackend {
+    fn config_path(&self) -> PathBuf {
+        self.conn.label("vmvol.pool#config")
+    }
+
+    fn read_config(&self) -> Result<Vec<u8>> {
+        match self.omap_one("config") {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(self.err("vmvol.pool#config", "read pool config", Errno(libc::ENOENT))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_config(&self, guard: &ExclusiveGuard, bytes: &[u8]) -> Result<()> {
+        let kv = [("config".to_string(), bytes.to_vec())];
+        self.fenced(guard, "write pool config", &[WriteStep::OmapSet(&kv)])
+    }
+
+    fn list_ids(&self, kind: EntryKind) -> Result<Vec<String>> {
+        let prefix = format!("e.{}.", kind_str(kind));
+        Ok(self
+            .omap_prefix(&prefix)?
+            .into_iter()
+            .map(|(k, _)| k[prefix.len()..].to_string())
+            .collect())
+    }
+
+    fn scan_entry(
+        &self,
+        kind: EntryKind,
+        id: &str,
+        _clean: Option<&ExclusiveGuard>,
+    ) -> Result<Option<ScannedEntry>> {
+        if self.omap_one(&entry_key(kind, id))?.is_none() {
+            return Ok(None);
+        }
+        let record = self
+            .omap_one(&record_key(kind, id))?
+            .ok_or_else(|| "record missing".to_string());
+        let mut images: Vec<ImageSummary> = self
+            .images()?
+            .into_iter()
+            .filter(|(_, r)| {
+                r.owner
+                    == ImageOwner::Entry {
+                        kind,
+                        id: id.to_string(),
+                    }
+            })
+            .map(|(_, r)| self.summary(&r, false))
+            .collect();
+        images.sort_by(|a, b| a.image.name.cmp(&b.image.name));
+        let rec_len = record.as_ref().map_or(0, |r| r.len() as u64);
+        Ok(Some(ScannedEntry {
+            record_path: self
+                .conn
+                .label(&format!("vmvol.pool#{}", record_key(kind, id))),
+            record,
+            physical: images
+                .iter()
+                .fold(rec_len, |a, i| a.saturating_add(i.host_bytes)),
+            images,
+            removed: Vec::new(),
+        }))
+    }
+
+    fn write_record(
+        &self,
+        guard: &ExclusiveGuard,
+        kind: EntryKind,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        if self.omap_one(&entry_key(kind, id))?.is_none() {
+            return Err(self.err(
+                &format!("vmvol.pool#{}", entry_key(kind, id)),
+                "write record",
+                Errno(libc::ENOENT),
+            ));
+        }
+        let kv = [(record_key(kind, id), bytes.to_vec())];
+        self.fenced(guard, "write record", &[WriteStep::OmapSet(&kv)])
+    }
+
+    fn commit_staging(
+        &self,
+        guard: &ExclusiveGuard,
+        area: &StagingArea,
+        kind: EntryKind,
+        id: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        if self.omap_one(&entry_key(kind, id))?.is_some() {
+            return Err(self.err(
+                &format!("vmvol.pool#{}", entry_key(kind, id)),
+                "move staged entry into place",
+                Errno(libc::EEXIST),
+            ));
+        }
+        self.check_fence(guard, "commit entry")?;
+        // Images first: a crash before the record leaves entry-named images
+        // with no entry, which recovery removes.
+        for (name, r) in self.images()? {
+            if r.owner == (ImageOwner::Staging { area: area.id }) {
+                let to = rbd_name(&r.committed(kind, id));
+                self.conn
+                    .io
+                    .rbd_rename(&name, &to)
+                    .map_err(|e| self.image_err(&r, "move staged image into place", e))?;
+            }
+        }
+        let kv = [
+            (entry_key(kind, id), Vec::new()),
+            (record_key(kind, id), record.to_vec()),
+        ];
+        let rm = [format!("s.{}", area.id.simple())];
+        self.fenced(
+            guard,
+            "commit entry",
+            &[WriteStep::OmapSet(&kv), WriteStep::OmapRm(&rm)],
+        )
+    }
+
+    fn remove_entry(&self, guard: &ExclusiveGuard, kind: EntryKind, id: &str) -> Result<()> {
+        if self.omap_one(&entry_key(kind, id))?.is_none() {
+            return Err(self.err(
+                &format!("vmvol.pool#{}", entry_key(kind, id)),
+                "remove entry",
+                Errno(libc::ENOENT),
+            ));
+        }
+        self.check_fence(guard, "remove entry")?;
+        let owner = ImageOwner::Entry {
+            kind,
+            id: id.to_string(),
+        };
+        let mine: Vec<ImageRef> = self
+            .images()?
+            .into_iter()
+            .filter(|(_, r)| r.owner == owner)
+            .map(|(_, r)| r)
+            .collect();
+        // Refuse before removing anything if a clone depends on an image.
+        for r in &mine {
+            let io = self.open_raw(r, true)?;
+            self.drop_snapshots(r, &io)?;
+        }
+        // The entry goes first (atomically); a crash or failure after it
+        // leaves images of no entry, which recovery removes.
+        let rm = [entry_key(kind, id), record_key(kind, id)];
+        self.fenced(guard, "remove entry", &[WriteStep::OmapRm(&rm)])?;
+        for r in &mine {
+            let _ = self.remove_rbd(r);
+        }
+        Ok(())
+    }
+
+    fn destroy(&self, guard: ExclusiveGuard, _remove_dir: bool) -> Result<()> {
+        for (k, _) in self.omap_prefix("s.")? {
+            if let Ok(id) = uuid::Uuid::parse_str(&k[2..]) {
+                self.remove_staged_images(id, None);
+                let _ = self.conn.io.remove(&live_oid(id));
+            }
+        }
+        self.fenced(&guard, "undefine pool", &[WriteStep::Remove])
+    }
+}
+
+/// A staging area's or reservation's lease; dropping it releases the
+/// lease, removes the marker and the liveness object.
+struct LiveHold {
+    backend_io: Arc<crate::ffi::IoCtx>,
+    key: String,
+    id: uuid::Uuid,
+    lease: Option<Lease>,
+}
+
+impl Drop for LiveHold {
+    fn drop(&mut self) {
+        drop(self.lease.take());
+        if !self.key.is_empty() {
+            let k = [self.key.clone()];
+            let _ = self.backend_io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+        }
+        let _ = self.backend_io.remove(&live_oid(self.id));
+    }
+}
+
+impl Liveness for RbdBackend {
+    fn create_staging(&self) -> Result<StagingArea> {
+        let id = uuid::Uuid::new_v4();
+        let lease = self.take_live(id)?;
+        // Our address, so that recovery can fence us if we die holding
+        // images open (their watches would block removal for minutes).
+        let addr = self.conn.cluster.addrs().unwrap_or_default();
+        let kv = [(format!("s.{}", id.simple()), addr.into_bytes())];
+        self.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+            )
+            .map_err(|e| self.err(POOL_OBJ, "record staging area", e))?;
+        Ok(StagingArea {
+            id,
+            // The marker stays until commit or recovery; the hold only
+            // releases the lease.
+            hold: LivenessHold::new(LiveHold {
+                backend_io: Arc::clone(&self.conn.io),
+                key: String::new(),
+                id,
+                lease: Some(lease),
+            }),
+        })
+    }
+
+    fn discard_staging(&self, area: &StagingArea) {
+        self.remove_staged_images(area.id, None);
+        let k = [format!("s.{}", area.id.simple())];
+        let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+    }
+
+    fn live_staging(&self) -> Result<usize> {
+        let mut n = 0;
+        for (k, _) in self.omap_prefix("s.")? {
+            if let Ok(id) = uuid::Uuid::parse_str(&k[2..]) {
+                if self.live_holders(id)? {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn recover(&self, guard: &ExclusiveGuard) -> Result<Vec<Recovered>> {
+        self.check_fence(guard, "recover pool")?;
+        let mut out = Vec::new();
+        let mut live_areas = std::collections::HashSet::new();
+        for (k, v) in self.omap_prefix("s.")? {
+            let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
+                continue;
+            };
+            if self.live_holders(id)? {
+                live_areas.insert(id);
+                continue;
+            }
+            let addr = String::from_utf8_lossy(&v).into_owned();
+            if !self.remove_dead_area(id, &addr, &mut out) {
+                // Still held open: keep the marker, the next recovery retries.
+                live_areas.insert(id);
+                continue;
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
+            let _ = self.conn.io.remove(&live_oid(id));
+            out.push(Recovered {
+                path: self.conn.label(&format!("staging/{}", id.simple())),
+                what: "staging area left by a dead operation".into(),
+            });
+        }
+        // Link snapshots of dead operations that died before their clone
+        // existed (or whose clone recovery just removed).
+        for (k, v) in self.omap_prefix("l.")? {
+            let Ok(m) = serde_json::from_slice::<LinkMarker>(&v) else {
+                continue;
+            };
+            if live_areas.contains(&m.area) {
+                continue;
+            }
+            let snap = &k[2..];
+            if let Ok(io) = crate::ffi::Image::open(&self.conn.io, &m.base, false) {
+                match io.snap_unprotect(snap) {
+                    Err(Errno(libc::EBUSY)) => {} // a clone depends on it: keep
+                    _ => {
+                        if io.snap_remove(snap).is_ok() {
+                            out.push(Recovered {
+                                path: self.conn.label(&format!("{}@{snap}", m.base)),
+                                what: "link snapshot left by a dead operation".into(),
+                            });
+                        }
+                    }
+                }
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
+        }
+        // Images of no live staging area and of no entry: a crash between
+        // creating or renaming them and the commit or cleanup.
+        let entries: std::collections::HashSet<String> = self
+            .omap_prefix("e.")?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut strays: Vec<(String, ImageRef)> = self
+            .images()?
+            .into_iter()
+            .filter(|(_, r)| match &r.owner {
+                ImageOwner::Staging { area } => !live_areas.contains(area),
+                ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
+            })
+            .collect();
+        let mut fenced_dead = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !strays.is_empty() {
+            let before = strays.len();
+            strays.retain(|(n, r)| {
+                if self.remove_rbd(r).is_ok() {
+                    out.push(Recovered {
+                        path: self.conn.label(n),
+                        what: "image of no entry left by a crashed operation".into(),
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
+            if strays.len() == before {
+                // Held open by a client that died: fence the dead sessions
+                // (their watches go), then retry for a while.
+                if !fenced_dead {
+                    fenced_dead = true;
+                    self.fence_dead_sessions(guard, &mut out)?;
+                } else if Instant::now() >= deadline {
+                    break;
+                } else {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        for (k, v) in self.omap_prefix("v.")? {
+            let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
+                continue;
+            };
+            if self.live_holders(id)? {
+                continue;
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
+            let _ = self.conn.io.remove(&live_oid(id));
+            let bytes = serde_json::from_slice::<ReservationInfo>(&v).map_or(0, |i| i.bytes);
+            out.push(Recovered {
+                path: self.conn.label(&format!("reservations/{}", id.simple())),
+                what: format!("reservation of {bytes} bytes left by a dead operation"),
+            });
+        }
+        Ok(out)
+    }
+
+    fn create_reservation(
+        &self,
+        guard: &ExclusiveGuard,
+        info: &ReservationInfo,
+    ) -> Result<LivenessHold> {
+        let lease = self.take_live(info.id)?;
+        let key = format!("v.{}", info.id.simple());
+        let kv = [(
+            key.clone(),
+            serde_json::to_vec(info).map_err(|e| self.json_err(e))?,
+        )];
+        let hold = LiveHold {
+            backend_io: Arc::clone(&self.conn.io),
+            key,
+            id: info.id,
+            lease: Some(lease),
+        };
+        self.fenced(guard, "reserve", &[WriteStep::OmapSet(&kv)])?;
+        Ok(LivenessHold::new(hold))
+    }
+
+    fn live_reservations(&self, prune: Option<&ExclusiveGuard>) -> Result<Vec<ReservationInfo>> {
+        let mut live = Vec::new();
+        for (k, v) in self.omap_prefix("v.")? {
+            let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
+                continue;
+            };
+            if self.live_holders(id)? {
+                if let Ok(i) = serde_json::from_slice::<ReservationInfo>(&v) {
+                    live.push(i);
+                }
+            } else if let Some(g) = prune {
+                self.fenced(
+                    g,
+                    "prune reservations",
+                    &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+                )?;
+                let _ = self.conn.io.remove(&live_oid(id));
+            }
+        }
+        Ok(live)
+    }
+}
+
+fn staged_ref(area: &StagingArea, name: &str, format: Format) -> Result<ImageRef> {
+    validate_name(name)?;
+    Ok(ImageRef {
+        owner: ImageOwner::Staging { area: area.id },
+        name: name.to_string(),
+        format,
+    })
+}
+
+impl RbdBackend {
+    fn refuse_existing(&self, r: &ImageRef) -> Result<()> {
+        let name = rbd_name(r);
+        if self.images()?.iter().any(|(n, _)| *n == name) {
+            return Err(Error::InvalidImage {
+                image: r.to_string(),
+                reason: "an image of that name already exists".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn grow_any(&self, image: &ImageRef, new_size: u64) -> Result<()> {
+        let io = self.open_raw(image, true)?;
+        if new_size < io.size() {
+            return Err(Error::Image {
+                image: image.to_string(),
+                op: "grow image",
+                source: vmvol_format::Error::Shrink {
+                    path: io.label().to_path_buf(),
+                    current: io.size(),
+                    requested: new_size,
+                },
+            });
+        }
+        io.resize(new_size).map_err(|e| Error::Image {
+            image: image.to_string(),
+            op: "grow image",
+            source: e,
+        })
+    }
+}
+
+impl RbdBackend {
+    /// RBD is thin: preallocation writes the zeros for real.
+    fn preallocate(&self, r: &ImageRef, size: u64, ctl: &Control) -> Result<()> {
+        let wrap = |e| Error::Image {
+            image: r.to_string(),
+            op: "preallocate image",
+            source: e,
+        };
+        let io = self.open_raw(r, true)?;
+        let chunk = vec![0u8; 4 << 20];
+        let mut off = 0u64;
+        while off < size {
+            ctl.check(io.label(), "preallocate").map_err(wrap)?;
+            let len = (size - off).min(chunk.len() as u64) as usize;
+            io.write_at(&chunk[..len], off).map_err(wrap)?;
+            off += len as u64;
+            ctl.report(off, size);
+        }
+        io.flush().map_err(wrap)
+    }
+}
+
+impl ImageStore for RbdBackend {
+    fn create_image(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        spec: &ImageSpec,
+        ctl: &Control,
+    ) -> Result<ImageRef> {
+        let r = staged_ref(area, name, spec.format)?;
+        if spec.format == Format::Qcow2 && spec.prealloc != Prealloc::Off {
+            return Err(Error::InvalidImage {
+                image: r.to_string(),
+                reason: "preallocation applies to raw images only; qcow2 images are thin".into(),
+            });
+        }
+        self.refuse_existing(&r)?;
+        let n = rbd_name(&r);
+        self.conn
+            .io
+            .rbd_create(&n, spec.size)
+            .map_err(|e| self.image_err(&r, "create image", e))?;
+        if spec.prealloc != Prealloc::Off {
+            if let Err(e) = self.preallocate(&r, spec.size, ctl) {
+                // Cancelled or failed: leave nothing behind.
+                let _ = self.conn.io.rbd_remove(&n);
+                return Err(e);
+            }
+        }
+        Ok(r)
+    }
+
+    fn create_linked(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        base: &ImageRef,
+        size: Option<u64>,
+    ) -> Result<ImageRef> {
+        if matches!(&base.owner, ImageOwner::Staging { area: a } if *a != area.id) {
+            return Err(Error::InvalidImage {
+                image: base.to_string(),
+                reason: "a linked image's base must be committed or in the same staging area"
+                    .into(),
+            });
+        }
+        let r = staged_ref(area, name, Format::Qcow2)?;
+        self.refuse_existing(&r)?;
+        let b = self.open_raw(base, true)?;
+        let bsize = b.size();
+        let size = size.unwrap_or(bsize);
+        if size < bsize {
+            return Err(Error::InvalidImage {
+                image: r.to_string(),
+                reason: format!("size {size} is smaller than its base's {bsize} bytes"),
+            });
+        }
+        // One protected snapshot per link: removing the clone removes it.
+        // Until the clone exists a marker names the snapshot, so recovery
+        // can remove it if this process dies in between.
+        let snap = format!("{LINK_SNAP}{}", uuid::Uuid::new_v4().simple());
+        let features = b
+            .raw()
+            .features()
+            .map_err(|e| self.image_err(base, "read features", e))?;
+        let marker = format!("l.{snap}");
+        let mk = LinkMarker {
+            area: area.id,
+            base: rbd_name(base),
+        };
+        let kv = [(
+            marker.clone(),
+            serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
+        )];
+        self.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+            )
+            .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
+        let unmark = || {
+            let k = [marker.clone()];
+            let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+        };
+        let made = b
+            .raw()
+            .snap_create(&snap)
+            .map_err(|e| self.image_err(base, "create snapshot", e))
+            .and_then(|()| {
+                b.raw()
+                    .snap_protect(&snap)
+                    .map_err(|e| self.image_err(base, "protect snapshot", e))
+            })
+            .and_then(|()| {
+                self.conn
+                    .io
+                    .rbd_clone(&rbd_name(base), &snap, &rbd_name(&r), features)
+                    .map_err(|e| self.image_err(&r, "clone image", e))
+            });
+        if let Err(e) = made {
+            let _ = b.raw().snap_unprotect(&snap);
+            let _ = b.raw().snap_remove(&snap);
+            unmark();
+            return Err(e);
+        }
+        unmark();
+        if size > bsize {
+            self.grow_any(&r, size)?;
+        }
+        Ok(r)
+    }
+
+    fn copy_full(
+        &self,
+        area: &StagingArea,
+        name: &str,
+        src: &ImageRef,
+        format: Format,
+        ctl: &Control,
+    ) -> Result<ImageRef> {
+        let r = staged_ref(area, name, format)?;
+        self.refuse_existing(&r)?;
+        let s = self.open_raw(src, false)?;
+        ctl.check(s.label(), "copy image")
+            .map_err(|e| Error::Image {
+                image: src.to_string(),
+                op: "copy image",
+                source: e,
+            })?;
+        // librbd's copy reads through the parent chain: the result stands alone.
+        s.raw()
+            .copy_to(&rbd_name(&r))
+            .map_err(|e| self.image_err(&r, "copy image", e))?;
+        ctl.report(s.size(), s.size());
+        Ok(r)
+    }
+
+    fn open_image(&self, image: &ImageRef, writable: bool) -> Result<Box<dyn BlockIo>> {
+        Ok(Box::new(self.open_raw(image, writable)?))
+    }
+
+    fn grow_image(&self, guard: &ExclusiveGuard, image: &ImageRef, new_size: u64) -> Result<()> {
+        self.check_fence(guard, "grow image")?;
+        self.grow_any(image, new_size)
+    }
+
+    fn grow_staged(&self, area: &StagingArea, image: &ImageRef, new_size: u64) -> Result<()> {
+        if image.owner != (ImageOwner::Staging { area: area.id }) {
+            return Err(Error::InvalidImage {
+                image: image.to_string(),
+                reason: "not in this staging area".into(),
+            });
+        }
+        self.grow_any(image, new_size)
+    }
+
+    fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
+        let s = self.summary(image, true);
+        if s.virtual_size.is_none() {
+            // Not found and other open failures are errors here.
+            self.open_raw(image, false)?;
+        }
+        Ok(s)
+    }
+
+    fn remove_image(&self, guard: &ExclusiveGuard, image: &ImageRef) -> Result<()> {
+        self.check_fence(guard, "remove image")?;
+        self.remove_rbd(image)
+    }
+
+    fn attach_target(&self, image: &ImageRef) -> Result<AttachTarget> {
+        self.open_raw(image, false)?;
+        Ok(AttachTarget::BlockIo {
+            image: image.clone(),
+        })
+    }
+
+    fn move_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        validate_name(name)?;
+        let to = ImageRef::entry(kind, id, name, image.format);
+        if self.omap_one(&entry_key(kind, id))?.is_none() {
+            return Err(Error::InvalidImage {
+                image: to.to_string(),
+                reason: "the destination entry does not exist".into(),
+            });
+        }
+        self.refuse_existing(&to)?;
+        self.check_fence(guard, "move image")?;
+        self.conn
+            .io
+            .rbd_rename(&rbd_name(image), &rbd_name(&to))
+            .map_err(|e| self.image_err(image, "move image", e))?;
+        Ok(to)
+    }
+}
+
+/// One pool of `osd pool ls detail` (a monitor command: it works without a
+/// mgr, unlike `get-quota` and `df`).
+#[derive(Deserialize)]
+struct PoolWire {
+    pool_name: String,
+    #[serde(default)]
+    quota_max_bytes: u64,
+}
+
+impl SpaceFigures for RbdBackend {
+    fn fs_stats(&self) -> Result<FsStats> {
+        let pool = &self.conn.spec().pool;
+        let cmd = r#"{"prefix": "osd pool ls", "detail": "detail", "format": "json"}"#;
+        let (out, _) = self
+            .conn
+            .cluster
+            .mon_command(cmd)
+            .map_err(|e| self.err("", "read pool quota (osd pool ls detail)", e))?;
+        let quota = serde_json::from_slice::<Vec<PoolWire>>(&out)
+            .map_err(|e| self.json_err(e))?
+            .into_iter()
+            .find(|p| p.pool_name == *pool)
+            .map_or(0, |p| p.quota_max_bytes);
+        let (total, _used, avail) = self.conn.cluster.stat().unwrap_or((0, 0, 0));
+        // Bytes our images hold (RBD's own accounting); the cluster's
+        // figures need a mgr and are zero without one.
+        let used = self
+            .images()?
+            .iter()
+            .map(|(_, r)| self.summary(r, false).host_bytes)
+            .fold(0u64, u64::saturating_add);
+        let (total, available) = match (quota, total) {
+            (q, t) if q > 0 && t > 0 => (q, q.saturating_sub(used).min(avail)),
+            (q, _) if q > 0 => (q, q.saturating_sub(used)),
+            (_, t) => (t, avail),
+        };
+        Ok(FsStats {
+            total,
+            available,
+            block_size: 4 << 20,
+        })
+    }
+
+    fn base_physical(&self) -> Result<u64> {
+        let staged = self
+            .images()?
+            .iter()
+            .filter(|(_, r)| matches!(r.owner, ImageOwner::Staging { .. }))
+            .map(|(_, r)| self.summary(r, false).host_bytes)
+            .fold(0u64, u64::saturating_add);
+        Ok(staged.saturating_add(self.read_config()?.len() as u64))
+    }
+}

@@ -1,0 +1,17 @@
+//! The integration tests of vmvol-rbd, in one binary, against a real
+//! throwaway Ceph cluster (`cluster`): the BlockIo over librbd (`blockio`)
+//! and the pool conformance suite on the RBD backend (`conformance`, with
+//! the suite's source shared with vmvol-pool's tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod blockio;
+mod cluster;
+mod conformance;
+mod crash;
+mod hosts;
+mod images;
+mod journal;
+mod registry;
+#[path = "../../../pool/tests/pool/suite.rs"]
+mod suite;
+mod volumes;
