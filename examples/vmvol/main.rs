@@ -32,6 +32,7 @@ mod fs;
 mod image;
 mod output;
 mod pool;
+mod serve;
 mod signals;
 mod size;
 mod snapshot;
@@ -71,6 +72,8 @@ enum Cmd {
     Template(template::TemplateArgs),
     /// Snapshots of detached volumes.
     Snapshot(snapshot::SnapshotArgs),
+    /// Serve the HTTP API (Unix socket, mode 0600; TCP with --listen and a token).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Cmd::Volume(c) => volume::run(c),
         Cmd::Template(c) => template::run(c),
         Cmd::Snapshot(c) => snapshot::run(c),
+        Cmd::Serve(c) => serve::run(c),
     };
     match (res, signals::received()) {
         (Ok(()), _) => ExitCode::SUCCESS,

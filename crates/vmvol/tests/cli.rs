@@ -97,6 +97,10 @@ fn require_tool(tool: &str) -> bool {
 #[path = "cli/crash.rs"]
 mod crash;
 
+/// `vmvol serve` (issue 12).
+#[path = "cli/serve.rs"]
+mod serve;
+
 /// Return from the test (skipping) unless every tool is present.
 macro_rules! require_tools {
     ($($tool:expr),+) => {

@@ -21,7 +21,7 @@ async fn eight_clients_mixed_requests() {
     let per_client: usize = std::env::var("VMVOL_API_LOAD_REQUESTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(250);
+        .unwrap_or(1000);
     let mut tasks = Vec::new();
     for c in 0..8 {
         let s = s.clone();
