@@ -35,3 +35,27 @@ fn rejection(e: JsonRejection) -> ApiError {
     }
     ApiError::invalid(format!("request body: {}", e.body_text()))
 }
+
+/// The one path parameter of a route, with rejections (bad percent
+/// encoding, not UTF-8) as a 400 in the API's error form.
+pub struct ApiPath(pub String);
+
+impl<S> axum::extract::FromRequestParts<S> for ApiPath
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(p)) => Ok(ApiPath(p)),
+            Err(e) => Err(ApiError::invalid(format!(
+                "request path: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,6 +14,7 @@ use vmvol_pool::{EntryKind, Listed};
 use vmvol_volume::{CreateVolume, VolumeRecord, VolumeSource, Volumes};
 
 use crate::error::{ApiError, ApiResult, ErrorResponses};
+use crate::extract::ApiPath;
 use crate::model::{CreateVolumeJson, CreateVolumeMultipart, Volume};
 use crate::state::AppState;
 
@@ -79,7 +80,7 @@ pub(crate) async fn list(State(st): State<Arc<AppState>>) -> ApiResult<Json<Vec<
     responses((status = 200, description = "The volume", body = Volume), ErrorResponses))]
 pub(crate) async fn show(
     State(st): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<Volume>> {
     let pool = st.cfg.default_pool.clone();
     Ok(Json(
@@ -93,7 +94,7 @@ pub(crate) async fn show(
     responses((status = 204, description = "Deleted"), ErrorResponses))]
 pub(crate) async fn remove(
     State(st): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<StatusCode> {
     let pool = st.cfg.default_pool.clone();
     st.blocking(move |v, _| Ok(v.delete_volume(&pool, &id)?))

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::error::{ApiResult, ErrorResponses};
 use crate::extract::ApiJson;
+use crate::extract::ApiPath;
 use crate::model::{CancelJobRequest, JobView};
 use crate::state::AppState;
 
@@ -23,7 +24,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
     responses((status = 200, description = "The job", body = JobView), ErrorResponses))]
 pub(crate) async fn get_job(
     State(st): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<JobView>> {
     Ok(Json(st.job(&id)?))
 }

@@ -6,6 +6,7 @@ mod compat;
 mod flow;
 mod jobs;
 mod load;
+mod openapi;
 mod security;
 
 use std::future::IntoFuture;
