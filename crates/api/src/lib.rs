@@ -80,12 +80,23 @@ use state::AppState;
 pub fn router(vols: Volumes, cfg: ApiConfig) -> Router {
     let limit = cfg.json_limit;
     let st = Arc::new(AppState::new(vols, cfg));
-    routes::all()
-        .route("/openapi.json", get(openapi_json))
-        .fallback(unknown_path)
-        .layer(DefaultBodyLimit::max(limit))
+    harden(
+        routes::all()
+            .route("/openapi.json", get(openapi_json))
+            .fallback(unknown_path)
+            .with_state(st),
+        limit,
+    )
+}
+
+/// The layers [`router`] puts around its routes, for routes an embedder
+/// adds beside them: bodies limited to `body_limit` bytes (for extractors
+/// that honour it), and a panicking handler answered with a 500 in the
+/// API's error form while the server goes on.
+pub fn harden(routes: Router, body_limit: usize) -> Router {
+    routes
+        .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(panicked))
-        .with_state(st)
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {

@@ -174,3 +174,38 @@ async fn post_early_answer(
     let end = json.rfind('}').map(|e| e + 1).unwrap_or(json.len());
     (status, parse(json.get(start..end).unwrap_or("").as_bytes()))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_500_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let boom = axum::Router::new().route(
+        "/boom",
+        axum::routing::get(|| async {
+            if std::hint::black_box(true) {
+                panic!("handler bug");
+            }
+            "unreachable"
+        }),
+    );
+    let vols = Volumes::new(Registry::open(dir.path().join("reg")).unwrap());
+    let app = vmvol_api::harden(boom, 1 << 20).merge(router(vols, ApiConfig::default()));
+    let sock = dir.path().join("s.sock");
+    let l = vmvol_api::bind_unix(&sock).unwrap();
+    tokio::spawn(axum::serve(l, app).into_future());
+    let req = || {
+        Request::get("/boom")
+            .header("host", "vmvol")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for _ in 0..3 {
+        let (st, b) = crate::send_unix(&sock, req()).await;
+        assert_eq!((st, kind(&parse(&b))), (500, "internal"));
+    }
+    let ok = Request::get("/openapi.json")
+        .header("host", "vmvol")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (st, _) = crate::send_unix(&sock, ok).await;
+    assert_eq!(st, 200);
+}
