@@ -1,4 +1,4 @@
-#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 //! vmvol-api over a real socket with a real HTTP client (hyper): seed 004's
 //! flow, the `/volumes` API, jobs, security, the OpenAPI document, load.
 
