@@ -76,7 +76,7 @@ use state::AppState;
 /// The service's router over `vols`: every endpoint, `GET /openapi.json`,
 /// JSON bodies limited to `cfg.json_limit`, a panicking handler answered
 /// with a 500. Mount it in an orchestrator's own server or serve it with
-/// [`axum::serve`] on [`bind_unix`]'s listener.
+/// [`axum::serve()`] on [`bind_unix`]'s listener.
 pub fn router(vols: Volumes, cfg: ApiConfig) -> Router {
     let limit = cfg.json_limit;
     let st = Arc::new(AppState::new(vols, cfg));
