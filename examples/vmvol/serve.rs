@@ -9,7 +9,7 @@ use clap::Args;
 
 use vmvol::pool::Registry;
 use vmvol::volume::Volumes;
-use vmvol_api::{bind_unix, require_token, router, ApiConfig};
+use vmvol_api::{bind_unix, require_token, service, ApiConfig};
 
 use super::volume::Common;
 use super::AnyResult;
@@ -53,9 +53,9 @@ pub fn run(args: ServeArgs) -> AnyResult<()> {
     if let Some(d) = args.upload_dir {
         cfg.upload_dir = d;
     }
-    let app = router(vols, cfg);
+    let (app, handle) = service(vols, cfg);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let res = rt.block_on(async move {
         if let Some(addr) = args.listen {
             let file = args.token_file.ok_or("--listen needs --token-file")?;
             let token = std::fs::read_to_string(&file)
@@ -92,8 +92,16 @@ pub fn run(args: ServeArgs) -> AnyResult<()> {
             let _ = std::fs::remove_file(&sock);
             res?;
         }
-        Ok(())
-    })
+        Ok::<_, Box<dyn std::error::Error>>(())
+    });
+    // Jobs still running are cancelled (each removes its staging area);
+    // dropping the runtime then waits for them to return.
+    let n = handle.cancel_jobs();
+    if n > 0 {
+        eprintln!("vmvol: cancelled {n} running job(s)");
+    }
+    drop(rt);
+    res
 }
 
 /// Resolves on SIGINT or SIGTERM: the server stops accepting, finishes the

@@ -78,15 +78,40 @@ use state::AppState;
 /// with a 500. Mount it in an orchestrator's own server or serve it with
 /// [`axum::serve()`] on [`bind_unix`]'s listener.
 pub fn router(vols: Volumes, cfg: ApiConfig) -> Router {
+    service(vols, cfg).0
+}
+
+/// A handle on a running service's jobs (see [`service`]).
+#[derive(Clone)]
+pub struct ApiHandle(Arc<AppState>);
+
+impl std::fmt::Debug for ApiHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiHandle").finish_non_exhaustive()
+    }
+}
+
+impl ApiHandle {
+    /// Asks every running job to stop (at shutdown): each removes what
+    /// it was writing. Returns how many were running.
+    pub fn cancel_jobs(&self) -> usize {
+        self.0.cancel_all()
+    }
+}
+
+/// [`router`], plus a handle to cancel its jobs when the server stops.
+pub fn service(vols: Volumes, cfg: ApiConfig) -> (Router, ApiHandle) {
     let limit = cfg.json_limit;
     let st = Arc::new(AppState::new(vols, cfg));
-    harden(
+    let handle = ApiHandle(st.clone());
+    let r = harden(
         routes::all()
             .route("/openapi.json", get(openapi_json))
             .fallback(unknown_path)
             .with_state(st),
         limit,
-    )
+    );
+    (r, handle)
 }
 
 /// The layers [`router`] puts around its routes, for routes an embedder

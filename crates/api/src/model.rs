@@ -489,13 +489,17 @@ pub enum JobState {
     Cancelled,
 }
 
-/// Bytes done out of bytes to do.
+/// Bytes done out of bytes to do, in the operation's current phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
-    /// Bytes done.
+    /// Bytes done in this phase.
     pub done: u64,
-    /// Bytes in all (0 until known).
+    /// Bytes this phase has in all (0 until known).
     pub total: u64,
+    /// Phase number, from 1 (0: nothing reported yet). Some operations
+    /// report more than one step (e.g. a clone to another pool makes the
+    /// image, then copies into it); `done` restarts from zero with each.
+    pub phase: u32,
 }
 
 /// A job as `GET /api/jobs/{id}` shows it.

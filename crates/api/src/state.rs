@@ -51,8 +51,7 @@ struct Job {
     operation: &'static str,
     seq: u64,
     cancel: Arc<AtomicBool>,
-    done: AtomicU64,
-    total: AtomicU64,
+    progress: Mutex<Progress>,
     outcome: Mutex<Option<ApiResult<serde_json::Value>>>,
 }
 
@@ -71,10 +70,7 @@ impl Job {
             id: id.to_string(),
             operation: self.operation.to_string(),
             state,
-            progress: Progress {
-                done: self.done.load(Ordering::Relaxed),
-                total: self.total.load(Ordering::Relaxed),
-            },
+            progress: *self.progress.lock().unwrap_or_else(|e| e.into_inner()),
             result,
             error,
         }
@@ -188,8 +184,11 @@ impl AppState {
             operation,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             cancel: Arc::new(AtomicBool::new(false)),
-            done: AtomicU64::new(0),
-            total: AtomicU64::new(0),
+            progress: Mutex::new(Progress {
+                done: 0,
+                total: 0,
+                phase: 0,
+            }),
             outcome: Mutex::new(None),
         });
         self.insert_job(&id, job.clone());
@@ -197,8 +196,14 @@ impl AppState {
         let ctl = Control::new()
             .with_cancel(job.cancel.clone())
             .with_progress(move |done, total| {
-                j.total.store(total, Ordering::Relaxed);
-                j.done.store(done, Ordering::Relaxed);
+                let mut p = j.progress.lock().unwrap_or_else(|e| e.into_inner());
+                // The library reports each step of an operation (make the
+                // image, copy into it) from zero: a drop starts a new phase.
+                if p.phase == 0 || done < p.done || total != p.total {
+                    p.phase += 1;
+                }
+                p.done = done;
+                p.total = total;
             });
         let vols = self.vols.clone();
         let st = self.clone();
@@ -218,8 +223,8 @@ impl AppState {
             };
             if out.is_ok() {
                 // A finished job shows its whole size as done.
-                let t = job.total.load(Ordering::Relaxed);
-                job.done.store(t, Ordering::Relaxed);
+                let mut p = job.progress.lock().unwrap_or_else(|e| e.into_inner());
+                p.done = p.total;
             }
             *job.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
         });
@@ -260,6 +265,17 @@ impl AppState {
             .ok_or_else(|| ApiError::not_found(format!("job {id}: cancel job: not found")))?;
         j.cancel.store(true, Ordering::SeqCst);
         Ok(j.view(id))
+    }
+
+    /// Sets every unfinished job's cancel flag; how many there were.
+    pub(crate) fn cancel_all(&self) -> usize {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for j in jobs.values().filter(|j| !j.finished()) {
+            j.cancel.store(true, Ordering::SeqCst);
+            n += 1;
+        }
+        n
     }
 
     /// `path` resolved and checked to lie under an import root.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{header, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -20,7 +20,12 @@ use crate::state::AppState;
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/volumes", get(list).post(create))
+        // Archives are bounded by their volume's size, checked while
+        // streaming, not by the JSON body limit.
+        .route(
+            "/volumes",
+            get(list).post(create).layer(DefaultBodyLimit::disable()),
+        )
         .route("/volumes/{id}", get(show).delete(remove))
 }
 
