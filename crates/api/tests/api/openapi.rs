@@ -85,25 +85,34 @@ async fn document_covers_every_endpoint_body_and_error() {
     assert!(mp.get("multipart/form-data").is_some() && mp.get("application/json").is_some());
 }
 
-/// schemathesis from PyPI (`.ci/run` installs it).
-fn schemathesis() -> Option<&'static str> {
-    let found = Command::new("st")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("st");
+/// schemathesis from PyPI (`.ci/run` installs it): `st`, or the module
+/// when pip's scripts directory is not on PATH. The program and its first
+/// arguments.
+fn schemathesis() -> Option<(&'static str, &'static [&'static str])> {
+    let candidates: [(&'static str, &'static [&'static str]); 2] =
+        [("st", &[]), ("python3", &["-m", "schemathesis.cli"])];
+    for (prog, pre) in candidates {
+        let ok = Command::new(prog)
+            .args(pre)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some((prog, pre));
+        }
     }
     if std::env::var("VMVOL_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
-        panic!("schemathesis (st) is not installed, and VMVOL_REQUIRE_TOOLS=1 requires it");
+        panic!("schemathesis is not installed, and VMVOL_REQUIRE_TOOLS=1 requires it");
     }
-    eprintln!("skipped: schemathesis (st) is not installed (pip install schemathesis)");
+    eprintln!("skipped: schemathesis is not installed (pip install schemathesis)");
     None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_5xx_and_no_answer_outside_the_schema() {
-    let Some(st) = schemathesis() else { return };
+    let Some((st, pre)) = schemathesis() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let vols = Volumes::new(Registry::open(dir.path().join("reg")).unwrap());
     // A small quota bounds what fuzzed creates can write.
@@ -129,6 +138,7 @@ async fn schemathesis_finds_no_5xx_and_no_answer_outside_the_schema() {
     let examples = std::env::var("VMVOL_FUZZ_EXAMPLES").unwrap_or_else(|_| "30".into());
     let out = tokio::task::spawn_blocking(move || {
         Command::new(st)
+            .args(pre)
             .args(["run", &format!("http://{addr}/openapi.json")])
             .args(["-H", &format!("Authorization: Bearer {token}")])
             .args([
