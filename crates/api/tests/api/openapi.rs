@@ -136,8 +136,11 @@ async fn schemathesis_finds_no_5xx_and_no_answer_outside_the_schema() {
     let _ = json!({});
 
     let examples = std::env::var("VMVOL_FUZZ_EXAMPLES").unwrap_or_else(|_| "30".into());
+    // schemathesis keeps a cache in its working directory: keep it in the scratch one.
+    let work = dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(st)
+            .current_dir(work)
             .args(pre)
             .args(["run", &format!("http://{addr}/openapi.json")])
             .args(["-H", &format!("Authorization: Bearer {token}")])
