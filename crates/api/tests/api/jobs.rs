@@ -134,3 +134,63 @@ async fn async_clone_reports_progress_and_cancel_leaves_nothing() {
     let (st, _) = s.api("cancel-job", json!({"id": "nope"})).await;
     assert_eq!(st, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_cancels_its_call() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start().await;
+    s.pool("default").await;
+    s.pool("other").await;
+    filled(&s, "big", 1024 * MIB, 384).await;
+    // How long the whole copy takes here, to know how long to wait below.
+    let t = Instant::now();
+    s.ok(
+        "clone-volume",
+        json!({"pool": "default", "name": "big", "new_name": "timed", "to_pool": "other"}),
+        201,
+    )
+    .await;
+    let full = t.elapsed();
+    s.ok(
+        "delete-volume",
+        json!({"pool": "other", "name": "timed"}),
+        200,
+    )
+    .await;
+    let body = json!({"pool": "default", "name": "big", "new_name": "gone", "to_pool": "other"})
+        .to_string();
+    let mut c = tokio::net::UnixStream::connect(&s.sock).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /api/clone-volume HTTP/1.1\r\nHost: vmvol\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(c);
+    // The copy stops at its next check and removes its staging area.
+    let t0 = Instant::now();
+    loop {
+        let info = s
+            .vols
+            .registry()
+            .info("other", vmvol_pool::Wait::Block)
+            .unwrap();
+        if s.staged("other") == 0 && info.reservations == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "work goes on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Had it gone on, the copy would be done by now.
+    tokio::time::sleep(full * 2 + Duration::from_millis(500)).await;
+    let (st, _) = s
+        .api("describe-volume", json!({"pool": "other", "name": "gone"}))
+        .await;
+    assert_eq!(st, 404, "the call ran to the end although its client left");
+    assert_eq!(s.staged("other"), 0);
+}
