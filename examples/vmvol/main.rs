@@ -33,6 +33,7 @@ mod image;
 mod instance;
 mod output;
 mod pool;
+mod serve;
 mod signals;
 mod size;
 mod snapshot;
@@ -74,6 +75,8 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Instances: all their volumes attached at creation, Cloud Hypervisor disks, detach.
     Instance(instance::InstanceArgs),
+    /// Serve the HTTP API (Unix socket, mode 0600; TCP with --listen and a token).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Cmd::Template(c) => template::run(c),
         Cmd::Snapshot(c) => snapshot::run(c),
         Cmd::Instance(c) => instance::run(c),
+        Cmd::Serve(c) => serve::run(c),
     };
     match (res, signals::received()) {
         (Ok(()), _) => ExitCode::SUCCESS,

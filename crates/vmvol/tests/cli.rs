@@ -100,6 +100,9 @@ mod crash;
 /// Real Linux guests under QEMU mount what `vmvol instance attach` gave them.
 #[path = "cli/guest.rs"]
 mod guest;
+/// `vmvol serve` (issue 12).
+#[path = "cli/serve.rs"]
+mod serve;
 
 /// Return from the test (skipping) unless every tool is present.
 macro_rules! require_tools {
