@@ -30,38 +30,7 @@ impl SizeArg {
 }
 
 /// Parses `10G`, `512M`, `1.5T`, `4096`, `64K`, `2MiB` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let idx = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(idx);
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit.trim_end_matches("ib").trim_end_matches('b');
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        _ => return Err(format!("size {s:?}: unknown unit (use K, M, G, T, P)")),
-    };
-    if num.is_empty() {
-        return Err(format!("size {s:?}: not a size"));
-    }
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| format!("size {s:?}: too large"));
-    }
-    let f: f64 = num.parse().map_err(|_| format!("size {s:?}: not a size"))?;
-    let v = f * mult as f64;
-    if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
-        return Err(format!("size {s:?}: out of range"));
-    }
-    Ok(v.round() as u64)
-}
+pub use vmvol_volume::parse_size;
 
 /// Image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -532,4 +501,123 @@ pub struct JobAccepted {
 pub struct CancelJobRequest {
     /// Job id.
     pub id: String,
+}
+
+/// A disk image format as Cloud Hypervisor's `image_type` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageTypeArg {
+    /// raw
+    Raw,
+    /// qcow2
+    Qcow2,
+}
+
+impl From<ImageTypeArg> for vmvol_chv::ImageType {
+    fn from(t: ImageTypeArg) -> Self {
+        match t {
+            ImageTypeArg::Raw => vmvol_chv::ImageType::Raw,
+            ImageTypeArg::Qcow2 => vmvol_chv::ImageType::Qcow2,
+        }
+    }
+}
+
+/// Where an overlay's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OverlayKindArg {
+    /// A per-instance ext4 disk joined to the read-only base by the guest's overlayfs (two devices).
+    #[default]
+    GuestOverlayfs,
+    /// A per-instance qcow2 over the base (one device).
+    Block,
+}
+
+/// One volume of an instance: the seed's `{"volume_id", "mount_path",
+/// "readonly", "overlay", "overlay_size"}` plus the pool and the overlay kind.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct AttachVolumeArg {
+    /// The pool (`default` when absent).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// The volume's name or UUID.
+    pub volume_id: String,
+    /// Where the guest mounts it (absolute, clean, not a system directory).
+    pub mount_path: String,
+    /// Shared read-only instead of exclusive read-write.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Private writes over the read-only volume.
+    #[serde(default)]
+    pub overlay: bool,
+    /// The overlay's size (needed with `overlay`).
+    #[serde(default)]
+    pub overlay_size: Option<SizeArg>,
+    /// Which overlay.
+    #[serde(default)]
+    pub overlay_kind: OverlayKindArg,
+}
+
+/// Body of `POST /api/attach-instance`: a new instance gets all its volumes.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct AttachInstanceRequest {
+    /// The instance id (1–63 of `a-z A-Z 0-9 . _ -`).
+    pub instance: String,
+    /// The rootfs image (`/dev/vda`, read-only), as the VMM will open it.
+    pub rootfs: String,
+    /// Its format (never probed).
+    pub rootfs_image_type: ImageTypeArg,
+    /// The instance's writable overlay (`/dev/vdb`).
+    pub instance_overlay: String,
+    /// Its format.
+    pub instance_overlay_image_type: ImageTypeArg,
+    /// The volumes, in device order.
+    #[serde(default)]
+    pub volumes: Vec<AttachVolumeArg>,
+    /// Extra top-level fields of the config disk's `/config.json`.
+    #[serde(default)]
+    pub config_extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Names an instance.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct InstanceRef {
+    /// The instance id.
+    pub instance: String,
+}
+
+/// An attached instance: its record, Cloud Hypervisor's `DiskConfig` array
+/// (`disks`, in `/dev/vdX` order, for `PUT /vm.create`), the guest's mount
+/// plan and the config disk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceView {
+    /// The instance record (state, volumes, overlays).
+    #[schema(value_type = Object)]
+    pub instance: serde_json::Value,
+    /// The `DiskConfig` array, exactly Cloud Hypervisor's JSON.
+    #[schema(value_type = Vec<Object>)]
+    pub disks: Vec<serde_json::Value>,
+    /// What the guest mounts (`volume_mounts` of `/config.json`).
+    #[schema(value_type = Vec<Object>)]
+    pub volume_mounts: Vec<serde_json::Value>,
+    /// The config disk (`/dev/vdc`).
+    pub config_disk: String,
+}
+
+/// The instances of this host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceList {
+    /// One row each (damaged records shown with their reason).
+    #[schema(value_type = Vec<Object>)]
+    pub instances: Vec<serde_json::Value>,
+}
+
+/// What a detach did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DetachResult {
+    /// The instance.
+    pub instance: String,
+    /// The volumes it had (empty: nothing was attached).
+    #[schema(value_type = Vec<Object>)]
+    pub volumes: Vec<serde_json::Value>,
 }

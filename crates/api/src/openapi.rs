@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::model::*;
-use crate::routes::{compat, jobs, pools, snapshots, templates, volumes};
+use crate::routes::{compat, instances, jobs, pools, snapshots, templates, volumes};
 
 /// The document's generator.
 #[derive(OpenApi)]
@@ -22,11 +22,14 @@ use crate::routes::{compat, jobs, pools, snapshots, templates, volumes};
         templates::delete_template,
         snapshots::create_snapshot, snapshots::list_snapshots, snapshots::describe_snapshot,
         snapshots::delete_snapshot,
+        instances::attach_instance, instances::detach_instance,
+        instances::describe_instance, instances::list_instances,
         jobs::get_job, jobs::cancel_job,
         compat::list, compat::create, compat::show, compat::remove,
     ),
     components(schemas(ErrorBody, ErrorDetail, SizeArg, FormatArg, PreallocArg, ModeArg,
-        CompressionArg, StateArg, SortArg, JobState, Progress)),
+        CompressionArg, StateArg, SortArg, JobState, Progress, ImageTypeArg, OverlayKindArg,
+        AttachVolumeArg)),
     modifiers(&Bearer),
     security(("bearer" = [])),
 )]

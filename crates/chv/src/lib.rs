@@ -43,6 +43,7 @@ mod configdisk;
 mod error;
 mod guest;
 mod instance;
+pub mod vm;
 
 pub use attached::{instance_spec, volume_disks};
 pub use config::{

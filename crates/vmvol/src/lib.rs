@@ -10,7 +10,7 @@
 //! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
 //! | `chv` | `vmvol-chv` | Cloud Hypervisor disks (`DiskConfig`, `--disk`), the config disk, the guest mount script |
 //! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress; instances' attachments |
-//! | [`instance`] | (here) | instances end to end: attach with the config disk, show the Cloud Hypervisor disks, detach |
+//! | [`instance`] | `vmvol-chv` (`vm`) | instances end to end: attach with the config disk, show the Cloud Hypervisor disks, detach |
 //! | `rbd` (feature `rbd`) | `vmvol-rbd` | pools on Ceph RBD: `rbd::register()` lets every registry define and open them |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:
@@ -37,9 +37,10 @@
 //! default `async` feature: vmvol uses its `sync` feature and the two exclude
 //! each other.
 
-pub mod instance;
-
 pub use vmvol_chv as chv;
+/// Instances end to end: attach with the config disk, show, detach
+/// (`vmvol-chv`'s `vm` module).
+pub use vmvol_chv::vm as instance;
 pub use vmvol_format as format;
 pub use vmvol_fs as fs;
 pub use vmvol_pool as pool;

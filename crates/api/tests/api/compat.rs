@@ -165,7 +165,7 @@ async fn volumes_api_json_and_multipart() {
     assert_eq!(names, ["data", "web"]);
 
     // Attached: shown, and delete is 409; detached: 204, then 404.
-    s.set_attached("default", "web", Some("inst-1"));
+    s.set_attached("default", "web", Some("inst-1")).await;
     let (_, w) = s.call("GET", "/volumes/web", None).await;
     assert_eq!(
         w["attachments"],
@@ -173,7 +173,7 @@ async fn volumes_api_json_and_multipart() {
     );
     let (st, e) = s.call("DELETE", &format!("/volumes/{wid}"), None).await;
     assert_eq!((st, kind(&e)), (409, "in_use"), "{e}");
-    s.set_attached("default", "web", None);
+    s.set_attached("default", "web", None).await;
     let (st, body) = s.call("DELETE", &format!("/volumes/{wid}"), None).await;
     assert_eq!((st, body), (204, serde_json::Value::Null));
     let (st, _) = s.call("GET", &format!("/volumes/{wid}"), None).await;

@@ -110,7 +110,7 @@ async fn seed_004_flow() {
     assert_eq!(names(&raw), ["rawvol"]);
     let by_name = s.ok("list-volumes", json!({"name": "LINK"}), 200).await;
     assert_eq!(names(&by_name), ["linked"]);
-    s.set_attached("p1", "rawvol", Some("vm-1"));
+    s.set_attached("p1", "rawvol", Some("vm-1")).await;
     let att = s
         .ok(
             "list-volumes",
@@ -184,14 +184,14 @@ async fn seed_004_flow() {
         )
         .await;
     assert!(r["bytes_after"].as_u64().is_some(), "{r}");
-    s.set_attached("p1", "rawvol", None);
+    s.set_attached("p1", "rawvol", None).await;
     let (st, e) = s
         .api("compress-volume", json!({"pool": "p1", "name": "rawvol"}))
         .await;
     assert_eq!((st, kind(&e)), (409, "refused"), "{e}");
 
     // Delete: refused while attached, fine after detach.
-    s.set_attached("p1", "rawvol", Some("vm-1"));
+    s.set_attached("p1", "rawvol", Some("vm-1")).await;
     let (st, e) = s
         .api("delete-volume", json!({"pool": "p1", "name": "rawvol"}))
         .await;
@@ -200,7 +200,7 @@ async fn seed_004_flow() {
         e["error"]["message"].as_str().unwrap().contains("vm-1"),
         "{e}"
     );
-    s.set_attached("p1", "rawvol", None);
+    s.set_attached("p1", "rawvol", None).await;
     s.ok(
         "delete-volume",
         json!({"pool": "p1", "name": "rawvol"}),

@@ -4,6 +4,7 @@
 
 mod compat;
 mod flow;
+mod instances;
 mod jobs;
 mod load;
 mod openapi;
@@ -18,8 +19,8 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use vmvol_api::{bind_unix, router, ApiConfig};
-use vmvol_pool::{AttachTarget, EntryKind, Registry};
-use vmvol_volume::{AttachMode, Attachment, VolumeRecord, Volumes};
+use vmvol_pool::{AttachTarget, Registry};
+use vmvol_volume::Volumes;
 
 /// A running service on a Unix socket in a fresh registry.
 pub struct Server {
@@ -92,26 +93,35 @@ impl Server {
             .await;
     }
 
-    /// Sets a volume's attachments directly in its record: the attachment
-    /// API arrives with the instance endpoints; this stands in for it.
-    pub fn set_attached(&self, pool: &str, name: &str, instance: Option<&str>) {
-        let d = self.vols.describe_volume(pool, name).unwrap();
-        let p = self.vols.pool(pool).unwrap();
-        let mut r = p
-            .get::<VolumeRecord>(EntryKind::Volume, &d.uuid)
-            .unwrap()
-            .record
-            .data;
-        r.attachments = instance
-            .map(|i| {
-                vec![Attachment {
-                    instance: i.into(),
-                    mount_path: "/data".into(),
-                    mode: AttachMode::Rw,
-                }]
-            })
-            .unwrap_or_default();
-        p.write_record(EntryKind::Volume, &d.uuid, &r).unwrap();
+    /// Attaches volume `name` read-write at `/data` to new instance
+    /// `instance` through `POST /api/attach-instance`, or (`None`) detaches
+    /// every instance it is attached to through `POST /api/detach-instance`.
+    pub async fn set_attached(&self, pool: &str, name: &str, instance: Option<&str>) {
+        match instance {
+            Some(i) => {
+                let v = self
+                    .ok(
+                        "attach-instance",
+                        json!({
+                            "instance": i,
+                            "rootfs": "/images/rootfs.raw", "rootfs_image_type": "raw",
+                            "instance_overlay": format!("/guests/{i}/overlay.raw"),
+                            "instance_overlay_image_type": "raw",
+                            "volumes": [{"pool": pool, "volume_id": name, "mount_path": "/data"}],
+                        }),
+                        201,
+                    )
+                    .await;
+                assert_eq!(v["disks"][3]["id"], "vdd", "{v}");
+            }
+            None => {
+                let d = self.vols.describe_volume(pool, name).unwrap();
+                for a in d.attachments {
+                    self.ok("detach-instance", json!({"instance": a.instance}), 200)
+                        .await;
+                }
+            }
+        }
     }
 
     /// The image file of volume `name`.

@@ -1,6 +1,7 @@
 //! Instances end to end: attach an instance's volumes (vmvol-volume), lay
-//! out its Cloud Hypervisor disks and write its config disk (vmvol-chv), in
-//! one all-or-nothing step; show them again later; detach.
+//! out its Cloud Hypervisor disks and write its config disk, in one
+//! all-or-nothing step; show them again later; detach. (The facade
+//! re-exports this module as `vmvol::instance`.)
 //!
 //! The config disk lives in the instance's files directory
 //! ([`InstanceDescription::files_dir`]) and is written before the attach
@@ -9,9 +10,9 @@
 
 use std::path::PathBuf;
 
+use crate::{ImageType, InstancePlan};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use vmvol_chv::{ImageType, InstancePlan};
 use vmvol_volume::{
     AttachRequest, AttachVolume, Detached, ErrorKind, InstanceDescription, Result, Volumes,
 };
@@ -49,13 +50,10 @@ pub struct Vm {
     pub config_disk: PathBuf,
 }
 
-fn chv_err<'a>(
-    id: &'a str,
-    op: &'static str,
-) -> impl Fn(vmvol_chv::Error) -> vmvol_volume::Error + 'a {
+fn chv_err<'a>(id: &'a str, op: &'static str) -> impl Fn(crate::Error) -> vmvol_volume::Error + 'a {
     move |e| {
         let kind = match e {
-            vmvol_chv::Error::Invalid { .. } => ErrorKind::InvalidArgument,
+            crate::Error::Invalid { .. } => ErrorKind::InvalidArgument,
             _ => ErrorKind::Io,
         };
         vmvol_volume::Error::external(format!("instance {id}"), op, kind, e)
@@ -65,14 +63,14 @@ fn chv_err<'a>(
 fn plan_of(desc: &InstanceDescription, disks: &VmDisks) -> Result<(InstancePlan, PathBuf)> {
     let id = desc.instance.id.as_str();
     let config_disk = desc.files_dir.join(CONFIG_DISK_FILE);
-    let spec = vmvol_chv::instance_spec(
+    let spec = crate::instance_spec(
         desc,
         (&disks.rootfs, disks.rootfs_image_type),
         (&disks.instance_overlay, disks.instance_overlay_image_type),
         &config_disk,
     )
     .map_err(chv_err(id, "plan disks"))?;
-    let plan = vmvol_chv::plan(&spec).map_err(chv_err(id, "plan disks"))?;
+    let plan = crate::plan(&spec).map_err(chv_err(id, "plan disks"))?;
     Ok((plan, config_disk))
 }
 
@@ -98,7 +96,7 @@ pub fn attach(vols: &Volumes, id: &str, volumes: Vec<AttachVolume>, disks: &VmDi
         std::fs::create_dir_all(&desc.files_dir).map_err(|e| {
             vmvol_volume::Error::external(format!("instance {id}"), "attach", ErrorKind::Io, e)
         })?;
-        vmvol_chv::write_config_disk(&config_disk, &plan, &disks.config_extra)
+        crate::write_config_disk(&config_disk, &plan, &disks.config_extra)
             .map_err(chv_err(id, "write config disk"))?;
         made = Some((plan, config_disk));
         Ok(())
@@ -121,7 +119,7 @@ pub fn show(vols: &Volumes, id: &str) -> Result<Vm> {
     let disks: VmDisks = serde_json::from_value(desc.instance.vmm.clone()).map_err(|e| {
         vmvol_volume::Error::external(
             format!("instance {id}"),
-            "show (not attached through vmvol::instance::attach)",
+            "show (not attached through vmvol_chv::vm::attach)",
             ErrorKind::Corrupt,
             e,
         )
