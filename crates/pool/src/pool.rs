@@ -207,6 +207,11 @@ pub fn allocation_limit(capacity: u64, ratio: f64) -> u64 {
 struct Slot {
     record_path: PathBuf,
     record: std::result::Result<Arc<Vec<u8>>, String>,
+    /// The record parsed as the type it was first listed as (an upper
+    /// layer lists each kind as one type): listing 10,000 records then
+    /// filters parsed values instead of parsing JSON again. A slot is
+    /// replaced whenever its entry is rescanned, so this never goes stale.
+    parsed: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
     images: Vec<ImageSummary>,
     virt: u64,
     physical: u64,
@@ -230,6 +235,7 @@ impl Slot {
                 .fold(0u64, |a, i| a.saturating_add(i.virtual_size.unwrap_or(0))),
             record_path: s.record_path,
             record,
+            parsed: std::sync::OnceLock::new(),
             images: s.images,
             physical: s.physical,
         }
@@ -868,7 +874,7 @@ impl Pool {
     /// Entries of `kind` sorted by id whose record satisfies `filter(id,
     /// data)`, plus every damaged entry (a damaged record cannot be
     /// filtered, and is never hidden).
-    pub fn list<T: RecordType>(
+    pub fn list<T: RecordType + Clone + Send + Sync + 'static>(
         &self,
         kind: EntryKind,
         filter: impl Fn(&str, &T) -> bool,
@@ -1310,7 +1316,7 @@ impl PoolTxn<'_> {
     }
 
     /// [`Pool::list`] inside the transaction.
-    pub fn list<T: RecordType>(
+    pub fn list<T: RecordType + Clone + Send + Sync + 'static>(
         &mut self,
         kind: EntryKind,
         filter: impl Fn(&str, &T) -> bool,
@@ -1319,8 +1325,19 @@ impl PoolTxn<'_> {
         idx.require_active("list entries")?;
         let mut out = Vec::new();
         for (id, s) in &idx.kinds[kind.idx()] {
-            let parsed = match &s.record {
-                Ok(bytes) => Record::<T>::parse(bytes),
+            let parsed: std::result::Result<Arc<Record<T>>, String> = match &s.record {
+                Ok(bytes) => match s
+                    .parsed
+                    .get()
+                    .and_then(|a| Arc::clone(a).downcast::<Record<T>>().ok())
+                {
+                    Some(r) => Ok(r),
+                    None => Record::<T>::parse(bytes).map(|r| {
+                        let r = Arc::new(r);
+                        let _ = s.parsed.set(r.clone());
+                        r
+                    }),
+                },
                 Err(reason) => Err(reason.clone()),
             };
             match parsed {
@@ -1329,7 +1346,7 @@ impl PoolTxn<'_> {
                         out.push(Listed::Ok(Entry {
                             kind,
                             id: id.clone(),
-                            record,
+                            record: Record::clone(&record),
                             images: s.images.clone(),
                             physical: s.physical,
                         }));

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::record::{BaseLink, SnapshotRecord, TemplateRecord, VolumeRecord};
 
 /// Records that carry a name (every kind this crate stores).
-pub(crate) trait Named: RecordType {
+pub(crate) trait Named: RecordType + Clone + Send + Sync + 'static {
     /// The kind of entry holding it.
     const KIND: EntryKind;
     /// Its name.
