@@ -26,7 +26,7 @@
 //!     DATA_IMAGE,
 //! };
 //!
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Clone, Serialize, Deserialize)]
 //! struct Vol {
 //!     name: String,
 //! }
