@@ -207,14 +207,32 @@ pub fn allocation_limit(capacity: u64, ratio: f64) -> u64 {
 struct Slot {
     record_path: PathBuf,
     record: std::result::Result<Arc<Vec<u8>>, String>,
-    /// The record parsed as the type it was first listed as (an upper
-    /// layer lists each kind as one type): listing 10,000 records then
-    /// filters parsed values instead of parsing JSON again. A slot is
+    /// The record parsed as the type it was last listed as (an upper
+    /// layer lists each kind mostly as one type): listing 10,000 records
+    /// then filters parsed values instead of parsing JSON again. A slot is
     /// replaced whenever its entry is rescanned, so this never goes stale.
-    parsed: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+    parsed: ParseCache,
     images: Vec<ImageSummary>,
     virt: u64,
     physical: u64,
+}
+
+/// A slot's parsed record, of whatever type it was last listed as.
+#[derive(Default)]
+struct ParseCache(Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>);
+
+impl Clone for ParseCache {
+    fn clone(&self) -> Self {
+        ParseCache(Mutex::new(
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        ))
+    }
+}
+
+impl std::fmt::Debug for ParseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ParseCache")
+    }
 }
 
 impl Slot {
@@ -235,7 +253,7 @@ impl Slot {
                 .fold(0u64, |a, i| a.saturating_add(i.virtual_size.unwrap_or(0))),
             record_path: s.record_path,
             record,
-            parsed: std::sync::OnceLock::new(),
+            parsed: ParseCache::default(),
             images: s.images,
             physical: s.physical,
         }
@@ -1326,18 +1344,20 @@ impl PoolTxn<'_> {
         let mut out = Vec::new();
         for (id, s) in &idx.kinds[kind.idx()] {
             let parsed: std::result::Result<Arc<Record<T>>, String> = match &s.record {
-                Ok(bytes) => match s
-                    .parsed
-                    .get()
-                    .and_then(|a| Arc::clone(a).downcast::<Record<T>>().ok())
-                {
-                    Some(r) => Ok(r),
-                    None => Record::<T>::parse(bytes).map(|r| {
-                        let r = Arc::new(r);
-                        let _ = s.parsed.set(r.clone());
-                        r
-                    }),
-                },
+                Ok(bytes) => {
+                    let mut cache = s.parsed.0.lock().unwrap_or_else(|e| e.into_inner());
+                    match cache
+                        .as_ref()
+                        .and_then(|a| Arc::clone(a).downcast::<Record<T>>().ok())
+                    {
+                        Some(r) => Ok(r),
+                        None => Record::<T>::parse(bytes).map(|r| {
+                            let r = Arc::new(r);
+                            *cache = Some(r.clone());
+                            r
+                        }),
+                    }
+                }
                 Err(reason) => Err(reason.clone()),
             };
             match parsed {

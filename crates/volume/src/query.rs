@@ -160,7 +160,7 @@ impl Volumes {
                         .is_none_or(|a| a != r.attachments.is_empty())
                     && needle
                         .as_ref()
-                        .is_none_or(|n| r.name.to_lowercase().contains(n.as_str()))
+                        .is_none_or(|n| contains_ignore_case(&r.name, n))
             });
             let listed = match (listed, &filter.pool) {
                 (Ok(l), _) => l,
@@ -295,4 +295,14 @@ impl Volumes {
             filesystem,
         })
     }
+}
+
+/// Whether `hay` contains `needle` (already lower case), ignoring ASCII
+/// case: names are ASCII by rule, and a listing of 10,000 volumes should
+/// not allocate a lower-cased copy of each.
+fn contains_ignore_case(hay: &str, needle: &str) -> bool {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    n.is_empty()
+        || h.windows(n.len())
+            .any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
 }
