@@ -95,9 +95,21 @@ pub(crate) fn commit_new<T: Named + Clone>(
     record: &T,
     op: &'static str,
 ) -> Result<Found<T>> {
+    commit_new_as(vols, pool, None, staging, record, op)
+}
+
+/// [`commit_new`] under the UUID `id` when given (else a new one).
+pub(crate) fn commit_new_as<T: Named + Clone>(
+    vols: &Volumes,
+    pool: &str,
+    id: Option<&str>,
+    staging: Staging,
+    record: &T,
+    op: &'static str,
+) -> Result<Found<T>> {
     let p = vols.pool(pool)?;
     let object = obj(pool, T::KIND, record.name());
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
     p.transaction(op, |t| {
         Ok(
             require_free::<T>(t, pool, record.name(), op).and_then(|()| {
@@ -121,6 +133,33 @@ impl Volumes {
     pub fn create_volume(
         &self,
         pool: &str,
+        req: &CreateVolume,
+        ctl: &Control,
+    ) -> Result<Found<VolumeRecord>> {
+        self.create_volume_with(pool, None, req, ctl)
+    }
+
+    /// [`Volumes::create_volume`] under a UUID the caller chose (the seed
+    /// system's `POST /volumes` takes an optional `id`): 1–63 of
+    /// `a-z 0-9 . _ -`, not starting with `.`; an id in use is refused as
+    /// already existing.
+    pub fn create_volume_as(
+        &self,
+        pool: &str,
+        id: &str,
+        req: &CreateVolume,
+        ctl: &Control,
+    ) -> Result<Found<VolumeRecord>> {
+        let object = obj(pool, EntryKind::Volume, &req.name);
+        vmvol_pool::validate_name(id)
+            .map_err(|e| Error::invalid(&object, OP, format!("id {id:?}: {e}")))?;
+        self.create_volume_with(pool, Some(id), req, ctl)
+    }
+
+    fn create_volume_with(
+        &self,
+        pool: &str,
+        id: Option<&str>,
         req: &CreateVolume,
         ctl: &Control,
     ) -> Result<Found<VolumeRecord>> {
@@ -189,7 +228,7 @@ impl Volumes {
                     base: None,
                     attachments: Vec::new(),
                 };
-                commit_new(self, pool, staging, &rec, OP)
+                commit_new_as(self, pool, id, staging, &rec, OP)
             }
             VolumeSource::Archive { path } => {
                 let popts = vmvol_fs::PopulateOptions {
@@ -251,13 +290,13 @@ impl Volumes {
                     base: None,
                     attachments: Vec::new(),
                 };
-                commit_new(self, pool, staging, &rec, OP)
+                commit_new_as(self, pool, id, staging, &rec, OP)
             }
             VolumeSource::Template { name, mode } => {
-                self.create_from::<TemplateRecord>(pool, req, name, *mode, ctl)
+                self.create_from::<TemplateRecord>(pool, id, req, name, *mode, ctl)
             }
             VolumeSource::Snapshot { name, mode } => {
-                self.create_from::<SnapshotRecord>(pool, req, name, *mode, ctl)
+                self.create_from::<SnapshotRecord>(pool, id, req, name, *mode, ctl)
             }
         }
     }
@@ -266,6 +305,7 @@ impl Volumes {
     fn create_from<T: Named + Clone + BaseInfo>(
         &self,
         pool: &str,
+        id: Option<&str>,
         req: &CreateVolume,
         base: &str,
         mode: LinkMode,
@@ -324,7 +364,8 @@ impl Volumes {
                             }),
                             attachments: Vec::new(),
                         };
-                        let id = uuid::Uuid::new_v4().to_string();
+                        let id =
+                            id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
                         t.commit(s, EntryKind::Volume, &id, &rec)
                             .map_err(Error::pool(&object, OP))?;
                         Ok(Found {
@@ -377,7 +418,7 @@ impl Volumes {
                     base: None,
                     attachments: Vec::new(),
                 };
-                commit_new(self, pool, staging, &rec, OP)
+                commit_new_as(self, pool, id, staging, &rec, OP)
             }
         }
     }

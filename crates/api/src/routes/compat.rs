@@ -126,20 +126,19 @@ pub(crate) async fn create(
         .unwrap_or("")
         .to_ascii_lowercase();
     let pool = st.cfg.default_pool.clone();
-    let (name, size_gb, upload) = if ct.starts_with("multipart/form-data") {
+    let (name, size_gb, id, upload) = if ct.starts_with("multipart/form-data") {
         let mp = Multipart::from_request(req, &())
             .await
             .map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-        let (name, size_gb, file) = read_multipart(&st, mp).await?;
-        (name, size_gb, Some(file))
+        let (name, size_gb, id, file) = read_multipart(&st, mp).await?;
+        (name, size_gb, id, Some(file))
     } else if ct.starts_with("application/json") {
         let bytes = axum::body::to_bytes(req.into_body(), st.cfg.json_limit)
             .await
             .map_err(|_| ApiError::too_large("request body: too large"))?;
         let b: CreateVolumeJson = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-        refuse_id(b.id.as_deref())?;
-        (b.name, b.size_gb, None)
+        (b.name, b.size_gb, b.id, None)
     } else {
         return Err(ApiError::invalid(
             "request body: expected application/json or multipart/form-data",
@@ -165,7 +164,12 @@ pub(crate) async fn create(
                 size: Some(size),
                 source,
             };
-            let f = v.create_volume(&pool, &req, ctl)?;
+            // The seed's clients may choose the id; vmvol keeps it as the
+            // volume's UUID (pool entry id).
+            let f = match &id {
+                Some(id) => v.create_volume_as(&pool, id, &req, ctl)?,
+                None => v.create_volume(&pool, &req, ctl)?,
+            };
             drop(upload);
             Ok(Volume::from_record(&f.id, &f.record))
         })
@@ -173,22 +177,12 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-/// vmvol assigns volume ids (UUIDs) itself.
-fn refuse_id(id: Option<&str>) -> ApiResult<()> {
-    match id {
-        None => Ok(()),
-        Some(_) => Err(ApiError::invalid(
-            "volume: create volume: id cannot be chosen (vmvol assigns a UUID); omit it",
-        )),
-    }
-}
-
 /// Reads the form: text fields `name`, `size_gb`, `id`, and the file field
 /// `content` streamed to a temporary file, at most `size_gb` GiB.
 async fn read_multipart(
     st: &AppState,
     mut mp: Multipart,
-) -> ApiResult<(String, u64, tempfile::NamedTempFile)> {
+) -> ApiResult<(String, u64, Option<String>, tempfile::NamedTempFile)> {
     let bad = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large("request body: too large")
@@ -198,6 +192,7 @@ async fn read_multipart(
     };
     let text_limit = 4096;
     let mut name = None;
+    let mut id = None;
     let mut size_gb: Option<u64> = None;
     let mut content: Option<(tempfile::NamedTempFile, u64)> = None;
     while let Some(mut field) = mp.next_field().await.map_err(bad)? {
@@ -248,7 +243,7 @@ async fn read_multipart(
                             ))
                         })?)
                     }
-                    _ => refuse_id(Some(&text))?,
+                    _ => id = Some(text),
                 }
             }
             other => {
@@ -266,7 +261,7 @@ async fn read_multipart(
     if n > size_gb.saturating_mul(GIB) {
         return Err(too_big(size_gb));
     }
-    Ok((name, size_gb, file))
+    Ok((name, size_gb, id, file))
 }
 
 fn too_big(size_gb: u64) -> ApiError {

@@ -191,11 +191,31 @@ async fn volumes_api_bad_input() {
         json!({"name": "ok", "size_gb": u64::MAX}),
         json!({"name": "ok", "size_gb": -1}),
         json!({"name": "ok"}),
-        json!({"name": "ok", "size_gb": 1, "id": "chosen"}),
+        json!({"name": "ok", "size_gb": 1, "id": "../up"}),
+        json!({"name": "ok", "size_gb": 1, "id": "Upper"}),
     ] {
         let (st, e) = s.call("POST", "/volumes", Some(body.clone())).await;
         assert_eq!((st, kind(&e)), (400, "invalid_argument"), "{body}: {e}");
     }
+    // A client-chosen id becomes the volume's id; taken again: 409.
+    let (st, v) = s
+        .call(
+            "POST",
+            "/volumes",
+            Some(json!({"name": "mine", "size_gb": 1, "id": "vol-abc123"})),
+        )
+        .await;
+    assert_eq!((st, v["id"].as_str()), (201, Some("vol-abc123")), "{v}");
+    let (st, g) = s.call("GET", "/volumes/vol-abc123", None).await;
+    assert_eq!((st, g["name"].as_str()), (200, Some("mine")), "{g}");
+    let (st, e) = s
+        .call(
+            "POST",
+            "/volumes",
+            Some(json!({"name": "other", "size_gb": 1, "id": "vol-abc123"})),
+        )
+        .await;
+    assert_eq!((st, kind(&e)), (409, "already_exists"), "{e}");
     let (st, _) = s.call("GET", "/volumes/..", None).await;
     assert!(st == 400 || st == 404, "{st}");
     // Content larger than the volume: 413, and no upload left behind.
@@ -231,6 +251,8 @@ async fn volumes_api_bad_input() {
         0
     );
     assert_eq!(s.staged("default"), 0);
+    // Only the volume made under a chosen id exists.
     let (_, all) = s.call("GET", "/volumes", None).await;
-    assert_eq!(all, json!([]));
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    assert_eq!(all[0]["id"], "vol-abc123");
 }
