@@ -265,12 +265,131 @@ struct Index {
     cursor: JournalCursor,
     config: PoolConfig,
     kinds: [BTreeMap<String, Slot>; 3],
+    /// Per kind, every entry's row (record parsed as the type last listed):
+    /// `Pool::list` takes it under the lock in O(1) and filters after
+    /// releasing it, so concurrent listings do not queue on the index.
+    /// Entries that changed since are patched in when it is next taken.
+    rows: [RowCache; 3],
     virt: u64,
     physical: u64,
 }
 
+/// A kind's cached rows (type-erased `Vec<Row<T>>`, sorted by id) and the
+/// ids changed since they were built.
+#[derive(Default)]
+struct RowCache(Mutex<RowCacheInner>);
+
+impl std::fmt::Debug for RowCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RowCache")
+    }
+}
+
+#[derive(Default)]
+struct RowCacheInner {
+    rows: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    dirty: std::collections::BTreeSet<String>,
+}
+
+/// One entry of a kind's cached listing.
+#[derive(Clone)]
+struct Row<T> {
+    id: String,
+    record: std::result::Result<Arc<Record<T>>, (PathBuf, String)>,
+    images: Vec<ImageSummary>,
+    physical: u64,
+}
+
+/// The rows of `kind` as `Listed`, those `filter` keeps (damaged ones always).
+fn filter_rows<T: Clone>(
+    kind: EntryKind,
+    rows: &[Row<T>],
+    filter: impl Fn(&str, &T) -> bool,
+) -> Vec<Listed<T>> {
+    let mut out = Vec::new();
+    for r in rows {
+        match &r.record {
+            Ok(record) => {
+                if filter(&r.id, &record.data) {
+                    out.push(Listed::Ok(Entry {
+                        kind,
+                        id: r.id.clone(),
+                        record: Record::clone(record),
+                        images: r.images.clone(),
+                        physical: r.physical,
+                    }));
+                }
+            }
+            Err((path, reason)) => out.push(Listed::Damaged(Damaged {
+                kind,
+                id: r.id.clone(),
+                path: path.clone(),
+                reason: reason.clone(),
+            })),
+        }
+    }
+    out
+}
+
 impl Index {
+    /// The cached rows of `kind` as `T`: built (from each slot's parse
+    /// cache) when missing or of another type, else patched with the
+    /// entries changed since.
+    fn rows<T: RecordType + Clone + Send + Sync + 'static>(
+        &self,
+        kind: EntryKind,
+    ) -> Arc<Vec<Row<T>>> {
+        let slots = &self.kinds[kind.idx()];
+        let row = |id: &str, s: &Slot| Row {
+            id: id.to_string(),
+            record: slot_record::<T>(s).map_err(|reason| (s.record_path.clone(), reason)),
+            images: s.images.clone(),
+            physical: s.physical,
+        };
+        let mut c = self.rows[kind.idx()]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let cached = c.rows.take().and_then(|a| a.downcast::<Vec<Row<T>>>().ok());
+        let rows = match cached {
+            Some(mut rows) => {
+                if !c.dirty.is_empty() {
+                    // Unshared unless a listing is still filtering it.
+                    let v = Arc::make_mut(&mut rows);
+                    for id in std::mem::take(&mut c.dirty) {
+                        let at = v.binary_search_by(|r| r.id.as_str().cmp(id.as_str()));
+                        match (slots.get(&id), at) {
+                            (Some(s), Ok(i)) => {
+                                if let Some(r) = v.get_mut(i) {
+                                    *r = row(&id, s);
+                                }
+                            }
+                            (Some(s), Err(i)) => v.insert(i, row(&id, s)),
+                            (None, Ok(i)) => {
+                                v.remove(i);
+                            }
+                            (None, Err(_)) => {}
+                        }
+                    }
+                }
+                rows
+            }
+            None => {
+                c.dirty.clear();
+                Arc::new(slots.iter().map(|(id, s)| row(id, s)).collect())
+            }
+        };
+        c.rows = Some(rows.clone());
+        rows
+    }
+
     fn set(&mut self, kind: EntryKind, id: &str, slot: Option<Slot>) {
+        self.rows[kind.idx()]
+            .0
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .dirty
+            .insert(id.to_string());
         let map = &mut self.kinds[kind.idx()];
         let old = match slot {
             Some(s) => {
@@ -521,6 +640,7 @@ impl Pool {
             cursor,
             config,
             kinds: Default::default(),
+            rows: Default::default(),
             virt: 0,
             physical: 0,
         };
@@ -645,6 +765,7 @@ impl Pool {
                         }
                     }
                     idx.kinds[kind.idx()] = fresh;
+                    idx.rows[kind.idx()] = RowCache::default();
                 }
                 idx.virt = idx
                     .kinds
@@ -897,7 +1018,12 @@ impl Pool {
         kind: EntryKind,
         filter: impl Fn(&str, &T) -> bool,
     ) -> Result<Vec<Listed<T>>> {
-        self.with_lock(LockMode::Shared, "list entries", |t| t.list(kind, filter))
+        // Take the cached rows under the lock; filter after releasing it.
+        let rows = self.with_lock(LockMode::Shared, "list entries", |t| {
+            t.idx.require_active("list entries")?;
+            Ok(t.idx.rows::<T>(kind))
+        })?;
+        Ok(filter_rows(kind, &rows, filter))
     }
 
     /// Opens a committed image for I/O (read-only or read-write); its chain
@@ -1339,48 +1465,32 @@ impl PoolTxn<'_> {
         kind: EntryKind,
         filter: impl Fn(&str, &T) -> bool,
     ) -> Result<Vec<Listed<T>>> {
-        let idx = &mut *self.idx;
-        idx.require_active("list entries")?;
-        let mut out = Vec::new();
-        for (id, s) in &idx.kinds[kind.idx()] {
-            let parsed: std::result::Result<Arc<Record<T>>, String> = match &s.record {
-                Ok(bytes) => {
-                    let mut cache = s.parsed.0.lock().unwrap_or_else(|e| e.into_inner());
-                    match cache
-                        .as_ref()
-                        .and_then(|a| Arc::clone(a).downcast::<Record<T>>().ok())
-                    {
-                        Some(r) => Ok(r),
-                        None => Record::<T>::parse(bytes).map(|r| {
-                            let r = Arc::new(r);
-                            *cache = Some(r.clone());
-                            r
-                        }),
-                    }
-                }
-                Err(reason) => Err(reason.clone()),
-            };
-            match parsed {
-                Ok(record) => {
-                    if filter(id, &record.data) {
-                        out.push(Listed::Ok(Entry {
-                            kind,
-                            id: id.clone(),
-                            record: Record::clone(&record),
-                            images: s.images.clone(),
-                            physical: s.physical,
-                        }));
-                    }
-                }
-                Err(reason) => out.push(Listed::Damaged(Damaged {
-                    kind,
-                    id: id.clone(),
-                    path: s.record_path.clone(),
-                    reason,
-                })),
+        self.idx.require_active("list entries")?;
+        let rows = self.idx.rows::<T>(kind);
+        Ok(filter_rows(kind, &rows, filter))
+    }
+}
+
+/// A slot's record parsed as `T`, from its parse cache when it holds a `T`.
+fn slot_record<T: RecordType + Send + Sync + 'static>(
+    s: &Slot,
+) -> std::result::Result<Arc<Record<T>>, String> {
+    match &s.record {
+        Ok(bytes) => {
+            let mut pc = s.parsed.0.lock().unwrap_or_else(|e| e.into_inner());
+            match pc
+                .as_ref()
+                .and_then(|a| Arc::clone(a).downcast::<Record<T>>().ok())
+            {
+                Some(r) => Ok(r),
+                None => Record::<T>::parse(bytes).map(|r| {
+                    let r = Arc::new(r);
+                    *pc = Some(r.clone());
+                    r
+                }),
             }
         }
-        Ok(out)
+        Err(reason) => Err(reason.clone()),
     }
 }
 
