@@ -6,6 +6,7 @@
 
 mod blockio;
 mod cluster;
+mod compress;
 mod conformance;
 mod crash;
 mod hosts;
