@@ -9,6 +9,7 @@ mod cluster;
 mod compress;
 mod conformance;
 mod crash;
+mod exclusive;
 mod hosts;
 mod images;
 mod journal;
