@@ -35,7 +35,7 @@ pub fn rbd_volumes(c: &Cluster, quota: u64) -> (RbdSpec, tempfile::TempDir, Volu
         "ceph",
         &BackendSpec::Rbd(spec.clone()),
         CapacityPolicy::Quota { bytes: quota },
-        64.0,
+        1000.0,
     )
     .unwrap();
     reg.activate("ceph", Wait::Block).unwrap();

@@ -16,4 +16,5 @@ mod journal;
 mod registry;
 #[path = "../../../pool/tests/pool/suite.rs"]
 mod suite;
+mod timing;
 mod volumes;
