@@ -409,10 +409,14 @@ impl RbdBackend {
     /// refused while clones depend on one of its snapshots.
     fn remove_rbd(&self, image: &ImageRef) -> Result<()> {
         let name = rbd_name(image);
-        let parent = {
-            let io = self.open_raw(image, true)?;
-            self.drop_snapshots(image, &io)?;
-            io.raw().parent().ok().flatten()
+        let parent = match self.open_raw(image, true) {
+            Ok(io) => {
+                self.drop_snapshots(image, &io)?;
+                io.raw().parent().ok().flatten()
+            }
+            // A remove that died half way leaves a listed image that no
+            // longer opens (its header gone): librbd's remove finishes it.
+            Err(e) => return self.conn.io.rbd_remove(&name).map_err(|_| e),
         };
         // The clone goes before its link snapshot: until the snapshot is
         // gone a marker names it (of no staging area), so the recovery
