@@ -105,7 +105,8 @@ struct Tenure {
     _lease: Lease,
 }
 
-/// A link snapshot being made for a clone in a staging area.
+/// A link snapshot being made for a clone in a staging area, or (area nil)
+/// whose clone is being removed.
 #[derive(Serialize, Deserialize)]
 struct LinkMarker {
     area: uuid::Uuid,
@@ -408,24 +409,54 @@ impl RbdBackend {
     /// refused while clones depend on one of its snapshots.
     fn remove_rbd(&self, image: &ImageRef) -> Result<()> {
         let name = rbd_name(image);
-        let parent = {
-            let io = self.open_raw(image, true)?;
-            self.drop_snapshots(image, &io)?;
-            io.raw().parent().ok().flatten()
+        let parent = match self.open_raw(image, true) {
+            Ok(io) => {
+                self.drop_snapshots(image, &io)?;
+                io.raw().parent().ok().flatten()
+            }
+            // A remove that died half way leaves a listed image that no
+            // longer opens (its header gone): librbd's remove finishes it.
+            Err(e) => return self.conn.io.rbd_remove(&name).map_err(|_| e),
         };
-        self.conn
+        // The clone goes before its link snapshot: until the snapshot is
+        // gone a marker names it (of no staging area), so the recovery
+        // after a crash in between removes it once no clone depends on it.
+        let link = parent.filter(|(_, snap)| snap.starts_with(LINK_SNAP));
+        let mut marker = None;
+        if let Some((p, snap)) = &link {
+            let mk = LinkMarker {
+                area: uuid::Uuid::nil(),
+                base: p.clone(),
+            };
+            let kv = [(
+                format!("l.{snap}"),
+                serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
+            )];
+            self.conn
+                .io
+                .write_op(
+                    POOL_OBJ,
+                    &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+                )
+                .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
+            marker = Some(kv[0].0.clone());
+        }
+        let removed = self
+            .conn
             .io
             .rbd_remove(&name)
-            .map_err(|e| self.image_err(image, "remove image", e))?;
-        if let Some((p, snap)) = parent {
-            if snap.starts_with(LINK_SNAP) {
-                if let Ok(pio) = crate::ffi::Image::open(&self.conn.io, &p, false) {
-                    let _ = pio.snap_unprotect(&snap);
-                    let _ = pio.snap_remove(&snap);
-                }
+            .map_err(|e| self.image_err(image, "remove image", e));
+        if let (Ok(()), Some((p, snap))) = (&removed, &link) {
+            if let Ok(pio) = crate::ffi::Image::open(&self.conn.io, p, false) {
+                let _ = pio.snap_unprotect(snap);
+                let _ = pio.snap_remove(snap);
             }
         }
-        Ok(())
+        if let Some(k) = marker {
+            let k = [k];
+            let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
+        }
+        removed
     }
 
     /// Removes the image's link snapshots whose clones are gone; refused

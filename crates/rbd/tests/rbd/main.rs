@@ -6,12 +6,15 @@
 
 mod blockio;
 mod cluster;
+mod compress;
 mod conformance;
 mod crash;
+mod exclusive;
 mod hosts;
 mod images;
 mod journal;
 mod registry;
 #[path = "../../../pool/tests/pool/suite.rs"]
 mod suite;
+mod timing;
 mod volumes;

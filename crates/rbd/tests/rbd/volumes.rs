@@ -15,11 +15,11 @@ use crate::conformance::LEASE;
 
 const MIB: u64 = 1 << 20;
 
-fn image_of(kind: EntryKind, id: &str) -> String {
+pub fn image_of(kind: EntryKind, id: &str) -> String {
     RbdBackend::image_name(&ImageRef::entry(kind, id, DATA_IMAGE, Format::Qcow2))
 }
 
-fn e2fsck_clean(c: &Cluster, spec: &RbdSpec, image: &str) {
+pub fn e2fsck_clean(c: &Cluster, spec: &RbdSpec, image: &str) {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("x.raw");
     crate::cluster::export(c, spec, image, &out);
