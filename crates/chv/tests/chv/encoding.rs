@@ -212,6 +212,7 @@ fn validation_refusals() {
         volume: format!("v{i}"),
         path: format!("/v/{i}.raw").into(),
         image_type: ImageType::Raw,
+        transport: Default::default(),
         mount_path: format!("/m{i}"),
         mode,
     };
