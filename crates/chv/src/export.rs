@@ -209,12 +209,7 @@ impl Export {
             qemu_escape(path_str(&self.socket, what, "socket")?),
             on(self.writable)
         );
-        Ok(vec![
-            "--blockdev".into(),
-            dev,
-            "--export".into(),
-            export,
-        ])
+        Ok(vec!["--blockdev".into(), dev, "--export".into(), export])
     }
 
     fn err(&self, op: &'static str, reason: impl Into<String>) -> Error {
@@ -248,10 +243,7 @@ impl Export {
             ));
         }
         if let Err(e) = std::fs::metadata(&self.source.conf) {
-            return Err(self.err(
-                OP,
-                format!("ceph conf {}: {e}", self.source.conf.display()),
-            ));
+            return Err(self.err(OP, format!("ceph conf {}: {e}", self.source.conf.display())));
         }
         let st = self.status();
         if st.is_running() {

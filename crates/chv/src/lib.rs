@@ -60,6 +60,6 @@ pub use configdisk::{
 pub use error::{Error, Result};
 pub use guest::MOUNT_SCRIPT;
 pub use instance::{
-    plan, DiskRole, DiskTransport, InstancePlan, InstanceSpec, MountMode, OverlayKind, PlannedDisk, VolumeDisk,
-    VolumeMount, MAX_VOLUME_DEVICES,
+    plan, DiskRole, DiskTransport, InstancePlan, InstanceSpec, MountMode, OverlayKind, PlannedDisk,
+    VolumeDisk, VolumeMount, MAX_VOLUME_DEVICES,
 };

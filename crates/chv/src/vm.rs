@@ -76,7 +76,10 @@ fn chv_err<'a>(id: &'a str, op: &'static str) -> impl Fn(crate::Error) -> vmvol_
     }
 }
 
-fn pool_err<'a>(id: &'a str, op: &'static str) -> impl Fn(vmvol_pool::Error) -> vmvol_volume::Error + 'a {
+fn pool_err<'a>(
+    id: &'a str,
+    op: &'static str,
+) -> impl Fn(vmvol_pool::Error) -> vmvol_volume::Error + 'a {
     move |e| vmvol_volume::Error::external(format!("instance {id}"), op, ErrorKind::Io, e)
 }
 
