@@ -76,18 +76,16 @@ fn chv_err<'a>(id: &'a str, op: &'static str) -> impl Fn(crate::Error) -> vmvol_
     }
 }
 
-fn pool_err<'a>(
-    id: &'a str,
-    op: &'static str,
-) -> impl Fn(vmvol_pool::Error) -> vmvol_volume::Error + 'a {
-    move |e| vmvol_volume::Error::external(format!("instance {id}"), op, ErrorKind::Io, e)
-}
-
 /// The files directory of instance `id` (where its exports live).
 fn files_dir(vols: &Volumes, id: &str) -> Result<PathBuf> {
-    vols.instance_records()?
-        .files_dir(id)
-        .map_err(pool_err(id, "find instance files"))
+    vols.instance_records()?.files_dir(id).map_err(|e| {
+        vmvol_volume::Error::external(
+            format!("instance {id}"),
+            "find instance files",
+            ErrorKind::Io,
+            e,
+        )
+    })
 }
 
 /// Stops the exports of every instance whose attach or detach died (its
