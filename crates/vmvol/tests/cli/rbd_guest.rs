@@ -4,7 +4,9 @@
 //! json` (vhost-user ones as `vhost-user-blk-pci` on their socket, guest
 //! memory shared as Cloud Hypervisor's `--memory shared=on` would).
 //!
-//! Scenario (on a throwaway cluster): guest A mounts ext4 volume W
+//! Scenario (on a throwaway cluster): an attach left half done (record
+//! `attaching`, daemons running) is cleaned up by the next attach; a
+//! killed export daemon shows `dead` and `--restart` replaces it; guest A mounts ext4 volume W
 //! read-write and writes files; after A is detached (its daemon stopped)
 //! the host finds them in `rbd export` of W (debugfs) and e2fsck -fn is
 //! clean. Then B and C run at the same time, each attaching W read-only
@@ -176,14 +178,57 @@ fn linux_guests_reach_rbd_volumes_over_vhost_user() {
     let s_before = dir.join("s-before.raw");
     rbd_export(c, &spec, &s_img, &s_before);
 
+    // An attach that died before it committed: its daemons run, its
+    // record says `attaching` (edited here as a SIGKILL would leave it).
+    // The next attach stops them, so recovery can remove its overlay.
+    attach(&root, dir, "x", &["r/s:/s:ro:overlay=16M"]);
+    let x_exports = exports(&root, "x");
+    assert_eq!(x_exports.len(), 2);
+    let rec = root.join("instances/x.json");
+    let text = std::fs::read_to_string(&rec).unwrap();
+    assert!(text.contains("\"attached\""), "{text}");
+    std::fs::write(&rec, text.replace("\"attached\"", "\"attaching\"")).unwrap();
+
     // Guest A: W read-write over vhost-user.
     let pa = attach(&root, dir, "a", &["r/w:/w"]);
+    for (pid, _) in &x_exports {
+        assert!(
+            !daemon_alive(*pid),
+            "a crashed attach's daemon {pid} still runs"
+        );
+    }
+    let listed = vol_json(&root, &["instance", "list"]);
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "x not recovered: {listed}"
+    );
+    let ls = String::from_utf8(cluster::ceph(
+        c,
+        "rbd",
+        &["ls", &format!("{}/{}", spec.pool, spec.namespace)],
+    ))
+    .unwrap();
+    assert!(!ls.contains("ovl-"), "x's overlay outlived recovery: {ls}");
     assert!(vhost(&pa[3]) && !pa[3].readonly, "{:?}", pa[3]);
     assert!(pa[..3].iter().all(|d| !d.vhost_user));
     let show = vol_json(&root, &["instance", "show", "a"]);
     assert_eq!(show["plan"]["requires_shared_memory"], true, "{show}");
     let a_exports = exports(&root, "a");
     assert_eq!(a_exports.iter().map(|e| e.1).collect::<Vec<_>>(), [true]);
+    // Its daemon dies (a crash, a reboot): show says so, and --restart
+    // brings a new one (the guest below runs on it).
+    let (ok, out) = run(Command::new("kill").args(["-9", &a_exports[0].0.to_string()]));
+    assert!(ok, "{out}");
+    while daemon_alive(a_exports[0].0) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = vol_json(&root, &["instance", "exports", "a"]);
+    assert_eq!(st[0]["state"], "dead", "{st}");
+    assert!(vol_ok(&root, &["instance", "show", "a"]).contains("DEAD"));
+    vol_ok(&root, &["instance", "exports", "a", "--restart"]);
+    let a_exports = exports(&root, "a");
+    assert_eq!(a_exports.len(), 1);
     let mut a = [boot(&kit, dir, "A", &pa, SCENARIO_RW)];
     let logs = wait_all(&mut a);
     assert_guest(
