@@ -34,6 +34,7 @@ fn spec(dir: &std::path::Path) -> InstanceSpec {
             volume: format!("volume-{i}"),
             path: dir.join(format!("v{i}.img")),
             image_type,
+            transport: Default::default(),
             mount_path: format!("/mnt/v{i}"),
             mode,
         })

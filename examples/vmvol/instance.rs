@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Map, Value};
 
+use vmvol::chv::export::{ExportState, ExportStatus};
 use vmvol::chv::ImageType;
 use vmvol::format::{detect_format, Format};
 use vmvol::instance::{Vm, VmDisks};
@@ -64,8 +65,17 @@ enum InstanceCmd {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Detach every volume of an instance (volumes are kept; overlays and the config disk go).
+    /// Detach every volume of an instance (exports stopped; volumes are kept; overlays and the config disk go).
     Detach { id: String },
+    /// The instance's vhost-user exports (RBD volumes) and whether their daemons run.
+    Exports {
+        id: String,
+        /// Start again the exports whose daemon is not running (e.g. after a reboot).
+        #[arg(long)]
+        restart: bool,
+        #[command(flatten)]
+        out: OutputArg,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +138,22 @@ fn image_type(path: &Path) -> AnyResult<ImageType> {
     })
 }
 
+fn print_exports(exports: &[ExportStatus]) {
+    for e in exports {
+        let mode = if e.writable { "rw" } else { "ro" };
+        let state = match &e.state {
+            ExportState::Running { pid } => format!("running (pid {pid})"),
+            ExportState::Stopped => "stopped".to_string(),
+            ExportState::Dead { reason } => format!("DEAD: {reason}"),
+        };
+        println!(
+            "export {} {mode} on {}: {state}",
+            e.what,
+            e.socket.display()
+        );
+    }
+}
+
 fn print_vm(vm: &Vm) {
     let i = &vm.instance.instance;
     println!("Instance {} ({})", i.id, i.state.as_str());
@@ -142,12 +168,11 @@ fn print_vm(vm: &Vm) {
             None => role,
         };
         let mode = if d.config.readonly { "ro" } else { "rw" };
-        let path = d
-            .config
-            .path
-            .as_deref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
+        let path = match (&d.config.path, &d.config.vhost_socket) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(s)) => format!("vhost-user {s}"),
+            (None, None) => String::new(),
+        };
         println!("{:<10}{role:<18}{mode:<8}{path}", d.device);
     }
     for m in &vm.plan.volume_mounts {
@@ -158,6 +183,10 @@ fn print_vm(vm: &Vm) {
             ),
             None => println!("mount {} at {} ({})", m.device, m.path, m.mode),
         }
+    }
+    print_exports(&vm.exports);
+    if vm.plan.requires_shared_memory {
+        println!("vhost-user disks: the VMM needs shared memory (cloud-hypervisor --memory ...,shared=on)");
     }
 }
 
@@ -213,6 +242,13 @@ pub fn run(args: InstanceArgs) -> AnyResult<()> {
                     for a in vm.plan.disk_args()? {
                         println!("{a}");
                     }
+                    // Not an argument of ours to print: the memory size is
+                    // the caller's, and shared=on belongs in that one --memory.
+                    if vm.plan.requires_shared_memory {
+                        eprintln!(
+                            "note: vhost-user disks: cloud-hypervisor needs --memory size=...,shared=on"
+                        );
+                    }
                 }
             }
         }
@@ -239,6 +275,14 @@ pub fn run(args: InstanceArgs) -> AnyResult<()> {
         InstanceCmd::Show { id, out } => {
             let vm = vmvol::instance::show(&vols, &id)?;
             report(out.output, &vm, print_vm)?;
+        }
+        InstanceCmd::Exports { id, restart, out } => {
+            let exports = if restart {
+                vmvol::instance::restart_exports(&vols, &id)?
+            } else {
+                vmvol::instance::show(&vols, &id)?.exports
+            };
+            report(out.output, &exports, |e| print_exports(e))?;
         }
         InstanceCmd::Detach { id } => {
             let d = vmvol::instance::detach(&vols, &id)?;

@@ -45,6 +45,17 @@ pub enum Error {
         #[source]
         source: vmvol_fs::Error,
     },
+    /// A vhost-user export (its qemu-storage-daemon) could not be started
+    /// or stopped.
+    #[error("chv {op} of {what}: {reason}")]
+    Export {
+        /// The export (volume and device).
+        what: String,
+        /// The operation.
+        op: &'static str,
+        /// Why, with the daemon's own words when it gave any.
+        reason: String,
+    },
     /// Encoding JSON failed.
     #[error("chv encode {what} as JSON: {source}")]
     Json {

@@ -37,6 +37,20 @@ pub enum OverlayKind {
     Block,
 }
 
+/// How the VMM reaches a volume's disk(s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskTransport {
+    /// A host file the VMM opens ([`VolumeDisk::path`]).
+    #[default]
+    File,
+    /// A vhost-user-blk socket ([`VolumeDisk::path`], and a guest-overlayfs
+    /// overlay's `overlay_path`) served by an export daemon (see
+    /// [`crate::export`]); raw to the guest, and the VMM needs shared
+    /// guest memory.
+    VhostUser,
+}
+
 /// One attached volume as the volume layer hands it to vmvol-chv, in the
 /// instance's request order. The volume layer checks the attachment rules
 /// (exclusivity, mount paths, overlay sizes) before it makes these.
@@ -45,10 +59,14 @@ pub struct VolumeDisk {
     /// The volume's name or id (for serials, reports and resize look-ups).
     pub volume: String,
     /// The image file the VMM opens: the volume itself, or for a block
-    /// overlay the per-instance qcow2 over it.
+    /// overlay the per-instance qcow2 over it; for
+    /// [`DiskTransport::VhostUser`] the socket serving it.
     pub path: PathBuf,
-    /// Format of `path`.
+    /// Format of `path` (vhost-user: [`ImageType::Raw`]).
     pub image_type: ImageType,
+    /// How the VMM reaches `path` (default: a file).
+    #[serde(default)]
+    pub transport: DiskTransport,
     /// Where the guest mounts it (absolute).
     pub mount_path: String,
     /// How the guest uses it.
@@ -124,6 +142,11 @@ pub struct InstancePlan {
     pub disks: Vec<PlannedDisk>,
     /// What the guest mounts, in request order.
     pub volume_mounts: Vec<VolumeMount>,
+    /// A disk is vhost-user: the VMM must share guest memory with the
+    /// export daemons (Cloud Hypervisor: `--memory …,shared=on`; QEMU: a
+    /// `share=on` memory backend).
+    #[serde(default)]
+    pub requires_shared_memory: bool,
 }
 
 impl InstancePlan {
@@ -155,8 +178,8 @@ impl InstancePlan {
     }
 }
 
-/// `/dev/vd` + letter for disk index `i` (0 → `vda`).
-fn device_name(i: usize) -> Option<String> {
+/// `vd` + letter for disk index `i` (0 → `vda`).
+pub(crate) fn device_name(i: usize) -> Option<String> {
     let letter = u8::try_from(i).ok().filter(|&n| n < 26)?;
     Some(format!("vd{}", char::from(b'a' + letter)))
 }
@@ -180,6 +203,7 @@ fn serial(dev: &str, label: &str) -> String {
     s
 }
 
+#[allow(clippy::too_many_arguments)]
 fn disk(
     index: usize,
     role: DiskRole,
@@ -187,6 +211,7 @@ fn disk(
     label: &str,
     path: &Path,
     image_type: ImageType,
+    transport: DiskTransport,
     readonly: bool,
 ) -> Result<PlannedDisk> {
     let dev = device_name(index).ok_or_else(|| {
@@ -206,6 +231,14 @@ fn disk(
     // The device name is unique, stable for a given request, and never starts with "__".
     config.id = Some(dev.clone());
     config.serial = Some(serial(&dev, label));
+    if transport == DiskTransport::VhostUser {
+        // The export daemon serves the device (its size, read-only flag
+        // and serial); the VMM only connects to the socket.
+        config.path = None;
+        config.vhost_user = true;
+        config.vhost_socket = Some(path.to_string_lossy().into_owned());
+        config.serial = None;
+    }
     config.validate()?;
     Ok(PlannedDisk {
         device: format!("/dev/{dev}"),
@@ -244,6 +277,7 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
             "rootfs",
             &spec.rootfs,
             spec.rootfs_image_type,
+            DiskTransport::File,
             true,
         )?,
         disk(
@@ -253,6 +287,7 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
             "overlay",
             &spec.instance_overlay,
             spec.instance_overlay_image_type,
+            DiskTransport::File,
             false,
         )?,
         disk(
@@ -262,6 +297,7 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
             "config",
             &spec.config_disk,
             ImageType::Raw,
+            DiskTransport::File,
             true,
         )?,
     ];
@@ -285,6 +321,8 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
             // The guest sees one writable disk: a plain rw mount.
             MountMode::Overlay(OverlayKind::Block) => (false, true, "rw"),
         };
+        // Over vhost-user a block overlay is an RBD clone: raw, no chain.
+        let backing = backing && v.transport == DiskTransport::File;
         if backing && v.image_type != ImageType::Qcow2 {
             return Err(Error::invalid(
                 what(),
@@ -298,6 +336,7 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
             &v.volume,
             &v.path,
             v.image_type,
+            v.transport,
             readonly,
         )?;
         base.config.backing_files = backing;
@@ -312,6 +351,7 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
                 &format!("ovl-{}", v.volume),
                 overlay_path,
                 ImageType::Raw,
+                v.transport,
                 false,
             )?;
             overlay_device = Some(ov.device.clone());
@@ -324,8 +364,10 @@ pub fn plan(spec: &InstanceSpec) -> Result<InstancePlan> {
             overlay_device,
         });
     }
+    let requires_shared_memory = disks.iter().any(|d| d.config.vhost_user);
     Ok(InstancePlan {
         disks,
         volume_mounts: mounts,
+        requires_shared_memory,
     })
 }

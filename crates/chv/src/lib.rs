@@ -24,6 +24,7 @@
 //!         volume: "data".into(),
 //!         path: "/vol/data.raw".into(),
 //!         image_type: ImageType::Raw,
+//!         transport: Default::default(),
 //!         mount_path: "/data".into(),
 //!         mode: MountMode::Rw,
 //!     }],
@@ -41,11 +42,13 @@ mod attached;
 mod config;
 mod configdisk;
 mod error;
+pub mod export;
 mod guest;
 mod instance;
+mod sys;
 pub mod vm;
 
-pub use attached::{instance_spec, volume_disks};
+pub use attached::{instance_exports, instance_spec, volume_disks};
 pub use config::{
     cli_quote, disk_args, DiskConfig, ImageType, LockGranularity, RateLimiterConfig, ResizeDisk,
     TokenBucket, VirtQueueAffinity, MAX_SERIAL_BYTES,
@@ -57,6 +60,6 @@ pub use configdisk::{
 pub use error::{Error, Result};
 pub use guest::MOUNT_SCRIPT;
 pub use instance::{
-    plan, DiskRole, InstancePlan, InstanceSpec, MountMode, OverlayKind, PlannedDisk, VolumeDisk,
-    VolumeMount, MAX_VOLUME_DEVICES,
+    plan, DiskRole, DiskTransport, InstancePlan, InstanceSpec, MountMode, OverlayKind, PlannedDisk,
+    VolumeDisk, VolumeMount, MAX_VOLUME_DEVICES,
 };

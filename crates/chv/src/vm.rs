@@ -7,14 +7,25 @@
 //! ([`InstanceDescription::files_dir`]) and is written before the attach
 //! commits, so a crash leaves either an attached instance with its config
 //! disk or neither; detach removes it with the overlays.
+//!
+//! Volumes without a host file (RBD) are exported over vhost-user-blk, one
+//! `qemu-storage-daemon` per disk ([`crate::export`]), sockets and pidfiles
+//! in the same directory: attach starts them before it commits (and stops
+//! them if it fails), detach stops them first (an RBD image with a client
+//! cannot be removed). Daemons a crashed attach or detach left are stopped
+//! by the next attach, show or detach on this host (any instance whose
+//! record is not `attached` and whose lock is free); [`restart_exports`]
+//! starts again those of an attached instance that died (a host reboot).
 
 use std::path::PathBuf;
 
+use crate::export::{self, Export, ExportStatus};
 use crate::{ImageType, InstancePlan};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use vmvol_volume::{
-    AttachRequest, AttachVolume, Detached, ErrorKind, InstanceDescription, Result, Volumes,
+    AttachRequest, AttachVolume, Detached, ErrorKind, InstanceDescription, InstanceRecord,
+    InstanceState, Result, Volumes,
 };
 
 /// File name of the config disk inside the instance's files directory.
@@ -48,6 +59,11 @@ pub struct Vm {
     pub plan: InstancePlan,
     /// The config disk (`/dev/vdc`).
     pub config_disk: PathBuf,
+    /// Its vhost-user exports and where they stand, in device order
+    /// (empty when every disk is a host file; then
+    /// `plan.requires_shared_memory` is false).
+    #[serde(default)]
+    pub exports: Vec<ExportStatus>,
 }
 
 fn chv_err<'a>(id: &'a str, op: &'static str) -> impl Fn(crate::Error) -> vmvol_volume::Error + 'a {
@@ -57,6 +73,48 @@ fn chv_err<'a>(id: &'a str, op: &'static str) -> impl Fn(crate::Error) -> vmvol_
             _ => ErrorKind::Io,
         };
         vmvol_volume::Error::external(format!("instance {id}"), op, kind, e)
+    }
+}
+
+/// The files directory of instance `id` (where its exports live).
+fn files_dir(vols: &Volumes, id: &str) -> Result<PathBuf> {
+    vols.instance_records()?.files_dir(id).map_err(|e| {
+        vmvol_volume::Error::external(
+            format!("instance {id}"),
+            "find instance files",
+            ErrorKind::Io,
+            e,
+        )
+    })
+}
+
+/// Stops the exports of every instance whose attach or detach died (its
+/// record not `attached`, or missing, and its lock free), so recovery can
+/// remove its overlays. Best effort: what fails is tried again next time.
+fn stop_leftovers(vols: &Volumes) {
+    let Ok(store) = vols.instance_records() else {
+        return;
+    };
+    for id in store.list().unwrap_or_default() {
+        let Ok(Some(_lock)) = store.try_lock(&id, "stop leftover exports") else {
+            continue;
+        };
+        let stale = match store.read::<InstanceRecord>(&id) {
+            Ok(Some(r)) => r.state != InstanceState::Attached,
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if stale {
+            if let Ok(dir) = store.files_dir(&id) {
+                let _ = export::stop_all_in(&dir);
+            }
+        }
+    }
+}
+
+fn stop_all(exports: &[Export]) {
+    for e in exports {
+        let _ = e.stop();
     }
 }
 
@@ -90,31 +148,73 @@ pub fn attach(vols: &Volumes, id: &str, volumes: Vec<AttachVolume>, disks: &VmDi
         volumes,
         vmm,
     };
+    stop_leftovers(vols);
     let mut made = None;
-    let desc = vols.attach_instance(&req, &mut |desc| {
+    let attached = vols.attach_instance(&req, &mut |desc| {
         let (plan, config_disk) = plan_of(desc, disks)?;
         std::fs::create_dir_all(&desc.files_dir).map_err(|e| {
             vmvol_volume::Error::external(format!("instance {id}"), "attach", ErrorKind::Io, e)
         })?;
-        crate::write_config_disk(&config_disk, &plan, &disks.config_extra)
-            .map_err(chv_err(id, "write config disk"))?;
-        made = Some((plan, config_disk));
+        let exports = crate::instance_exports(desc).map_err(chv_err(id, "plan exports"))?;
+        let mut statuses = Vec::with_capacity(exports.len());
+        for (i, e) in exports.iter().enumerate() {
+            match e.start() {
+                Ok(s) => statuses.push(s),
+                Err(err) => {
+                    stop_all(exports.get(..i).unwrap_or_default());
+                    return Err(chv_err(id, "start export")(err));
+                }
+            }
+        }
+        if let Err(err) = crate::write_config_disk(&config_disk, &plan, &disks.config_extra) {
+            stop_all(&exports);
+            return Err(chv_err(id, "write config disk")(err));
+        }
+        made = Some((plan, config_disk, statuses));
         Ok(())
-    })?;
-    let (plan, config_disk) = match made {
+    });
+    let desc = match attached {
+        Ok(d) => d,
+        Err(e) => {
+            // The commit itself failed after the exports started: stop
+            // them, then let recovery finish the undo their clients blocked.
+            if made.is_some() {
+                if let Ok(dir) = files_dir(vols, id) {
+                    let _ = export::stop_all_in(&dir);
+                }
+                let _ = vols.recover_instances();
+            }
+            return Err(e);
+        }
+    };
+    let (plan, config_disk, exports) = match made {
         Some(m) => m,
-        None => plan_of(&desc, disks)?,
+        None => {
+            let (p, c) = plan_of(&desc, disks)?;
+            (p, c, export_status(&desc)?)
+        }
     };
     Ok(Vm {
         instance: desc,
         disks: disks.clone(),
         plan,
         config_disk,
+        exports,
     })
+}
+
+fn export_status(desc: &InstanceDescription) -> Result<Vec<ExportStatus>> {
+    let id = desc.instance.id.as_str();
+    Ok(crate::instance_exports(desc)
+        .map_err(chv_err(id, "plan exports"))?
+        .iter()
+        .map(Export::status)
+        .collect())
 }
 
 /// Instance `id` as [`attach`] made it.
 pub fn show(vols: &Volumes, id: &str) -> Result<Vm> {
+    stop_leftovers(vols);
     let desc = vols.describe_instance(id)?;
     let disks: VmDisks = serde_json::from_value(desc.instance.vmm.clone()).map_err(|e| {
         vmvol_volume::Error::external(
@@ -125,16 +225,46 @@ pub fn show(vols: &Volumes, id: &str) -> Result<Vm> {
         )
     })?;
     let (plan, config_disk) = plan_of(&desc, &disks)?;
+    let exports = export_status(&desc)?;
     Ok(Vm {
         instance: desc,
         disks,
         plan,
         config_disk,
+        exports,
     })
 }
 
-/// Detaches instance `id`: volumes detached, overlays and config disk
-/// removed, volumes kept. Idempotent.
+/// Starts again every export of attached instance `id` whose daemon is
+/// not running (after a crash or a host reboot); running ones are left
+/// alone. Returns every export's status.
+pub fn restart_exports(vols: &Volumes, id: &str) -> Result<Vec<ExportStatus>> {
+    let desc = vols.describe_instance(id)?;
+    if desc.instance.state != InstanceState::Attached {
+        return Err(vmvol_volume::Error::external(
+            format!("instance {id}"),
+            "restart exports",
+            ErrorKind::InvalidArgument,
+            format!(
+                "the instance is {} (only an attached instance's exports run)",
+                desc.instance.state.as_str()
+            ),
+        ));
+    }
+    crate::instance_exports(&desc)
+        .map_err(chv_err(id, "plan exports"))?
+        .iter()
+        .map(|e| e.restart_if_dead().map_err(chv_err(id, "restart export")))
+        .collect()
+}
+
+/// Detaches instance `id`: exports stopped, volumes detached, overlays
+/// and config disk removed, volumes kept. Idempotent.
 pub fn detach(vols: &Volumes, id: &str) -> Result<Detached> {
+    stop_leftovers(vols);
+    // Unknown or invalid ids have no files: detach_instance says why.
+    if let Ok(dir) = files_dir(vols, id) {
+        export::stop_all_in(&dir).map_err(chv_err(id, "stop exports"))?;
+    }
     vols.detach_instance(id)
 }

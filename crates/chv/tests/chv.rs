@@ -4,9 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+/// The throwaway Ceph cluster of vmvol-rbd's tests (one per test binary),
+/// shared by path rather than copied.
+#[allow(dead_code)]
+#[path = "../../rbd/tests/rbd/cluster.rs"]
+mod cluster;
 #[path = "chv/common.rs"]
 mod common;
 #[path = "chv/configdisk.rs"]
 mod configdisk;
 #[path = "chv/encoding.rs"]
 mod encoding;
+#[path = "chv/export.rs"]
+mod export;

@@ -139,4 +139,30 @@ pub enum AttachTarget {
         /// The image.
         image: ImageRef,
     },
+    /// An RBD image, for qemu's `rbd` block driver (e.g. in a
+    /// `qemu-storage-daemon` that exports it over vhost-user-blk). Always
+    /// raw to the guest: a linked RBD image is a clone, not a qcow2.
+    Rbd(RbdTarget),
+}
+
+/// An RBD image as qemu's `rbd` block driver opens it
+/// (`driver=rbd,pool=…,namespace=…,image=…,conf=…,user=…`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RbdTarget {
+    /// The RADOS pool.
+    pub pool: String,
+    /// The RBD namespace inside the pool (empty: the default one).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// The RBD image's name.
+    pub image: String,
+    /// An RBD snapshot of the image to open instead of its head (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The cluster's configuration file.
+    pub conf: PathBuf,
+    /// The Ceph client id (user) to connect as, e.g. `admin` for
+    /// `client.admin`; `None`: the driver's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }

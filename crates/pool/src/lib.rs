@@ -87,7 +87,9 @@ mod spec;
 
 pub use error::{Error, Result};
 pub use host_records::{validate_host_id, HostRecordLock, HostRecords, MAX_HOST_ID_LEN};
-pub use image::{AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary, DATA_IMAGE};
+pub use image::{
+    AttachTarget, ImageOwner, ImageRef, ImageSpec, ImageSummary, RbdTarget, DATA_IMAGE,
+};
 pub use lock::Wait;
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use pool::{

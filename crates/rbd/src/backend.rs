@@ -1495,9 +1495,17 @@ impl ImageStore for RbdBackend {
 
     fn attach_target(&self, image: &ImageRef) -> Result<AttachTarget> {
         self.open_raw(image, false)?;
-        Ok(AttachTarget::BlockIo {
-            image: image.clone(),
-        })
+        // What qemu's rbd driver opens; the image is raw to the guest
+        // whatever its label (a linked image is an RBD clone).
+        let spec = self.conn.spec();
+        Ok(AttachTarget::Rbd(vmvol_pool::RbdTarget {
+            pool: spec.pool.clone(),
+            namespace: spec.namespace.clone(),
+            image: rbd_name(image),
+            snapshot: None,
+            conf: spec.conf.clone(),
+            user: Some(spec.id.clone()).filter(|id| !id.is_empty()),
+        }))
     }
 
     fn move_image(

@@ -38,6 +38,12 @@ fn vmvol() -> &'static Path {
         build
             .args(["build", "--quiet", "-p", "vmvol", "--example", "vmvol"])
             .args(["--profile", profile])
+            // The features this test was built with (RBD pools with `rbd`).
+            .args(if cfg!(feature = "rbd") {
+                &["--features", "rbd"][..]
+            } else {
+                &[][..]
+            })
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if let Some(target) = profile_dir.parent() {
             if target.join("CACHEDIR.TAG").exists() {
@@ -97,9 +103,19 @@ fn require_tool(tool: &str) -> bool {
 #[path = "cli/crash.rs"]
 mod crash;
 
+/// The throwaway Ceph cluster of vmvol-rbd's tests (one per test binary),
+/// shared by path rather than copied.
+#[cfg(feature = "rbd")]
+#[allow(dead_code)]
+#[path = "../../rbd/tests/rbd/cluster.rs"]
+mod cluster;
 /// Real Linux guests under QEMU mount what `vmvol instance attach` gave them.
 #[path = "cli/guest.rs"]
 mod guest;
+/// Guests reach RBD volumes over vhost-user-blk (issue 13).
+#[cfg(feature = "rbd")]
+#[path = "cli/rbd_guest.rs"]
+mod rbd_guest;
 /// `vmvol serve` (issue 12).
 #[path = "cli/serve.rs"]
 mod serve;

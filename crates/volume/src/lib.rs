@@ -84,7 +84,7 @@ pub use manage::{Compressed, NewSize, OnlineResize, ResizeDiskRequest, Resized};
 pub use query::{ChainLink, FsUsage, ListFilter, SortKey, VolumeDescription, VolumeRow};
 pub use size::parse_size;
 pub use vmvol_format::{Compression, Control, Format, Prealloc};
-pub use vmvol_pool::AttachTarget;
+pub use vmvol_pool::{AttachTarget, RbdTarget};
 pub use volumes::{Found, Row, Rows, Volumes};
 
 pub use error::{Error, ErrorKind, Result};

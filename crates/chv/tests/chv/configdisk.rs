@@ -16,6 +16,7 @@ fn hostile_spec() -> vmvol_chv::InstanceSpec {
         volume: "evil'vol".into(),
         path: "/pools/main/volumes/evil/data.raw".into(),
         image_type: vmvol_chv::ImageType::Raw,
+        transport: Default::default(),
         mount_path: HOSTILE.into(),
         mode: MountMode::Ro,
     });

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use vmvol_chv::{
-    cli_quote, plan, DiskConfig, ImageType, MountMode, OverlayKind, ResizeDisk, VolumeDisk,
-    MAX_VOLUME_DEVICES,
+    cli_quote, plan, DiskConfig, DiskTransport, ImageType, MountMode, OverlayKind, ResizeDisk,
+    VolumeDisk, MAX_VOLUME_DEVICES,
 };
 
 use crate::common::sample_spec;
@@ -212,6 +212,7 @@ fn validation_refusals() {
         volume: format!("v{i}"),
         path: format!("/v/{i}.raw").into(),
         image_type: ImageType::Raw,
+        transport: Default::default(),
         mount_path: format!("/m{i}"),
         mode,
     };
@@ -256,4 +257,71 @@ fn resize_disk_body() {
     assert!(ResizeDisk::new("vdd", u64::MAX - 511).is_err());
     let back: ResizeDisk = serde_json::from_str(r#"{"id":"a","desired_size":512}"#).unwrap();
     assert_eq!(back.desired_size, 512);
+}
+
+/// Volumes reached over vhost-user (RBD): no path, the socket, no serial,
+/// read-only per mode, a block overlay raw without backing files, and the
+/// plan says shared memory is needed.
+#[test]
+fn vhost_user_volumes() {
+    let mut spec = sample_spec();
+    assert!(!plan(&spec).unwrap().requires_shared_memory);
+    for v in &mut spec.volumes {
+        v.transport = DiskTransport::VhostUser;
+        v.image_type = ImageType::Raw;
+        v.path = format!(
+            "/run/i-1/vhost-{}.sock",
+            v.mount_path.trim_start_matches('/')
+        )
+        .into();
+        if let MountMode::Overlay(OverlayKind::GuestOverlayfs { overlay_path }) = &mut v.mode {
+            *overlay_path = "/run/i-1/vhost-ovl.sock".into();
+        }
+    }
+    let p = plan(&spec).unwrap();
+    assert!(p.requires_shared_memory);
+    // vda..vdc stay files.
+    for d in &p.disks[..3] {
+        assert!(!d.config.vhost_user && d.config.path.is_some());
+    }
+    let vols: Vec<_> = p.disks[3..].iter().map(|d| &d.config).collect();
+    assert_eq!(vols.len(), 5);
+    for c in &vols {
+        assert!(
+            c.vhost_user && c.path.is_none() && c.serial.is_none(),
+            "{c:?}"
+        );
+        assert!(!c.backing_files);
+        c.validate().unwrap();
+    }
+    let sockets: Vec<_> = vols
+        .iter()
+        .map(|c| c.vhost_socket.clone().unwrap())
+        .collect();
+    assert_eq!(
+        sockets,
+        [
+            "/run/i-1/vhost-data.sock",
+            "/run/i-1/vhost-models.sock",
+            "/run/i-1/vhost-srv/dataset.sock",
+            "/run/i-1/vhost-ovl.sock",
+            "/run/i-1/vhost-var-cache.sock",
+        ]
+    );
+    // rw, ro, overlay base ro + overlay disk rw, block overlay rw.
+    let ro: Vec<bool> = vols.iter().map(|c| c.readonly).collect();
+    assert_eq!(ro, [false, true, true, false, false]);
+    let json = serde_json::to_value(vols[0]).unwrap();
+    assert_eq!(json["vhost_user"], true);
+    assert!(
+        json.get("path").is_none() && json.get("serial").is_none(),
+        "{json}"
+    );
+    let args = p.disk_args().unwrap();
+    assert_eq!(
+        args[4],
+        "vhost_user=on,socket=/run/i-1/vhost-data.sock,id=vdd,image_type=raw"
+    );
+    // The mount plan is the same as for files.
+    assert_eq!(p.volume_mounts, plan(&sample_spec()).unwrap().volume_mounts);
 }

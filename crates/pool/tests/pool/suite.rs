@@ -633,6 +633,11 @@ pub fn image_store(h: &dyn Harness) {
     match pool.attach_target(&top).unwrap() {
         AttachTarget::File { format, .. } => assert_eq!(format, Format::Qcow2),
         AttachTarget::BlockIo { image } => assert_eq!(image, top),
+        // RBD: what qemu's rbd driver opens (the image's own RBD name).
+        AttachTarget::Rbd(t) => {
+            assert!(!t.pool.is_empty() && !t.image.is_empty(), "{t:?}");
+            assert_eq!(t.snapshot, None);
+        }
         other => panic!("{other:?}"),
     }
     let st = pool.stage().unwrap();

@@ -26,7 +26,7 @@ use super::{vol_json, vol_ok, volume_file};
 
 /// `tool`'s path on PATH (and /sbin, /usr/sbin). Missing: panic when
 /// VMVOL_REQUIRE_TOOLS=1, else say why the test is skipped and return None.
-fn require_tool(tool: &str) -> Option<PathBuf> {
+pub(super) fn require_tool(tool: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     for dir in path.split(':').chain(["/sbin", "/usr/sbin"]) {
         let p = Path::new(dir).join(tool);
@@ -38,7 +38,7 @@ fn require_tool(tool: &str) -> Option<PathBuf> {
 }
 
 /// Report a missing prerequisite: panic under VMVOL_REQUIRE_TOOLS=1.
-fn missing<T>(what: &str) -> Option<T> {
+pub(super) fn missing<T>(what: &str) -> Option<T> {
     if std::env::var("VMVOL_REQUIRE_TOOLS").as_deref() == Ok("1") {
         panic!("required tool missing: {what} (VMVOL_REQUIRE_TOOLS=1)");
     }
@@ -47,20 +47,20 @@ fn missing<T>(what: &str) -> Option<T> {
 }
 
 /// Run a command, return (success, stdout+stderr).
-fn run(cmd: &mut Command) -> (bool, String) {
+pub(super) fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
 }
 
-const MIB: u64 = 1 << 20;
+pub(super) const MIB: u64 = 1 << 20;
 /// Per-guest limit (a failsafe): a TCG guest runs this scenario in ~6–16 s
 /// of guest time, ~20–50 s of wall time on a busy 2-core host.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// What the guest needs from the host: QEMU, a kernel and its modules, a static busybox.
-struct Guestkit {
+pub(super) struct Guestkit {
     qemu: PathBuf,
     kernel: PathBuf,
     modules: Vec<PathBuf>,
@@ -77,7 +77,7 @@ const WANTED_MODULES: [&str; 5] = [
     "overlay",
 ];
 
-fn find_kit() -> Option<Guestkit> {
+pub(super) fn find_kit() -> Option<Guestkit> {
     let qemu = require_tool("qemu-system-x86_64")?;
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
@@ -257,12 +257,13 @@ echo VMVOL-GUEST-START
 check() { if eval "$2"; then echo "CHECK $1 PASS"; else echo "CHECK $1 FAIL"; fi; }
 sh /vmvol-mount.sh
 echo "MOUNT-STATUS $?"
-# Every disk carries the serial of its DiskConfig.
+# Every disk carries the serial of its DiskConfig (vhost-user disks have
+# none: their export daemon answers for the device).
 . /mnt/vmvol-config/config.sh
 i=0
 while [ $i -lt "$VMVOL_DISK_COUNT" ]; do
   eval "d=\$VMVOL_DISK_${i}_DEVICE s=\$VMVOL_DISK_${i}_SERIAL"
-  check "serial-${d##*/}" '[ "$(cat /sys/block/${d##*/}/serial)" = "$s" ]'
+  [ -z "$s" ] || check "serial-${d##*/}" '[ "$(cat /sys/block/${d##*/}/serial)" = "$s" ]'
   i=$((i + 1))
 done
 . /scenario.sh
@@ -281,7 +282,7 @@ check w-unmounted 'umount /w'
 "#;
 
 /// B and C: `$ME` / `$OTHER` are set before this runs.
-const SCENARIO_BC: &str = r#"
+pub(super) const SCENARIO_BC: &str = r#"
 check w-ro-mounted 'grep -q "^/dev/vdd /w ext4 ro" /proc/mounts'
 check w-sees-A '[ "$(cat /w/hello.txt)" = from-A ] && [ "$(cat /w/dir/n.txt)" = nested ]'
 check w-write-refused '! (echo x > /w/nope) 2>/dev/null && [ ! -e /w/nope ]'
@@ -298,10 +299,10 @@ sync
 umount /s; umount /w
 "#;
 
-const SCENARIO_B: &str = r#"ME=B OTHER=C
+pub(super) const SCENARIO_B: &str = r#"ME=B OTHER=C
 check s-overlayfs 'grep -q "^overlay /s overlay " /proc/mounts'
 "#;
-const SCENARIO_C: &str = r#"ME=C OTHER=B
+pub(super) const SCENARIO_C: &str = r#"ME=C OTHER=B
 check s-block-rw 'grep -q "^/dev/vde /s ext4 rw" /proc/mounts'
 "#;
 
@@ -326,8 +327,21 @@ fn initramfs(kit: &Guestkit, scenario: &str) -> Vec<u8> {
     c.finish()
 }
 
-/// QEMU's `-drive`/`-device` pair for a DiskConfig: same file, format, mode, serial.
+/// QEMU's `-drive`/`-device` pair for a DiskConfig: same file, format, mode,
+/// serial; a vhost-user disk is a `vhost-user-blk-pci` on its socket (its
+/// export daemon decides size and read-only).
 fn qemu_disk_args(i: usize, d: &DiskConfig) -> Vec<String> {
+    if d.vhost_user {
+        assert!(d.path.is_none(), "a vhost-user disk has no path: {d:?}");
+        let sock = d.vhost_socket.as_deref().unwrap();
+        assert!(!sock.contains(','), "test paths have no commas");
+        return vec![
+            "-chardev".into(),
+            format!("socket,id=c{i},path={sock}"),
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev=c{i}"),
+        ];
+    }
     let format = match d.image_type {
         ImageType::Raw => "raw",
         ImageType::Qcow2 => "qcow2",
@@ -347,15 +361,15 @@ fn qemu_disk_args(i: usize, d: &DiskConfig) -> Vec<String> {
     ]
 }
 
-struct Guest {
+pub(super) struct Guest {
     name: &'static str,
     child: Child,
     log: PathBuf,
-    started: Instant,
-    ended: Option<Instant>,
+    pub(super) started: Instant,
+    pub(super) ended: Option<Instant>,
 }
 
-fn boot(
+pub(super) fn boot(
     kit: &Guestkit,
     dir: &Path,
     name: &'static str,
@@ -390,6 +404,16 @@ fn boot(
         "-append",
         "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
     ]);
+    if disks.iter().any(|d| d.vhost_user) {
+        // vhost-user: guest memory the export daemons can map (what
+        // Cloud Hypervisor's --memory shared=on gives).
+        cmd.args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ]);
+    }
     for (i, d) in disks.iter().enumerate() {
         cmd.args(qemu_disk_args(i, d));
     }
@@ -409,7 +433,7 @@ fn boot(
 }
 
 /// Wait for every guest (killing any past the timeout); return each serial log.
-fn wait_all(guests: &mut [Guest]) -> Vec<String> {
+pub(super) fn wait_all(guests: &mut [Guest]) -> Vec<String> {
     loop {
         let mut running = false;
         for g in guests.iter_mut() {
@@ -453,7 +477,7 @@ fn wait_all(guests: &mut [Guest]) -> Vec<String> {
 
 /// The guest finished, its mount script exited with `mount_status`, and
 /// every expected check passed (none failed).
-fn assert_guest(name: &str, log: &str, mount_status: u8, checks: &[&str]) {
+pub(super) fn assert_guest(name: &str, log: &str, mount_status: u8, checks: &[&str]) {
     assert!(
         log.contains("VMVOL-GUEST-DONE"),
         "guest {name} did not finish:\n{log}"
@@ -476,14 +500,14 @@ fn assert_guest(name: &str, log: &str, mount_status: u8, checks: &[&str]) {
     }
 }
 
-fn ext4_raw(path: &Path, size: u64) {
+pub(super) fn ext4_raw(path: &Path, size: u64) {
     let img = RawImage::create(path, size, Prealloc::Off, &Control::new()).unwrap();
     mkfs(&img, &MkfsOptions::default()).unwrap();
 }
 
 /// `vmvol instance attach NAME` with per-instance rootfs overlay, then its
 /// DiskConfigs as `vmvol instance disks NAME --output json` prints them.
-fn attach(root: &Path, dir: &Path, name: &str, volumes: &[&str]) -> Vec<DiskConfig> {
+pub(super) fn attach(root: &Path, dir: &Path, name: &str, volumes: &[&str]) -> Vec<DiskConfig> {
     let overlay = dir.join(format!("{name}-overlay.raw"));
     ext4_raw(&overlay, 16 * MIB);
     let rootfs = dir.join("rootfs.raw");
