@@ -142,6 +142,21 @@ extern "C" {
         pmore: *mut u8,
         prval: *mut c_int,
     );
+    fn rados_read_op_omap_get_vals_by_keys2(
+        op: ReadOpT,
+        keys: *const *const c_char,
+        num_keys: usize,
+        key_lens: *const usize,
+        iter: *mut OmapIterT,
+        prval: *mut c_int,
+    );
+    fn rados_read(
+        io: IoCtxT,
+        oid: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+        off: u64,
+    ) -> c_int;
     fn rados_read_op_operate(op: ReadOpT, io: IoCtxT, oid: *const c_char, flags: c_int) -> c_int;
     fn rados_omap_get_next2(
         iter: OmapIterT,
@@ -295,6 +310,41 @@ fn split_nul(buf: &[u8]) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
+}
+
+/// The pairs an omap iterator holds (none unless `ok`); ends it.
+fn drain_omap(iter: OmapIterT, ok: bool) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    if ok && !iter.is_null() {
+        loop {
+            let (mut k, mut v, mut kl, mut vl) = (ptr::null_mut(), ptr::null_mut(), 0, 0);
+            // SAFETY: `iter` came from a successful operate and is ended
+            // below; the returned pointers are valid until the next call.
+            let r = unsafe { rados_omap_get_next2(iter, &mut k, &mut v, &mut kl, &mut vl) };
+            if r < 0 || k.is_null() {
+                break;
+            }
+            // SAFETY: k/v point to kl/vl bytes owned by the iterator; we
+            // copy them before advancing it.
+            let (key, val) = unsafe {
+                (
+                    String::from_utf8_lossy(std::slice::from_raw_parts(k.cast::<u8>(), kl))
+                        .into_owned(),
+                    if v.is_null() {
+                        Vec::new()
+                    } else {
+                        std::slice::from_raw_parts(v.cast::<u8>(), vl).to_vec()
+                    },
+                )
+            };
+            out.push((key, val));
+        }
+    }
+    if !iter.is_null() {
+        // SAFETY: ends the iterator exactly once.
+        unsafe { rados_omap_get_end(iter) };
+    }
+    out
 }
 
 /// A connection to a cluster.
@@ -641,41 +691,57 @@ impl IoCtx {
             );
             rados_read_op_operate(op, self.h, o.as_ptr(), 0)
         };
-        let mut out = Vec::new();
-        if rc >= 0 && prval >= 0 && !iter.is_null() {
-            loop {
-                let (mut k, mut v, mut kl, mut vl) = (ptr::null_mut(), ptr::null_mut(), 0, 0);
-                // SAFETY: `iter` came from a successful operate and is ended
-                // below; the returned pointers are valid until the next call.
-                let r = unsafe { rados_omap_get_next2(iter, &mut k, &mut v, &mut kl, &mut vl) };
-                if r < 0 || k.is_null() {
-                    break;
-                }
-                // SAFETY: k/v point to kl/vl bytes owned by the iterator; we
-                // copy them before advancing it.
-                let (key, val) = unsafe {
-                    (
-                        String::from_utf8_lossy(std::slice::from_raw_parts(k.cast::<u8>(), kl))
-                            .into_owned(),
-                        if v.is_null() {
-                            Vec::new()
-                        } else {
-                            std::slice::from_raw_parts(v.cast::<u8>(), vl).to_vec()
-                        },
-                    )
-                };
-                out.push((key, val));
-            }
-        }
-        if !iter.is_null() {
-            // SAFETY: ends the iterator exactly once.
-            unsafe { rados_omap_get_end(iter) };
-        }
+        let out = drain_omap(iter, rc >= 0 && prval >= 0);
         // SAFETY: created above, released once (after the iterator).
         unsafe { rados_release_read_op(op) };
         check(rc)?;
         check(prval)?;
         Ok((out, more != 0))
+    }
+
+    /// The omap values of `keys` of `oid` (keys it lacks are left out).
+    pub fn omap_get_keys(&self, oid: &str, keys: &[&str]) -> R<Vec<(String, Vec<u8>)>> {
+        let o = cs(oid)?;
+        let ks = keys.iter().map(|k| cs(k)).collect::<R<Vec<CString>>>()?;
+        let kp: Vec<*const c_char> = ks.iter().map(|k| k.as_ptr()).collect();
+        let kl: Vec<usize> = keys.iter().map(|k| k.len()).collect();
+        // SAFETY: no preconditions; released below.
+        let op = unsafe { rados_create_read_op() };
+        if op.is_null() {
+            return Err(Errno(libc::ENOMEM));
+        }
+        let mut iter: OmapIterT = ptr::null_mut();
+        let mut prval: c_int = 0;
+        // SAFETY: valid op; the key arrays (and the strings they point to)
+        // and the out pointers live until after operate.
+        let rc = unsafe {
+            rados_read_op_omap_get_vals_by_keys2(
+                op,
+                kp.as_ptr(),
+                kp.len(),
+                kl.as_ptr(),
+                &mut iter,
+                &mut prval,
+            );
+            rados_read_op_operate(op, self.h, o.as_ptr(), 0)
+        };
+        let out = drain_omap(iter, rc >= 0 && prval >= 0);
+        // SAFETY: created above, released once (after the iterator).
+        unsafe { rados_release_read_op(op) };
+        check(rc)?;
+        check(prval)?;
+        Ok(out)
+    }
+
+    /// Up to `len` bytes of object `oid` from its start.
+    pub fn read(&self, oid: &str, len: usize) -> R<Vec<u8>> {
+        let o = cs(oid)?;
+        let mut buf = vec![0u8; len];
+        // SAFETY: valid ioctx and string; `buf` is writable for `len` bytes.
+        let rc = unsafe { rados_read(self.h, o.as_ptr(), buf.as_mut_ptr().cast(), len, 0) };
+        check(rc)?;
+        buf.truncate(usize::try_from(rc).unwrap_or(0));
+        Ok(buf)
     }
 
     /// Every omap pair of `oid` whose key starts with `prefix`.
@@ -1056,6 +1122,11 @@ impl Image {
 
     /// Names of the image's snapshots.
     pub fn snap_list(&self) -> R<Vec<String>> {
+        Ok(self.snaps()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// The image's snapshots: (name, size).
+    pub fn snaps(&self) -> R<Vec<(String, u64)>> {
         let mut max: c_int = 16;
         loop {
             let cap = usize::try_from(max).unwrap_or(16);
@@ -1080,9 +1151,10 @@ impl Image {
                 .map(|s| {
                     // SAFETY: librbd filled `name` with NUL-terminated strings
                     // that stay valid until rbd_snap_list_end below.
-                    unsafe { CStr::from_ptr(s.name) }
+                    let name = unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
-                        .into_owned()
+                        .into_owned();
+                    (name, s.size)
                 })
                 .collect();
             // SAFETY: frees the names filled in above, once.

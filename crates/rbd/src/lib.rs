@@ -13,6 +13,7 @@
 mod backend;
 mod error;
 mod ffi;
+mod figures;
 mod image;
 mod lease;
 

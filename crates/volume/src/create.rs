@@ -344,7 +344,9 @@ impl Volumes {
                                 ),
                             ));
                         }
-                        let _r = reserve_split(t, &object, OP, size, 0)?;
+                        // Made and committed under this transaction's
+                        // lock: a check will do, no reservation record.
+                        t.require_room(size).map_err(Error::pool(&object, OP))?;
                         let s = t.stage().map_err(Error::pool(&object, OP))?;
                         let bref = data_ref(T::KIND, &b.id, b.record.format());
                         s.create_linked(DATA_IMAGE, &bref, Some(size))
