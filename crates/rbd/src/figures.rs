@@ -27,7 +27,12 @@ pub(crate) fn quick_figures(io: &IoCtx, image_id: &str) -> Option<(u64, u64)> {
             &["size", "order", "features", "flags"],
         )
         .ok()?;
-    let get = |k: &str| header.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_slice());
+    let get = |k: &str| {
+        header
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_slice())
+    };
     let size = u64_le(get("size")?)?;
     let order = u32::from(*get("order")?.first()?);
     let features = u64_le(get("features")?)?;
@@ -39,7 +44,9 @@ pub(crate) fn quick_figures(io: &IoCtx, image_id: &str) -> Option<(u64, u64)> {
         return None;
     }
     let objects = size.div_ceil(1u64 << order);
-    let len = usize::try_from(objects.div_ceil(4)).ok()?.checked_add(256)?;
+    let len = usize::try_from(objects.div_ceil(4))
+        .ok()?
+        .checked_add(256)?;
     let map = io.read(&format!("rbd_object_map.{image_id}"), len).ok()?;
     let held = count_objects(&map, objects)?;
     Some((size, held_bytes(size, order, objects, &held)))
