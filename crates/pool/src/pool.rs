@@ -685,6 +685,12 @@ impl Pool {
         &self.inner.backend
     }
 
+    /// The format of linked images in this pool (see
+    /// [`ImageStore::linked_format`](crate::backend::ImageStore::linked_format)).
+    pub fn linked_format(&self) -> Format {
+        self.inner.backend.linked_format()
+    }
+
     /// What recovery removed at open (or the last [`Pool::refresh`]).
     pub fn recovered(&self) -> Vec<Recovered> {
         self.inner

@@ -1375,6 +1375,11 @@ impl RbdBackend {
 }
 
 impl ImageStore for RbdBackend {
+    /// RBD images are raw to their users; links are RBD clones of them.
+    fn linked_format(&self) -> Format {
+        Format::Raw
+    }
+
     fn create_image(
         &self,
         area: &StagingArea,
@@ -1382,7 +1387,8 @@ impl ImageStore for RbdBackend {
         spec: &ImageSpec,
         ctl: &Control,
     ) -> Result<ImageRef> {
-        let r = staged_ref(area, name, spec.format)?;
+        // Stored raw whatever was asked: the ref says what it is.
+        let r = staged_ref(area, name, Format::Raw)?;
         if spec.format == Format::Qcow2 && spec.prealloc != Prealloc::Off {
             return Err(Error::InvalidImage {
                 image: r.to_string(),
@@ -1419,7 +1425,7 @@ impl ImageStore for RbdBackend {
                     .into(),
             });
         }
-        let r = staged_ref(area, name, Format::Qcow2)?;
+        let r = staged_ref(area, name, Format::Raw)?;
         self.refuse_existing(&r)?;
         let b = self.open_raw(base, true)?;
         let bsize = b.size();
@@ -1506,10 +1512,11 @@ impl ImageStore for RbdBackend {
         area: &StagingArea,
         name: &str,
         src: &ImageRef,
-        format: Format,
+        _format: Format,
         ctl: &Control,
     ) -> Result<ImageRef> {
-        let r = staged_ref(area, name, format)?;
+        // Stored raw whatever was asked: the ref says what it is.
+        let r = staged_ref(area, name, Format::Raw)?;
         self.refuse_existing(&r)?;
         let s = self.open_raw(src, false)?;
         ctl.check(s.label(), "copy image")
