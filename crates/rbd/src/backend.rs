@@ -88,6 +88,11 @@ pub struct RbdBackend {
     /// This client's session: a leased lock and a marker `c.<uuid>` with
     /// its address, so that recovery can fence it once it is dead.
     session: Option<(uuid::Uuid, Lease)>,
+    /// The journal head as this client last wrote it, with the cookie of
+    /// the exclusive tenure it wrote it in: nobody else appends during
+    /// that tenure (the lock excludes them, the fence refuses a lapsed
+    /// one), so its appends need not read the head back first.
+    jhead: Mutex<Option<(String, JournalHead)>>,
 }
 
 impl Drop for RbdBackend {
@@ -117,7 +122,7 @@ struct LinkMarker {
     base: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct JournalHead {
     epoch: u64,
     len: u64,
@@ -244,6 +249,7 @@ impl RbdBackend {
             paused: Arc::new(AtomicBool::new(false)),
             tenures: Arc::default(),
             session: None,
+            jhead: Mutex::new(None),
         })
     }
 
@@ -746,7 +752,16 @@ impl PoolLock for RbdBackend {
 
 impl ChangeJournal for RbdBackend {
     fn journal_append(&self, guard: &ExclusiveGuard, change: &Change) -> Result<JournalCursor> {
-        let mut head = self.journal_head()?;
+        // Taken: a failure below leaves no cached head.
+        let cookie = lk(&self.tenures).get(&guard.token()).cloned();
+        let cached = lk(&self.jhead)
+            .take()
+            .filter(|(c, _)| Some(c) == cookie.as_ref())
+            .map(|(_, h)| h);
+        let mut head = match cached {
+            Some(h) => h,
+            None => self.journal_head()?,
+        };
         if head.len >= self.opts.journal_max {
             // Compaction: a new generation; readers of the old one rescan.
             let old: Vec<String> = self
@@ -783,6 +798,9 @@ impl ChangeJournal for RbdBackend {
             ),
         ];
         self.fenced(guard, "append to journal", &[WriteStep::OmapSet(&kv)])?;
+        if let Some(c) = cookie {
+            *lk(&self.jhead) = Some((c, next));
+        }
         Ok(JournalCursor {
             epoch: next.epoch,
             offset: next.len,
@@ -930,11 +948,20 @@ impl RecordStore for RbdBackend {
         id: &str,
         _clean: Option<&ExclusiveGuard>,
     ) -> Result<Option<ScannedEntry>> {
-        if self.omap_one(&entry_key(kind, id))?.is_none() {
+        // Entry marker and record in one read.
+        let (ek, rk) = (entry_key(kind, id), record_key(kind, id));
+        let kv = self
+            .conn
+            .io
+            .omap_get_keys(POOL_OBJ, &[&ek, &rk])
+            .map_err(|e| self.err(POOL_OBJ, "read pool object", e))?;
+        if !kv.iter().any(|(k, _)| *k == ek) {
             return Ok(None);
         }
-        let record = self
-            .omap_one(&record_key(kind, id))?
+        let record = kv
+            .into_iter()
+            .find(|(k, _)| *k == rk)
+            .map(|(_, v)| v)
             .ok_or_else(|| "record missing".to_string());
         let mut images: Vec<ImageSummary> = self
             .entry_images(kind, id)?

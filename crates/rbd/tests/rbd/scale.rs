@@ -62,9 +62,9 @@ fn open_is_linear_in_images() {
             .unwrap_or_default()
             .trim()
     );
-    // A scan is a handful of round trips per entry (entry key, record,
-    // the entry's directory keys, header and object map per image) plus
-    // a few renewals meanwhile: a constant, not a share of N.
+    // A scan is a handful of round trips per entry (entry key and record
+    // in one read, the entry's directory keys, header and object map per
+    // image: 4) plus a few renewals meanwhile: a constant, not a share of N.
     assert!(per_entry <= 8.0, "{per_entry} RADOS ops per added entry");
     assert!(ops0 as f64 <= 8.0 * n0 as f64 + 60.0, "{ops0} ops for {n0}");
 }
