@@ -1,7 +1,9 @@
 //! Images as RBD images, seen with the rbd tool: a linked image is an RBD
-//! clone of a per-link protected snapshot; the base cannot be removed while
-//! the clone exists (RBD refuses, we say why and remove nothing); removing
-//! the clone removes its snapshot; grow is a resize and shrink is refused.
+//! clone of a protected link snapshot (per link on a volume, shared by the
+//! links of a template); the base cannot be removed while the clone exists
+//! (RBD refuses, we say why and remove nothing); removing the last clone
+//! removes its snapshot; grow is a resize and shrink is refused; scans
+//! report what librbd reports without opening images.
 
 use vmvol_format::{BlockIo, Control, Format};
 use vmvol_pool::RbdSpec;
