@@ -323,6 +323,14 @@ pub trait ImageStore {
         spec: &ImageSpec,
         ctl: &Control,
     ) -> Result<ImageRef>;
+    /// The format of the images [`ImageStore::create_linked`] makes, which
+    /// is also what an image of that format can be linked to and compacted
+    /// as (local: qcow2 overlays). A store that keeps every image in one
+    /// format says which (RBD: raw, links being clones), and the images it
+    /// returns carry it whatever format was asked for.
+    fn linked_format(&self) -> Format {
+        Format::Qcow2
+    }
     /// Creates image `name` in a staging area as a thin overlay on `base`;
     /// `size` (at least the base's) defaults to the base's size.
     fn create_linked(

@@ -685,6 +685,12 @@ impl Pool {
         &self.inner.backend
     }
 
+    /// The format of linked images in this pool (see
+    /// [`ImageStore::linked_format`](crate::backend::ImageStore::linked_format)).
+    pub fn linked_format(&self) -> Format {
+        self.inner.backend.linked_format()
+    }
+
     /// What recovery removed at open (or the last [`Pool::refresh`]).
     pub fn recovered(&self) -> Vec<Recovered> {
         self.inner
@@ -1207,10 +1213,16 @@ impl PoolTxn<'_> {
     fn check_room(&self, g: &ExclusiveGuard, bytes: u64, physical: bool) -> Result<()> {
         let idx = &*self.idx;
         let b = &*self.pool.inner.backend;
-        let fs = b.fs_stats()?;
-        let capacity = match idx.config.capacity {
-            CapacityPolicy::Filesystem => fs.total,
-            CapacityPolicy::Quota { bytes } => bytes,
+        // The storage's figures only when the check needs them: on some
+        // backends (RBD) they cost a pass over every image.
+        let fs = match (idx.config.capacity, physical) {
+            (CapacityPolicy::Quota { .. }, false) => None,
+            _ => Some(b.fs_stats()?),
+        };
+        let capacity = match (idx.config.capacity, &fs) {
+            (CapacityPolicy::Quota { bytes }, _) => bytes,
+            (CapacityPolicy::Filesystem, Some(fs)) => fs.total,
+            (CapacityPolicy::Filesystem, None) => 0,
         };
         let live = b.live_reservations(Some(g))?;
         let reserved = live.iter().fold(0u64, |a, r| a.saturating_add(r.bytes));
@@ -1231,13 +1243,14 @@ impl PoolTxn<'_> {
                 .iter()
                 .filter(|r| r.physical)
                 .fold(0u64, |a, r| a.saturating_add(r.bytes));
-            let avail = fs.available.saturating_sub(phys_reserved);
+            let free = fs.map_or(0, |f| f.available);
+            let avail = free.saturating_sub(phys_reserved);
             if bytes > avail {
                 return Err(Error::InsufficientPhysicalSpace {
                     pool: idx.config.name.clone(),
                     needed: bytes,
                     available: avail,
-                    free: fs.available,
+                    free,
                     reserved: phys_reserved,
                 });
             }

@@ -50,6 +50,10 @@ const LOCK: &str = "vmvol.pool";
 const LIVE_LOCK: &str = "live";
 const EPOCH: &str = "epoch";
 const LINK_SNAP: &str = "vmvol-link-";
+/// librbd's directory object of a namespace and the prefix of its keys
+/// that map image names to ids.
+const RBD_DIRECTORY: &str = "rbd_directory";
+const DIR_NAME: &str = "name_";
 
 /// Tunables of an [`RbdBackend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +88,11 @@ pub struct RbdBackend {
     /// This client's session: a leased lock and a marker `c.<uuid>` with
     /// its address, so that recovery can fence it once it is dead.
     session: Option<(uuid::Uuid, Lease)>,
+    /// The journal head as this client last wrote it, with the cookie of
+    /// the exclusive tenure it wrote it in: nobody else appends during
+    /// that tenure (the lock excludes them, the fence refuses a lapsed
+    /// one), so its appends need not read the head back first.
+    jhead: Mutex<Option<(String, JournalHead)>>,
 }
 
 impl Drop for RbdBackend {
@@ -113,7 +122,7 @@ struct LinkMarker {
     base: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct JournalHead {
     epoch: u64,
     len: u64,
@@ -240,6 +249,7 @@ impl RbdBackend {
             paused: Arc::new(AtomicBool::new(false)),
             tenures: Arc::default(),
             session: None,
+            jhead: Mutex::new(None),
         })
     }
 
@@ -359,6 +369,87 @@ impl RbdBackend {
         Ok(names
             .into_iter()
             .filter_map(|n| parse_name(&n).map(|r| (n, r)))
+            .collect())
+    }
+
+    /// Our images whose RBD name starts with `prefix`, read from librbd's
+    /// directory object (its omap keys are `name_<image>`): one read per
+    /// 1000 names of that prefix, where `rbd_list` reads every name of the
+    /// namespace — scanning each entry that way made a pool's open O(N²).
+    fn images_prefixed(&self, prefix: &str) -> Result<Vec<(String, ImageRef)>> {
+        Ok(self
+            .images_with_ids(prefix)?
+            .into_iter()
+            .map(|(n, r, _)| (n, r))
+            .collect())
+    }
+
+    /// [`RbdBackend::images_prefixed`] with each image's RBD id (empty if
+    /// the directory's value does not decode).
+    fn images_with_ids(&self, prefix: &str) -> Result<Vec<(String, ImageRef, String)>> {
+        let keys = match self
+            .conn
+            .io
+            .omap_all(RBD_DIRECTORY, &format!("{DIR_NAME}{prefix}"))
+        {
+            Ok(kv) => kv,
+            // No directory yet: no image was ever made in the namespace.
+            Err(Errno(libc::ENOENT)) => Vec::new(),
+            Err(e) => return Err(self.err(RBD_DIRECTORY, "list images", e)),
+        };
+        Ok(keys
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let n = k.strip_prefix(DIR_NAME)?.to_string();
+                // The value is an encoded string: u32 length, then the id.
+                let id = v
+                    .get(..4)
+                    .and_then(|l| <[u8; 4]>::try_from(l).ok())
+                    .map(u32::from_le_bytes)
+                    .zip(v.get(4..))
+                    .filter(|(l, id)| *l as usize == id.len())
+                    .map(|(_, id)| String::from_utf8_lossy(id).into_owned())
+                    .unwrap_or_default();
+                parse_name(&n).map(|r| (n, r, id))
+            })
+            .collect())
+    }
+
+    /// The images of entry `kind/id`, with their RBD ids.
+    fn entry_images(&self, kind: EntryKind, id: &str) -> Result<Vec<(String, ImageRef, String)>> {
+        let owner = ImageOwner::Entry {
+            kind,
+            id: id.to_string(),
+        };
+        Ok(self
+            .images_with_ids(&format!("v+{}+{id}+", kind_str(kind)))?
+            .into_iter()
+            .filter(|(_, r, _)| r.owner == owner)
+            .collect())
+    }
+
+    /// [`RbdBackend::summary`] without the base, from the image's header
+    /// and object map when they allow (see `figures`), else by opening it.
+    fn quick_summary(&self, image: &ImageRef, rbd_id: &str) -> ImageSummary {
+        match crate::figures::quick_figures(&self.conn.io, rbd_id) {
+            Some((size, held)) => ImageSummary {
+                image: image.clone(),
+                virtual_size: Some(size),
+                host_bytes: held,
+                backing: None,
+                error: None,
+            },
+            None => self.summary(image, false),
+        }
+    }
+
+    /// The images of staging area `area`.
+    fn area_images(&self, area: uuid::Uuid) -> Result<Vec<(String, ImageRef)>> {
+        let owner = ImageOwner::Staging { area };
+        Ok(self
+            .images_prefixed(&format!("s+{}+", area.simple()))?
+            .into_iter()
+            .filter(|(_, r)| r.owner == owner)
             .collect())
     }
 
@@ -571,12 +662,7 @@ impl RbdBackend {
     }
 
     fn remove_staged_images(&self, area: uuid::Uuid, out: Option<&mut Vec<Recovered>>) -> bool {
-        let mut left: Vec<(String, ImageRef)> = self
-            .images()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(_, r)| r.owner == ImageOwner::Staging { area })
-            .collect();
+        let mut left: Vec<(String, ImageRef)> = self.area_images(area).unwrap_or_default();
         // Clones before their bases: retry while something goes.
         let mut removed = Vec::new();
         while !left.is_empty() {
@@ -666,7 +752,16 @@ impl PoolLock for RbdBackend {
 
 impl ChangeJournal for RbdBackend {
     fn journal_append(&self, guard: &ExclusiveGuard, change: &Change) -> Result<JournalCursor> {
-        let mut head = self.journal_head()?;
+        // Taken: a failure below leaves no cached head.
+        let cookie = lk(&self.tenures).get(&guard.token()).cloned();
+        let cached = lk(&self.jhead)
+            .take()
+            .filter(|(c, _)| Some(c) == cookie.as_ref())
+            .map(|(_, h)| h);
+        let mut head = match cached {
+            Some(h) => h,
+            None => self.journal_head()?,
+        };
         if head.len >= self.opts.journal_max {
             // Compaction: a new generation; readers of the old one rescan.
             let old: Vec<String> = self
@@ -703,6 +798,9 @@ impl ChangeJournal for RbdBackend {
             ),
         ];
         self.fenced(guard, "append to journal", &[WriteStep::OmapSet(&kv)])?;
+        if let Some(c) = cookie {
+            *lk(&self.jhead) = Some((c, next));
+        }
         Ok(JournalCursor {
             epoch: next.epoch,
             offset: next.len,
@@ -850,23 +948,25 @@ impl RecordStore for RbdBackend {
         id: &str,
         _clean: Option<&ExclusiveGuard>,
     ) -> Result<Option<ScannedEntry>> {
-        if self.omap_one(&entry_key(kind, id))?.is_none() {
+        // Entry marker and record in one read.
+        let (ek, rk) = (entry_key(kind, id), record_key(kind, id));
+        let kv = self
+            .conn
+            .io
+            .omap_get_keys(POOL_OBJ, &[&ek, &rk])
+            .map_err(|e| self.err(POOL_OBJ, "read pool object", e))?;
+        if !kv.iter().any(|(k, _)| *k == ek) {
             return Ok(None);
         }
-        let record = self
-            .omap_one(&record_key(kind, id))?
+        let record = kv
+            .into_iter()
+            .find(|(k, _)| *k == rk)
+            .map(|(_, v)| v)
             .ok_or_else(|| "record missing".to_string());
         let mut images: Vec<ImageSummary> = self
-            .images()?
+            .entry_images(kind, id)?
             .into_iter()
-            .filter(|(_, r)| {
-                r.owner
-                    == ImageOwner::Entry {
-                        kind,
-                        id: id.to_string(),
-                    }
-            })
-            .map(|(_, r)| self.summary(&r, false))
+            .map(|(_, r, rbd_id)| self.quick_summary(&r, &rbd_id))
             .collect();
         images.sort_by(|a, b| a.image.name.cmp(&b.image.name));
         let rec_len = record.as_ref().map_or(0, |r| r.len() as u64);
@@ -919,14 +1019,12 @@ impl RecordStore for RbdBackend {
         self.check_fence(guard, "commit entry")?;
         // Images first: a crash before the record leaves entry-named images
         // with no entry, which recovery removes.
-        for (name, r) in self.images()? {
-            if r.owner == (ImageOwner::Staging { area: area.id }) {
-                let to = rbd_name(&r.committed(kind, id));
-                self.conn
-                    .io
-                    .rbd_rename(&name, &to)
-                    .map_err(|e| self.image_err(&r, "move staged image into place", e))?;
-            }
+        for (name, r) in self.area_images(area.id)? {
+            let to = rbd_name(&r.committed(kind, id));
+            self.conn
+                .io
+                .rbd_rename(&name, &to)
+                .map_err(|e| self.image_err(&r, "move staged image into place", e))?;
         }
         let kv = [
             (entry_key(kind, id), Vec::new()),
@@ -949,15 +1047,10 @@ impl RecordStore for RbdBackend {
             ));
         }
         self.check_fence(guard, "remove entry")?;
-        let owner = ImageOwner::Entry {
-            kind,
-            id: id.to_string(),
-        };
         let mine: Vec<ImageRef> = self
-            .images()?
+            .entry_images(kind, id)?
             .into_iter()
-            .filter(|(_, r)| r.owner == owner)
-            .map(|(_, r)| r)
+            .map(|(_, r, _)| r)
             .collect();
         // Refuse before removing anything if a clone depends on an image.
         for r in &mine {
@@ -1218,6 +1311,32 @@ impl Liveness for RbdBackend {
     }
 }
 
+/// A link snapshot of `base` (open as `b`, `size` bytes) that a new clone
+/// may share instead of taking a snapshot of its own (snapshot create and
+/// protect are most of a linked create's time): only for images of
+/// templates and snapshots, which never change once committed, and only a
+/// snapshot of the image's current size. A volume's image changes, so
+/// each link to it gets its own snapshot.
+fn shared_link(base: &ImageRef, b: &RbdImage, size: u64) -> Option<String> {
+    let immutable = matches!(
+        base.owner,
+        ImageOwner::Entry {
+            kind: EntryKind::Template | EntryKind::Snapshot,
+            ..
+        }
+    );
+    if !immutable {
+        return None;
+    }
+    b.raw()
+        .snaps()
+        .ok()?
+        .into_iter()
+        .rev()
+        .find(|(n, s)| n.starts_with(LINK_SNAP) && *s == size)
+        .map(|(n, _)| n)
+}
+
 fn staged_ref(area: &StagingArea, name: &str, format: Format) -> Result<ImageRef> {
     validate_name(name)?;
     Ok(ImageRef {
@@ -1230,7 +1349,7 @@ fn staged_ref(area: &StagingArea, name: &str, format: Format) -> Result<ImageRef
 impl RbdBackend {
     fn refuse_existing(&self, r: &ImageRef) -> Result<()> {
         let name = rbd_name(r);
-        if self.images()?.iter().any(|(n, _)| *n == name) {
+        if self.images_prefixed(&name)?.iter().any(|(n, _)| *n == name) {
             return Err(Error::InvalidImage {
                 image: r.to_string(),
                 reason: "an image of that name already exists".into(),
@@ -1283,6 +1402,11 @@ impl RbdBackend {
 }
 
 impl ImageStore for RbdBackend {
+    /// RBD images are raw to their users; links are RBD clones of them.
+    fn linked_format(&self) -> Format {
+        Format::Raw
+    }
+
     fn create_image(
         &self,
         area: &StagingArea,
@@ -1290,7 +1414,8 @@ impl ImageStore for RbdBackend {
         spec: &ImageSpec,
         ctl: &Control,
     ) -> Result<ImageRef> {
-        let r = staged_ref(area, name, spec.format)?;
+        // Stored raw whatever was asked: the ref says what it is.
+        let r = staged_ref(area, name, Format::Raw)?;
         if spec.format == Format::Qcow2 && spec.prealloc != Prealloc::Off {
             return Err(Error::InvalidImage {
                 image: r.to_string(),
@@ -1327,7 +1452,7 @@ impl ImageStore for RbdBackend {
                     .into(),
             });
         }
-        let r = staged_ref(area, name, Format::Qcow2)?;
+        let r = staged_ref(area, name, Format::Raw)?;
         self.refuse_existing(&r)?;
         let b = self.open_raw(base, true)?;
         let bsize = b.size();
@@ -1338,14 +1463,29 @@ impl ImageStore for RbdBackend {
                 reason: format!("size {size} is smaller than its base's {bsize} bytes"),
             });
         }
-        // One protected snapshot per link: removing the clone removes it.
-        // Until the clone exists a marker names the snapshot, so recovery
-        // can remove it if this process dies in between.
-        let snap = format!("{LINK_SNAP}{}", uuid::Uuid::new_v4().simple());
         let features = b
             .raw()
             .features()
             .map_err(|e| self.image_err(base, "read features", e))?;
+        if let Some(shared) = shared_link(base, &b, bsize) {
+            // Anything but a clean clone (the snapshot went meanwhile, or
+            // is not protected): make one of our own below.
+            let cloned = self
+                .conn
+                .io
+                .rbd_clone(&rbd_name(base), &shared, &rbd_name(&r), features);
+            if cloned.is_ok() {
+                drop(b);
+                if size > bsize {
+                    self.grow_any(&r, size)?;
+                }
+                return Ok(r);
+            }
+        }
+        // A protected snapshot for this link: removing the last clone of it
+        // removes it. Until the clone exists a marker names the snapshot,
+        // so recovery can remove it if this process dies in between.
+        let snap = format!("{LINK_SNAP}{}", uuid::Uuid::new_v4().simple());
         let marker = format!("l.{snap}");
         let mk = LinkMarker {
             area: area.id,
@@ -1399,10 +1539,11 @@ impl ImageStore for RbdBackend {
         area: &StagingArea,
         name: &str,
         src: &ImageRef,
-        format: Format,
+        _format: Format,
         ctl: &Control,
     ) -> Result<ImageRef> {
-        let r = staged_ref(area, name, format)?;
+        // Stored raw whatever was asked: the ref says what it is.
+        let r = staged_ref(area, name, Format::Raw)?;
         self.refuse_existing(&r)?;
         let s = self.open_raw(src, false)?;
         ctl.check(s.label(), "copy image")
@@ -1561,9 +1702,9 @@ impl SpaceFigures for RbdBackend {
         // Bytes our images hold (RBD's own accounting); the cluster's
         // figures need a mgr and are zero without one.
         let used = self
-            .images()?
+            .images_with_ids("")?
             .iter()
-            .map(|(_, r)| self.summary(r, false).host_bytes)
+            .map(|(_, r, id)| self.quick_summary(r, id).host_bytes)
             .fold(0u64, u64::saturating_add);
         let (total, available) = match (quota, total) {
             (q, t) if q > 0 && t > 0 => (q, q.saturating_sub(used).min(avail)),
@@ -1579,10 +1720,10 @@ impl SpaceFigures for RbdBackend {
 
     fn base_physical(&self) -> Result<u64> {
         let staged = self
-            .images()?
+            .images_with_ids("s+")?
             .iter()
-            .filter(|(_, r)| matches!(r.owner, ImageOwner::Staging { .. }))
-            .map(|(_, r)| self.summary(r, false).host_bytes)
+            .filter(|(_, r, _)| matches!(r.owner, ImageOwner::Staging { .. }))
+            .map(|(_, r, id)| self.quick_summary(r, id).host_bytes)
             .fold(0u64, u64::saturating_add);
         Ok(staged.saturating_add(self.read_config()?.len() as u64))
     }

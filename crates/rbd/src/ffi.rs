@@ -11,6 +11,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,6 +143,15 @@ extern "C" {
         pmore: *mut u8,
         prval: *mut c_int,
     );
+    fn rados_read_op_omap_get_vals_by_keys2(
+        op: ReadOpT,
+        keys: *const *const c_char,
+        num_keys: usize,
+        key_lens: *const usize,
+        iter: *mut OmapIterT,
+        prval: *mut c_int,
+    );
+    fn rados_read(io: IoCtxT, oid: *const c_char, buf: *mut c_char, len: usize, off: u64) -> c_int;
     fn rados_read_op_operate(op: ReadOpT, io: IoCtxT, oid: *const c_char, flags: c_int) -> c_int;
     fn rados_omap_get_next2(
         iter: OmapIterT,
@@ -297,6 +307,41 @@ fn split_nul(buf: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The pairs an omap iterator holds (none unless `ok`); ends it.
+fn drain_omap(iter: OmapIterT, ok: bool) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    if ok && !iter.is_null() {
+        loop {
+            let (mut k, mut v, mut kl, mut vl) = (ptr::null_mut(), ptr::null_mut(), 0, 0);
+            // SAFETY: `iter` came from a successful operate and is ended
+            // below; the returned pointers are valid until the next call.
+            let r = unsafe { rados_omap_get_next2(iter, &mut k, &mut v, &mut kl, &mut vl) };
+            if r < 0 || k.is_null() {
+                break;
+            }
+            // SAFETY: k/v point to kl/vl bytes owned by the iterator; we
+            // copy them before advancing it.
+            let (key, val) = unsafe {
+                (
+                    String::from_utf8_lossy(std::slice::from_raw_parts(k.cast::<u8>(), kl))
+                        .into_owned(),
+                    if v.is_null() {
+                        Vec::new()
+                    } else {
+                        std::slice::from_raw_parts(v.cast::<u8>(), vl).to_vec()
+                    },
+                )
+            };
+            out.push((key, val));
+        }
+    }
+    if !iter.is_null() {
+        // SAFETY: ends the iterator exactly once.
+        unsafe { rados_omap_get_end(iter) };
+    }
+    out
+}
+
 /// A connection to a cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -421,6 +466,7 @@ impl Cluster {
         Ok(Arc::new(IoCtx {
             h: io,
             _cluster: Arc::clone(self),
+            counts: Counts::default(),
         }))
     }
 }
@@ -462,6 +508,24 @@ pub enum WriteStep<'a> {
 pub struct IoCtx {
     h: IoCtxT,
     _cluster: Arc<Cluster>,
+    /// Calls made through it, by kind.
+    pub counts: Counts,
+}
+
+/// How many costly calls went through an ioctx: what an operation costs,
+/// counted rather than timed (timings on a loaded machine are noise).
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Single-object RADOS operations (one round trip each).
+    pub rados_ops: AtomicU64,
+    /// Listings of every image of the namespace (`rbd_list`).
+    pub image_lists: AtomicU64,
+    /// Image opens (each several round trips, and its parent's open).
+    pub image_opens: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 // SAFETY: an ioctx may be used from several threads at once (librados is
@@ -483,6 +547,7 @@ const LOCK_FLAG_MUST_RENEW: u8 = 2;
 impl IoCtx {
     /// Applies `steps` to object `oid` atomically (all or none).
     pub fn write_op(&self, oid: &str, steps: &[WriteStep<'_>]) -> R<()> {
+        bump(&self.counts.rados_ops);
         let oid = cs(oid)?;
         // Everything the op points into lives in `keep` until it has run.
         let mut keep_c: Vec<CString> = Vec::new();
@@ -619,6 +684,7 @@ impl IoCtx {
     /// Up to `max` omap pairs of `oid` after key `after` whose keys start
     /// with `prefix`; the flag says whether more follow.
     pub fn omap_get(&self, oid: &str, after: &str, prefix: &str, max: u64) -> R<OmapPage> {
+        bump(&self.counts.rados_ops);
         let (o, a, p) = (cs(oid)?, cs(after)?, cs(prefix)?);
         // SAFETY: no preconditions; released below.
         let op = unsafe { rados_create_read_op() };
@@ -641,41 +707,59 @@ impl IoCtx {
             );
             rados_read_op_operate(op, self.h, o.as_ptr(), 0)
         };
-        let mut out = Vec::new();
-        if rc >= 0 && prval >= 0 && !iter.is_null() {
-            loop {
-                let (mut k, mut v, mut kl, mut vl) = (ptr::null_mut(), ptr::null_mut(), 0, 0);
-                // SAFETY: `iter` came from a successful operate and is ended
-                // below; the returned pointers are valid until the next call.
-                let r = unsafe { rados_omap_get_next2(iter, &mut k, &mut v, &mut kl, &mut vl) };
-                if r < 0 || k.is_null() {
-                    break;
-                }
-                // SAFETY: k/v point to kl/vl bytes owned by the iterator; we
-                // copy them before advancing it.
-                let (key, val) = unsafe {
-                    (
-                        String::from_utf8_lossy(std::slice::from_raw_parts(k.cast::<u8>(), kl))
-                            .into_owned(),
-                        if v.is_null() {
-                            Vec::new()
-                        } else {
-                            std::slice::from_raw_parts(v.cast::<u8>(), vl).to_vec()
-                        },
-                    )
-                };
-                out.push((key, val));
-            }
-        }
-        if !iter.is_null() {
-            // SAFETY: ends the iterator exactly once.
-            unsafe { rados_omap_get_end(iter) };
-        }
+        let out = drain_omap(iter, rc >= 0 && prval >= 0);
         // SAFETY: created above, released once (after the iterator).
         unsafe { rados_release_read_op(op) };
         check(rc)?;
         check(prval)?;
         Ok((out, more != 0))
+    }
+
+    /// The omap values of `keys` of `oid` (keys it lacks are left out).
+    pub fn omap_get_keys(&self, oid: &str, keys: &[&str]) -> R<Vec<(String, Vec<u8>)>> {
+        bump(&self.counts.rados_ops);
+        let o = cs(oid)?;
+        let ks = keys.iter().map(|k| cs(k)).collect::<R<Vec<CString>>>()?;
+        let kp: Vec<*const c_char> = ks.iter().map(|k| k.as_ptr()).collect();
+        let kl: Vec<usize> = keys.iter().map(|k| k.len()).collect();
+        // SAFETY: no preconditions; released below.
+        let op = unsafe { rados_create_read_op() };
+        if op.is_null() {
+            return Err(Errno(libc::ENOMEM));
+        }
+        let mut iter: OmapIterT = ptr::null_mut();
+        let mut prval: c_int = 0;
+        // SAFETY: valid op; the key arrays (and the strings they point to)
+        // and the out pointers live until after operate.
+        let rc = unsafe {
+            rados_read_op_omap_get_vals_by_keys2(
+                op,
+                kp.as_ptr(),
+                kp.len(),
+                kl.as_ptr(),
+                &mut iter,
+                &mut prval,
+            );
+            rados_read_op_operate(op, self.h, o.as_ptr(), 0)
+        };
+        let out = drain_omap(iter, rc >= 0 && prval >= 0);
+        // SAFETY: created above, released once (after the iterator).
+        unsafe { rados_release_read_op(op) };
+        check(rc)?;
+        check(prval)?;
+        Ok(out)
+    }
+
+    /// Up to `len` bytes of object `oid` from its start.
+    pub fn read(&self, oid: &str, len: usize) -> R<Vec<u8>> {
+        bump(&self.counts.rados_ops);
+        let o = cs(oid)?;
+        let mut buf = vec![0u8; len];
+        // SAFETY: valid ioctx and string; `buf` is writable for `len` bytes.
+        let rc = unsafe { rados_read(self.h, o.as_ptr(), buf.as_mut_ptr().cast(), len, 0) };
+        check(rc)?;
+        buf.truncate(usize::try_from(rc).unwrap_or(0));
+        Ok(buf)
     }
 
     /// Every omap pair of `oid` whose key starts with `prefix`.
@@ -694,6 +778,7 @@ impl IoCtx {
 
     /// The value of xattr `name` of `oid`.
     pub fn getxattr(&self, oid: &str, name: &str) -> R<Vec<u8>> {
+        bump(&self.counts.rados_ops);
         let (o, n) = (cs(oid)?, cs(name)?);
         let mut buf = vec![0u8; 256];
         loop {
@@ -719,6 +804,7 @@ impl IoCtx {
 
     /// Removes object `oid`.
     pub fn remove(&self, oid: &str) -> R<()> {
+        bump(&self.counts.rados_ops);
         let o = cs(oid)?;
         // SAFETY: valid ioctx and string.
         check(unsafe { rados_remove(self.h, o.as_ptr()) })
@@ -734,6 +820,7 @@ impl IoCtx {
         duration: Duration,
         renew: bool,
     ) -> R<()> {
+        bump(&self.counts.rados_ops);
         let (o, n, c, d) = (cs(oid)?, cs(name)?, cs(cookie)?, cs("vmvol")?);
         let mut tv = timeval(duration);
         let flags = if renew { LOCK_FLAG_MUST_RENEW } else { 0 };
@@ -753,6 +840,7 @@ impl IoCtx {
 
     /// Takes or renews a shared lock `name` on `oid` for `duration`.
     pub fn lock_shared(&self, oid: &str, name: &str, cookie: &str, duration: Duration) -> R<()> {
+        bump(&self.counts.rados_ops);
         let (o, n, c, t, d) = (cs(oid)?, cs(name)?, cs(cookie)?, cs("")?, cs("vmvol")?);
         let mut tv = timeval(duration);
         // SAFETY: valid ioctx; strings and the timeval live for the call.
@@ -772,6 +860,7 @@ impl IoCtx {
 
     /// Releases lock `name` on `oid` held under `cookie`.
     pub fn unlock(&self, oid: &str, name: &str, cookie: &str) -> R<()> {
+        bump(&self.counts.rados_ops);
         let (o, n, c) = (cs(oid)?, cs(name)?, cs(cookie)?);
         // SAFETY: valid ioctx and strings.
         check(unsafe { rados_unlock(self.h, o.as_ptr(), n.as_ptr(), c.as_ptr()) })
@@ -779,6 +868,7 @@ impl IoCtx {
 
     /// The cookies of the current (unexpired) holders of lock `name` on `oid`.
     pub fn lockers(&self, oid: &str, name: &str) -> R<Vec<String>> {
+        bump(&self.counts.rados_ops);
         let (o, n) = (cs(oid)?, cs(name)?);
         let mut cap = 1024usize;
         loop {
@@ -824,6 +914,7 @@ impl IoCtx {
 
     /// Names of every RBD image in this pool/namespace.
     pub fn rbd_list(&self) -> R<Vec<String>> {
+        bump(&self.counts.image_lists);
         let mut cap = 4096usize;
         loop {
             let mut buf = vec![0u8; cap];
@@ -913,6 +1004,7 @@ extern "C" fn diff_cb(ofs: u64, len: usize, exists: c_int, arg: *mut c_void) -> 
 impl Image {
     /// Opens image `name` (read-only: no exclusive lock, no writes).
     pub fn open(io: &Arc<IoCtx>, name: &str, read_only: bool) -> R<Image> {
+        bump(&io.counts.image_opens);
         let n = cs(name)?;
         let mut h: ImageT = ptr::null_mut();
         // SAFETY: valid ioctx, string and out pointer; null snap = the head.
@@ -1056,6 +1148,11 @@ impl Image {
 
     /// Names of the image's snapshots.
     pub fn snap_list(&self) -> R<Vec<String>> {
+        Ok(self.snaps()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// The image's snapshots: (name, size).
+    pub fn snaps(&self) -> R<Vec<(String, u64)>> {
         let mut max: c_int = 16;
         loop {
             let cap = usize::try_from(max).unwrap_or(16);
@@ -1080,9 +1177,10 @@ impl Image {
                 .map(|s| {
                     // SAFETY: librbd filled `name` with NUL-terminated strings
                     // that stay valid until rbd_snap_list_end below.
-                    unsafe { CStr::from_ptr(s.name) }
+                    let name = unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
-                        .into_owned()
+                        .into_owned();
+                    (name, s.size)
                 })
                 .collect();
             // SAFETY: frees the names filled in above, once.

@@ -220,7 +220,8 @@ impl Volumes {
                 let rec = VolumeRecord {
                     name: req.name.clone(),
                     created: now_rfc3339(),
-                    format: *format,
+                    // What the pool made (RBD: raw whatever was asked).
+                    format: img.format,
                     size,
                     prealloc: *prealloc,
                     ext4: *ext4,
@@ -277,7 +278,7 @@ impl Volumes {
                 let rec = VolumeRecord {
                     name: req.name.clone(),
                     created: now_rfc3339(),
-                    format: Format::Qcow2,
+                    format: img.format,
                     size,
                     prealloc: Prealloc::Off,
                     ext4: true,
@@ -344,15 +345,18 @@ impl Volumes {
                                 ),
                             ));
                         }
-                        let _r = reserve_split(t, &object, OP, size, 0)?;
+                        // Made and committed under this transaction's
+                        // lock: a check will do, no reservation record.
+                        t.require_room(size).map_err(Error::pool(&object, OP))?;
                         let s = t.stage().map_err(Error::pool(&object, OP))?;
                         let bref = data_ref(T::KIND, &b.id, b.record.format());
-                        s.create_linked(DATA_IMAGE, &bref, Some(size))
+                        let img = s
+                            .create_linked(DATA_IMAGE, &bref, Some(size))
                             .map_err(Error::pool(&object, OP))?;
                         let rec = VolumeRecord {
                             name: req.name.clone(),
                             created: now_rfc3339(),
-                            format: Format::Qcow2,
+                            format: img.format,
                             size,
                             prealloc: Prealloc::Off,
                             ext4: b.record.ext4(),
@@ -410,7 +414,7 @@ impl Volumes {
                 let rec = VolumeRecord {
                     name: req.name.clone(),
                     created: now_rfc3339(),
-                    format: b.record.format(),
+                    format: img.format,
                     size,
                     prealloc: Prealloc::Off,
                     ext4: b.record.ext4(),

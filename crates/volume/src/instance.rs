@@ -54,11 +54,17 @@ pub struct OverlayImage {
 }
 
 impl OverlayImage {
-    /// The image's format.
+    /// The image's format on a local pool.
     pub fn format(&self) -> Format {
+        self.format_in(Format::Qcow2)
+    }
+
+    /// The image's format in a pool whose linked images are `linked`
+    /// ([`vmvol_pool::Pool::linked_format`]; RBD: raw clones).
+    pub fn format_in(&self, linked: Format) -> Format {
         match self.kind {
             OverlayKind::GuestOverlayfs => Format::Raw,
-            OverlayKind::Block => Format::Qcow2,
+            OverlayKind::Block => linked,
         }
     }
 }
@@ -487,13 +493,9 @@ impl Volumes {
                             .get::<VolumeRecord>(EntryKind::Volume, &v.volume_id)
                             .map_err(Error::pool(&vobj, DETACH))?;
                         if let Some(o) = &v.overlay {
-                            if e.images.iter().any(|i| i.image.name == o.image) {
-                                let img = ImageRef::entry(
-                                    EntryKind::Volume,
-                                    &v.volume_id,
-                                    &o.image,
-                                    o.format(),
-                                );
+                            // In whatever format the pool stored it.
+                            let img = e.images.iter().find(|i| i.image.name == o.image);
+                            if let Some(img) = img.map(|i| i.image.clone()) {
                                 t.remove_image(&img).map_err(Error::pool(&vobj, DETACH))?;
                             }
                         }
@@ -535,7 +537,7 @@ impl Volumes {
                     EntryKind::Volume,
                     &v.volume_id,
                     &o.image,
-                    o.format(),
+                    o.format_in(p.linked_format()),
                 ))?),
                 None => None,
             };

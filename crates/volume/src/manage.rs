@@ -276,10 +276,10 @@ impl Volumes {
             })
             .map_err(Error::pool(&dobject, OP))??;
         let sref = data_ref(EntryKind::Volume, &src.id, src.record.format);
-        if dest == pool {
+        let made = if dest == pool {
             staging
                 .copy_full(DATA_IMAGE, &sref, src.record.format, ctl)
-                .map_err(Error::pool(&dobject, OP))?;
+                .map_err(Error::pool(&dobject, OP))?
         } else {
             let spec = ImageSpec {
                 size,
@@ -296,11 +296,13 @@ impl Volumes {
                 .open_image(&img, true)
                 .map_err(Error::pool(&dobject, OP))?;
             copy_data(&*s, &*d, ctl, &dobject, OP)?;
-        }
+            img
+        };
         let rec = VolumeRecord {
             name: new_name.to_string(),
             created: now_rfc3339(),
-            format: src.record.format,
+            // What the destination pool made (RBD: raw whatever was asked).
+            format: made.format,
             size,
             prealloc: Prealloc::Off,
             ext4: src.record.ext4,
@@ -333,7 +335,9 @@ impl Volumes {
         p.transaction(OP, |t| {
             Ok((|| {
                 let v = find::<VolumeRecord>(t, pool, name, OP)?;
-                if v.record.format != Format::Qcow2 {
+                // qcow2, or whatever the pool's links are made of (RBD:
+                // raw images, compacted by discard and sparsify).
+                if v.record.format != Format::Qcow2 && v.record.format != p.linked_format() {
                     return Err(Error::refused(
                         &object,
                         OP,

@@ -2,8 +2,7 @@
 //! first opened by a [`Volumes`](crate::Volumes) handle). Every multi-step
 //! operation is rolled forward from the state its steps left.
 
-use vmvol_format::Format;
-use vmvol_pool::{EntryKind, ImageOwner, ImageRef, Listed, Pool};
+use vmvol_pool::{EntryKind, ImageOwner, Listed, Pool};
 
 use crate::error::{Error, Result};
 use crate::record::{BaseLink, SnapshotRecord, TemplateRecord, VolumeRecord};
@@ -31,10 +30,14 @@ pub(crate) fn recover(pool: &Pool, name: &str) -> Result<()> {
                     .map_err(Error::pool(&object, OP))?;
                 for l in rows {
                     let Listed::Ok(e) = l else { continue };
-                    let merged = ImageRef::entry(kind, &e.id, MERGED_IMAGE, Format::Qcow2);
-                    if !e.images.iter().any(|i| i.image == merged) {
+                    let Some(merged) = e
+                        .images
+                        .iter()
+                        .find(|i| i.image.name == MERGED_IMAGE)
+                        .map(|i| i.image.clone())
+                    else {
                         continue;
-                    }
+                    };
                     let backing = t
                         .image_summary(&merged)
                         .map_err(Error::pool(&object, OP))?

@@ -1,7 +1,7 @@
 //! Snapshots: external for qcow2 volumes (O(1)), full reflinked copies
 //! for raw ones; delete with optional merge into the dependents.
 
-use vmvol_format::{Control, Format, Prealloc};
+use vmvol_format::{Control, Prealloc};
 use vmvol_pool::{EntryKind, ImageRef, ImageSpec, Listed, PoolTxn, DATA_IMAGE};
 
 use crate::create::{commit_new, reserve_split};
@@ -31,19 +31,22 @@ impl Volumes {
         validate_name("snapshot", OP, name)?;
         let object = obj(pool, EntryKind::Snapshot, name);
         let p = self.pool(pool)?;
+        // Images of the format the pool links (local: qcow2; RBD: raw, as
+        // clones) are snapshotted by linking; others are copied.
+        let linked = p.linked_format();
         let v = p
             .transaction(OP, |t| {
                 Ok((|| {
                     require_free::<SnapshotRecord>(t, pool, name, OP)?;
                     let v = find::<VolumeRecord>(t, pool, volume, OP)?;
                     refuse_attached(&obj(pool, EntryKind::Volume, volume), OP, &v.record)?;
-                    if v.record.format == Format::Raw {
+                    if v.record.format != linked {
                         return Ok((v, None));
                     }
                     let rec = SnapshotRecord {
                         name: name.to_string(),
                         created: now_rfc3339(),
-                        format: Format::Qcow2,
+                        format: v.record.format,
                         size: v.record.size,
                         ext4: v.record.ext4,
                         volume: v.id.clone(),
@@ -80,7 +83,7 @@ impl Volumes {
         if let Some(f) = done {
             return Ok(f);
         }
-        // raw: a full copy in staging, committed in one step.
+        // Not linkable (local: raw): a full copy in staging, committed in one step.
         let (_res, staging) = p
             .transaction(OP, |t| {
                 Ok((|| {
@@ -92,18 +95,18 @@ impl Volumes {
                 })())
             })
             .map_err(Error::pool(&object, OP))??;
-        staging
+        let img = staging
             .copy_full(
                 DATA_IMAGE,
-                &data_ref(EntryKind::Volume, &v.id, Format::Raw),
-                Format::Raw,
+                &data_ref(EntryKind::Volume, &v.id, v.record.format),
+                v.record.format,
                 ctl,
             )
             .map_err(Error::pool(&object, OP))?;
         let rec = SnapshotRecord {
             name: name.to_string(),
             created: now_rfc3339(),
-            format: Format::Raw,
+            format: img.format,
             size: v.record.size,
             ext4: v.record.ext4,
             volume: v.id,
@@ -203,7 +206,10 @@ pub(crate) fn finish_snapshot(
     let vol_exists = t
         .contains(EntryKind::Volume, &vid)
         .map_err(Error::pool(&object, OP))?;
-    let snap_img = data_ref(EntryKind::Snapshot, sid, Format::Qcow2);
+    // The volume's image moves into the snapshot as it is; its new overlay
+    // is of the same format (only images of the pool's linked format are
+    // snapshotted this way).
+    let snap_img = data_ref(EntryKind::Snapshot, sid, rec.format);
     if !has(t, EntryKind::Snapshot, sid)? {
         if !vol_exists || !has(t, EntryKind::Volume, &vid)? {
             // Nothing to take: undo.
@@ -212,7 +218,7 @@ pub(crate) fn finish_snapshot(
                 .map_err(Error::pool(&object, OP));
         }
         t.move_image(
-            &data_ref(EntryKind::Volume, &vid, Format::Qcow2),
+            &data_ref(EntryKind::Volume, &vid, rec.format),
             EntryKind::Snapshot,
             sid,
             DATA_IMAGE,
@@ -262,7 +268,7 @@ fn rebase(
 ) -> Result<()> {
     const OP: &str = "merge snapshot into dependent";
     let object = format!("pool {pool} {kind} {id}");
-    let dep = data_ref(kind, id, Format::Qcow2);
+    let dep = entry_image(t, kind, id, DATA_IMAGE, &object, OP)?;
     let size = t
         .image_summary(&dep)
         .map_err(Error::pool(&object, OP))?
@@ -291,7 +297,7 @@ fn rebase(
             DATA_IMAGE,
             &ImageSpec {
                 size,
-                format: Format::Qcow2,
+                format: dep.format,
                 prealloc: Prealloc::Off,
             },
             &Control::new(),
@@ -339,6 +345,27 @@ fn rebase(
     finish_merge(t, pool, kind, id, s.record.base.clone())
 }
 
+/// Entry `kind/id`'s image `name`, in whatever format it is stored.
+fn entry_image(
+    t: &mut PoolTxn<'_>,
+    kind: EntryKind,
+    id: &str,
+    name: &str,
+    object: &str,
+    op: &'static str,
+) -> Result<ImageRef> {
+    t.get::<serde_json::Value>(kind, id)
+        .map_err(Error::pool(object, op))?
+        .images
+        .into_iter()
+        .find(|i| i.image.name == name)
+        .map(|i| i.image)
+        .ok_or_else(|| Error::NotFound {
+            object: format!("{object} image {name}"),
+            op,
+        })
+}
+
 /// Swaps a dependent's [`MERGED_IMAGE`] in for its data image and points
 /// its record at `new_base` (also run by recovery).
 pub(crate) fn finish_merge(
@@ -353,10 +380,14 @@ pub(crate) fn finish_merge(
     let e = t
         .get::<serde_json::Value>(kind, id)
         .map_err(Error::pool(&object, OP))?;
-    let merged = ImageRef::entry(kind, id, MERGED_IMAGE, Format::Qcow2);
-    if !e.images.iter().any(|i| i.image == merged) {
+    let Some(merged) = e
+        .images
+        .iter()
+        .find(|i| i.image.name == MERGED_IMAGE)
+        .map(|i| i.image.clone())
+    else {
         return Ok(());
-    }
+    };
     // Record first: from here on the merged image is the one that counts.
     match kind {
         EntryKind::Volume => {
@@ -366,6 +397,7 @@ pub(crate) fn finish_merge(
                 .record
                 .data;
             r.base = new_base;
+            r.format = merged.format;
             t.write_record(kind, id, &r)
                 .map_err(Error::pool(&object, OP))?;
         }
@@ -376,13 +408,14 @@ pub(crate) fn finish_merge(
                 .record
                 .data;
             r.base = new_base;
+            r.format = merged.format;
             t.write_record(kind, id, &r)
                 .map_err(Error::pool(&object, OP))?;
         }
     }
-    let data = data_ref(kind, id, Format::Qcow2);
-    if e.images.iter().any(|i| i.image == data) {
-        t.remove_image(&data).map_err(Error::pool(&object, OP))?;
+    if let Some(data) = e.images.iter().find(|i| i.image.name == DATA_IMAGE) {
+        t.remove_image(&data.image)
+            .map_err(Error::pool(&object, OP))?;
     }
     t.move_image(&merged, kind, id, DATA_IMAGE)
         .map_err(Error::pool(&object, OP))?;

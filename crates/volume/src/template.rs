@@ -57,13 +57,14 @@ impl Volumes {
             })
             .map_err(Error::pool(&object, OP))??;
         let src = data_ref(EntryKind::Volume, &v.id, v.record.format);
-        staging
+        let img = staging
             .copy_full(DATA_IMAGE, &src, v.record.format, ctl)
             .map_err(Error::pool(&object, OP))?;
         let rec = TemplateRecord {
             name: name.to_string(),
             created: now_rfc3339(),
-            format: v.record.format,
+            // What the pool made (RBD: raw whatever was asked).
+            format: img.format,
             size: v.record.size,
             ext4: v.record.ext4,
             source: TemplateSource::Volume {
@@ -138,7 +139,7 @@ impl Volumes {
         let rec = TemplateRecord {
             name: name.to_string(),
             created: now_rfc3339(),
-            format,
+            format: dst.format,
             size,
             ext4,
             source: TemplateSource::Image {

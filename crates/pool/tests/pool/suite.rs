@@ -536,7 +536,7 @@ pub fn image_store(h: &dyn Harness) {
     let c = st
         .create_linked(DATA_IMAGE, &base, Some(128 * MIB))
         .unwrap();
-    assert_eq!(c.format, Format::Qcow2);
+    assert_eq!(c.format, pool.linked_format(), "{}", h.name());
     pool.commit(
         st,
         EntryKind::Volume,

@@ -1,9 +1,12 @@
 //! Images as RBD images, seen with the rbd tool: a linked image is an RBD
-//! clone of a per-link protected snapshot; the base cannot be removed while
-//! the clone exists (RBD refuses, we say why and remove nothing); removing
-//! the clone removes its snapshot; grow is a resize and shrink is refused.
+//! clone of a protected link snapshot (per link on a volume, shared by the
+//! links of a template); the base cannot be removed while the clone exists
+//! (RBD refuses, we say why and remove nothing); removing the last clone
+//! removes its snapshot; grow is a resize and shrink is refused; scans
+//! report what librbd reports without opening images.
 
-use vmvol_format::{Control, Format};
+use vmvol_format::{BlockIo, Control, Format};
+use vmvol_pool::RbdSpec;
 use vmvol_pool::*;
 use vmvol_rbd::RbdBackend;
 
@@ -106,4 +109,114 @@ fn links_are_clones_and_bases_are_kept() {
         pool.image_summary(&other),
         Err(Error::ImageNotFound { .. })
     ));
+}
+
+/// The link snapshots on `image` (`rbd snap ls`).
+fn link_snaps(c: &crate::cluster::Cluster, spec: &RbdSpec, image: &str) -> usize {
+    let full = format!("{}/{}/{image}", spec.pool, spec.namespace);
+    String::from_utf8(ceph(c, "rbd", &["snap", "ls", &full]))
+        .unwrap()
+        .matches("vmvol-link-")
+        .count()
+}
+
+#[test]
+fn links_to_a_template_share_one_snapshot_links_to_a_volume_do_not() {
+    let Some(c) = cluster() else { return };
+    let spec = namespace(c);
+    define(&spec, CapacityPolicy::Quota { bytes: 1 << 30 }, 4.0);
+    let pool = Pool::with_backend(open(&spec), Wait::Block).unwrap();
+    pool.activate().unwrap();
+    for kind in [EntryKind::Template, EntryKind::Volume] {
+        let st = pool.stage().unwrap();
+        let b = st
+            .create_image(DATA_IMAGE, &raw(8 * MIB), &Control::new())
+            .unwrap();
+        commit(&pool, st, kind, "base");
+        let base = b.committed(kind, "base");
+        let bn = RbdBackend::image_name(&base);
+        let mut kids = Vec::new();
+        for i in 0..3 {
+            let st = pool.stage().unwrap();
+            st.create_linked(DATA_IMAGE, &base, None).unwrap();
+            let id = format!("kid{i}");
+            commit(&pool, st, EntryKind::Snapshot, &id);
+            kids.push(id);
+        }
+        // A template never changes: its links share one snapshot. A
+        // volume does: each link has a snapshot of its own.
+        let per_link = if kind == EntryKind::Template { 1 } else { 3 };
+        assert_eq!(link_snaps(c, &spec, &bn), per_link, "{kind}");
+        // The shared snapshot stays while a clone uses it, and goes with
+        // the last one; then the base can go.
+        for (i, k) in kids.iter().enumerate() {
+            pool.remove(EntryKind::Snapshot, k).unwrap();
+            let left = if kind == EntryKind::Template {
+                usize::from(i < 2)
+            } else {
+                2 - i
+            };
+            assert_eq!(link_snaps(c, &spec, &bn), left, "{kind} after {k}");
+        }
+        pool.remove(kind, "base").unwrap();
+    }
+    let ls = ceph(
+        c,
+        "rbd",
+        &["ls", "--pool", &spec.pool, "--namespace", &spec.namespace],
+    );
+    assert!(ls.is_empty(), "{}", String::from_utf8_lossy(&ls));
+}
+
+#[test]
+fn scanned_figures_are_librbds() {
+    // Scans read size and allocation from the header and object map
+    // without opening the image: they must say what librbd says.
+    let Some(c) = cluster() else { return };
+    let spec = namespace(c);
+    define(&spec, CapacityPolicy::Quota { bytes: 1 << 30 }, 4.0);
+    let b = open(&spec);
+    let pool = Pool::with_backend(b.clone(), Wait::Block).unwrap();
+    pool.activate().unwrap();
+    let size = 40 * MIB + 512;
+    let st = pool.stage().unwrap();
+    let img = st
+        .create_image(DATA_IMAGE, &raw(size), &Control::new())
+        .unwrap();
+    let io = st.open_image(&img, true).unwrap();
+    // Objects 0, 2 and the last (partial) one.
+    for off in [0, 9 * MIB, 40 * MIB] {
+        io.write_at(&[7; 512], off).unwrap();
+    }
+    io.flush().unwrap();
+    drop(io);
+    commit(&pool, st, EntryKind::Template, "t");
+    let base = img.committed(EntryKind::Template, "t");
+    let st = pool.stage().unwrap();
+    let l = st.create_linked(DATA_IMAGE, &base, None).unwrap();
+    commit(&pool, st, EntryKind::Volume, "v");
+    let child = l.committed(EntryKind::Volume, "v");
+    let cio = pool.open_image(&child, true).unwrap();
+    cio.write_at(&[9; 4096], 20 * MIB).unwrap();
+    cio.flush().unwrap();
+    drop(cio);
+    pool.rescan_entry(EntryKind::Volume, "v").unwrap();
+    // A fresh handle scans every entry.
+    let before = b.connection().op_counts();
+    let pool = Pool::with_backend(b.clone(), Wait::Block).unwrap();
+    assert_eq!((b.connection().op_counts() - before).image_opens, 0);
+    for (kind, id, image, held) in [
+        (EntryKind::Template, "t", &base, 2 * 4 * MIB + 512),
+        (EntryKind::Volume, "v", &child, 4 * MIB),
+    ] {
+        let e = pool.get::<Vol>(kind, id).unwrap();
+        let s = &e.images[0];
+        let lib = b
+            .connection()
+            .open_image(&RbdBackend::image_name(image), false)
+            .unwrap();
+        assert_eq!(s.virtual_size, Some(lib.size()), "{kind}");
+        assert_eq!(s.host_bytes, lib.allocated().unwrap(), "{kind}");
+        assert_eq!(s.host_bytes, held, "{kind}");
+    }
 }

@@ -14,6 +14,7 @@ mod hosts;
 mod images;
 mod journal;
 mod registry;
+mod scale;
 #[path = "../../../pool/tests/pool/suite.rs"]
 mod suite;
 mod timing;

@@ -16,7 +16,7 @@ use crate::conformance::LEASE;
 const MIB: u64 = 1 << 20;
 
 pub fn image_of(kind: EntryKind, id: &str) -> String {
-    RbdBackend::image_name(&ImageRef::entry(kind, id, DATA_IMAGE, Format::Qcow2))
+    RbdBackend::image_name(&ImageRef::entry(kind, id, DATA_IMAGE, Format::Raw))
 }
 
 pub fn e2fsck_clean(c: &Cluster, spec: &RbdSpec, image: &str) {
@@ -177,4 +177,98 @@ fn volume_lifecycle_on_rbd() {
         &["ls", "--pool", &spec.pool, "--namespace", &spec.namespace],
     );
     assert!(left.is_empty(), "{}", String::from_utf8_lossy(&left));
+}
+
+#[test]
+fn rbd_volumes_are_recorded_raw() {
+    // RBD stores every image raw: a volume asked for as qcow2, a linked
+    // one, a snapshot, a restore and a block overlay are recorded,
+    // described and attached as raw; the snapshot is still a link (an RBD
+    // clone, no copy).
+    let Some(c) = cluster() else { return };
+    let (spec, _root, vols) = crate::compress::rbd_volumes(c, 8 << 30);
+    let ctl = Control::new();
+    let id = crate::compress::blank_ext4(&vols, "asked-qcow2", 64 * MIB);
+    let d = vols.describe_volume("ceph", "asked-qcow2").unwrap();
+    assert_eq!(d.format, Format::Raw);
+    assert_eq!(
+        d.path,
+        AttachTarget::BlockIo {
+            image: ImageRef::entry(EntryKind::Volume, &id, DATA_IMAGE, Format::Raw)
+        }
+    );
+    let tpl = vols
+        .create_template_from_volume("ceph", "tpl", "asked-qcow2", &ctl)
+        .unwrap();
+    assert_eq!(tpl.record.format, Format::Raw);
+    let linked = vols
+        .create_volume(
+            "ceph",
+            &CreateVolume {
+                name: "linked".into(),
+                size: None,
+                source: VolumeSource::Template {
+                    name: "tpl".into(),
+                    mode: LinkMode::Linked,
+                },
+            },
+            &ctl,
+        )
+        .unwrap();
+    assert_eq!(linked.record.format, Format::Raw);
+    let s = vols.create_snapshot("ceph", "s", "linked", &ctl).unwrap();
+    assert_eq!(s.record.format, Format::Raw);
+    // Linked, not copied: the snapshot holds the old image (a clone of
+    // the template), the volume a clone of the snapshot's.
+    let snap_img = image_of(EntryKind::Snapshot, &s.id);
+    let tpl_img = image_of(EntryKind::Template, &tpl.id);
+    assert_eq!(parent_of(c, &spec, &snap_img).as_deref(), Some(&*tpl_img));
+    let vol_img = image_of(EntryKind::Volume, &linked.id);
+    assert_eq!(parent_of(c, &spec, &vol_img).as_deref(), Some(&*snap_img));
+    assert_eq!(
+        vols.describe_volume("ceph", "linked").unwrap().format,
+        Format::Raw
+    );
+    e2fsck_clean(c, &spec, &vol_img);
+    let restored = vols
+        .create_volume(
+            "ceph",
+            &CreateVolume {
+                name: "restored".into(),
+                size: None,
+                source: VolumeSource::Snapshot {
+                    name: "s".into(),
+                    mode: LinkMode::Linked,
+                },
+            },
+            &ctl,
+        )
+        .unwrap();
+    assert_eq!(restored.record.format, Format::Raw);
+    // A block overlay: an RBD clone of the volume, attached as raw, gone
+    // with the detach.
+    let mut req = crate::compress::rw_request("vm1", "restored");
+    req.volumes[0].overlay = true;
+    req.volumes[0].readonly = true;
+    req.volumes[0].overlay_size = Some(64 * MIB);
+    req.volumes[0].overlay_kind = vmvol_volume::OverlayKind::Block;
+    let att = vols.attach_instance(&req, &mut |_| Ok(())).unwrap();
+    let disk = &att.disks[0];
+    assert_eq!(disk.volume.format, Format::Raw);
+    let AttachTarget::BlockIo { image } = &disk.target else {
+        panic!("{:?}", disk.target)
+    };
+    assert_eq!(image.format, Format::Raw);
+    assert_ne!(image.name, DATA_IMAGE, "the overlay is what the guest gets");
+    let ovl = RbdBackend::image_name(image);
+    let restored_img = image_of(EntryKind::Volume, &restored.id);
+    assert_eq!(parent_of(c, &spec, &ovl).as_deref(), Some(&*restored_img));
+    vols.detach_instance("vm1").unwrap();
+    let ls = String::from_utf8(ceph(
+        c,
+        "rbd",
+        &["ls", "--pool", &spec.pool, "--namespace", &spec.namespace],
+    ))
+    .unwrap();
+    assert!(!ls.contains(&ovl), "{ls}");
 }
