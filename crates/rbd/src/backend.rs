@@ -187,6 +187,19 @@ fn record_key(kind: EntryKind, id: &str) -> String {
     format!("r.{}.{id}", kind_str(kind))
 }
 
+/// Whether two client addresses (`[v2:]IP:PORT/NONCE`, as librados and
+/// librbd print them) are the same client.
+fn same_addr(a: &str, b: &str) -> bool {
+    fn bare(a: &str) -> &str {
+        let a = a.trim_matches(|c| c == '[' || c == ']');
+        ["v1:", "v2:", "any:"]
+            .iter()
+            .find_map(|p| a.strip_prefix(p))
+            .unwrap_or(a)
+    }
+    bare(a) == bare(b)
+}
+
 fn live_oid(id: uuid::Uuid) -> String {
     format!("vmvol.live.{}", id.simple())
 }
@@ -262,6 +275,19 @@ impl RbdBackend {
     /// The lease duration.
     pub fn lease(&self) -> Duration {
         self.opts.lease
+    }
+
+    /// Client sessions of the pool (this one included) whose lease is held:
+    /// hosts alive, or dead less than a lease ago. Recovery fences and
+    /// cleans up after the others only.
+    pub fn live_clients(&self) -> Result<usize> {
+        let mut n = 0;
+        for (k, _) in self.omap_prefix("c.")? {
+            if let Ok(id) = uuid::Uuid::parse_str(&k[2..]) {
+                n += usize::from(self.live_holders(id)?);
+            }
+        }
+        Ok(n)
     }
 
     /// Test hook: stops (or resumes) renewing every lease of this client, as
@@ -805,61 +831,109 @@ impl ChangeJournal for RbdBackend {
 }
 
 impl RbdBackend {
-    /// Fences every client whose session lease lapsed (dead, or stalled
-    /// past its lease) and forgets its session: its address is blocklisted
-    /// at the OSDs, which drops its watches (else removing an image it had
-    /// open waits for the OSDs' watch timeout) and lets librbd break the
-    /// image locks it held, and refuses anything it still sends. `extra`:
-    /// addresses of dead staging areas (their session may be forgotten
-    /// already). librados returns once its OSD map carries the blocklist,
-    /// so what follows no longer sees the dead client. A repeat is
-    /// harmless; a failed blocklist keeps the session for the next try.
-    fn fence_dead_sessions(
-        &self,
-        guard: &ExclusiveGuard,
-        extra: &[String],
-        out: &mut Vec<Recovered>,
-    ) -> Result<()> {
+    /// Clients whose session lease lapsed (dead, or stalled past their
+    /// lease): their session keys and their addresses, with `extra` (the
+    /// addresses of dead staging areas, whose session may be forgotten
+    /// already); never this client's own address.
+    fn dead_clients(&self, extra: &[String]) -> Result<(Vec<(String, uuid::Uuid)>, Vec<String>)> {
         let own = self.conn.cluster.addrs().unwrap_or_default();
-        let mut dead = Vec::new();
+        let mut keys = Vec::new();
+        let mut addrs: Vec<String> = extra.to_vec();
         for (k, v) in self.omap_prefix("c.")? {
             let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
                 continue;
             };
             if !self.live_holders(id)? {
-                dead.push((k, id, String::from_utf8_lossy(&v).into_owned()));
+                keys.push((k, id));
+                addrs.push(String::from_utf8_lossy(&v).into_owned());
             }
         }
-        let mut addrs: Vec<&str> = dead
-            .iter()
-            .map(|(_, _, a)| a.as_str())
-            .chain(extra.iter().map(String::as_str))
-            .filter(|a| !a.is_empty() && *a != own)
-            .collect();
+        addrs.retain(|a| !a.is_empty() && !same_addr(a, &own));
         addrs.sort_unstable();
         addrs.dedup();
-        let mut failed = Vec::new();
+        Ok((keys, addrs))
+    }
+
+    /// Blocklists `addrs` at the OSDs: their watches go (else removing an
+    /// image a dead client had open waits for the OSDs' watch timeout),
+    /// librbd may break the image locks they held, and anything they still
+    /// send is refused. librados returns once its OSD map carries the
+    /// blocklist. Whether all were blocklisted.
+    fn blocklist(&self, addrs: &[String], out: Option<&mut Vec<Recovered>>) -> bool {
+        let mut all = true;
+        let mut done = Vec::new();
         for a in addrs {
             match self.conn.cluster.blocklist(a, 3600) {
-                Ok(()) => out.push(Recovered {
-                    path: PathBuf::from(a),
-                    what: "client of a lapsed lease blocklisted (its watches and image \
-                           locks go with it)"
-                        .into(),
-                }),
-                Err(_) => failed.push(a.to_string()),
+                Ok(()) => done.push(a),
+                Err(_) => all = false,
             }
         }
-        for (k, id, addr) in dead {
-            if failed.contains(&addr) {
-                continue;
+        if let Some(out) = out {
+            out.extend(done.into_iter().map(|a| {
+                Recovered {
+                    path: PathBuf::from(a),
+                    what: "client of a lapsed lease blocklisted (its watches and image locks go \
+                       with it)"
+                        .into(),
+                }
+            }));
+        }
+        all
+    }
+
+    /// Waits until none of `dead` watches any of `images`, blocklisting
+    /// them again meanwhile. An OSD drops a blocklisted client's watches
+    /// when it takes the map that blocklists it, but (Pacific) only if that
+    /// map is the last of a batch it takes at once: a map right after it
+    /// (a snapshot id taken, by anyone) leaves the watches to their timeout.
+    /// Each blocklist is a new map. Gives up after a few seconds (what is
+    /// still watched then is left for the next recovery).
+    fn wait_unwatched(&self, images: &[String], dead: &[String], out: &mut Vec<Recovered>) {
+        let watchers = |name: &String| {
+            crate::ffi::Image::open(&self.conn.io, name, true).and_then(|io| io.watchers())
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut left: Vec<&String> = images.iter().collect();
+        let mut rounds = 0;
+        loop {
+            left.retain(|n| {
+                watchers(n).is_ok_and(|w| w.iter().any(|a| dead.iter().any(|d| same_addr(a, d))))
+            });
+            if left.is_empty() || Instant::now() >= until {
+                break;
             }
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(50));
+            self.blocklist(dead, None);
+        }
+        for n in left {
+            out.push(Recovered {
+                path: self.conn.label(n),
+                what: format!(
+                    "still watched by a blocklisted client after {rounds} more blocklists: {:?}",
+                    watchers(n)
+                ),
+            });
+        }
+        if rounds > 0 {
+            out.push(Recovered {
+                path: self.conn.label(""),
+                what: format!(
+                    "dead clients blocklisted {rounds} more times until their watches went"
+                ),
+            });
+        }
+    }
+
+    /// Forgets dead sessions (after they were fenced).
+    fn forget_sessions(&self, guard: &ExclusiveGuard, keys: &[(String, uuid::Uuid)]) -> Result<()> {
+        for (k, id) in keys {
             self.fenced(
                 guard,
                 "recover pool",
-                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+                &[WriteStep::OmapRm(std::slice::from_ref(k))],
             )?;
-            let _ = self.conn.io.remove(&live_oid(id));
+            let _ = self.conn.io.remove(&live_oid(*id));
         }
         Ok(())
     }
@@ -1175,13 +1249,23 @@ impl Liveness for RbdBackend {
                 ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
             })
             .collect();
+        let mut fenced_sessions = Vec::new();
         if !dead_areas.is_empty() || !markers.is_empty() || !strays.is_empty() {
             // The dead clients may still hold those images open (their
             // watches outlive them by the OSDs' watch timeout) or locked:
             // fence them before touching anything.
-            let addrs: Vec<String> = dead_areas.iter().map(|(_, _, a)| a.clone()).collect();
-            self.fence_dead_sessions(guard, &addrs, &mut out)?;
+            let area_addrs: Vec<String> = dead_areas.iter().map(|(_, _, a)| a.clone()).collect();
+            let (keys, addrs) = self.dead_clients(&area_addrs)?;
+            if self.blocklist(&addrs, Some(&mut out)) {
+                fenced_sessions = keys;
+            }
+            let mut touch: Vec<String> = strays.iter().map(|(n, _)| n.clone()).collect();
+            touch.extend(markers.iter().map(|(_, m)| m.base.clone()));
+            touch.sort_unstable();
+            touch.dedup();
+            self.wait_unwatched(&touch, &addrs, &mut out);
         }
+        let mut last_err = HashMap::new();
         // Clones before their bases: passes while something goes. What
         // stays (a clone of it is not a stray) is retried by the next
         // recovery.
@@ -1202,16 +1286,29 @@ impl Liveness for RbdBackend {
                     });
                     false
                 }
-                Err(_) => true,
+                Err(e) => {
+                    last_err.insert(n.clone(), e.to_string());
+                    true
+                }
             });
             if strays.len() == before {
                 break;
             }
         }
+        for (n, _) in &strays {
+            out.push(Recovered {
+                path: self.conn.label(n),
+                what: format!(
+                    "left for the next recovery: {}",
+                    last_err.get(n).map_or("", String::as_str)
+                ),
+            });
+        }
         // After the strays: removing a stray clone may have dropped a
         // marker's snapshot already. A marker goes once its snapshot is
         // gone or a clone depends on it (that clone's removal takes it);
         // on an error it stays for the next recovery.
+        let mut marker_left = false;
         for (k, m) in markers {
             let snap = &k[2..];
             match self.drop_link_snapshot(&m.base, snap) {
@@ -1228,8 +1325,23 @@ impl Liveness for RbdBackend {
                         &[WriteStep::OmapRm(std::slice::from_ref(&k))],
                     )?;
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    marker_left = true;
+                    out.push(Recovered {
+                        path: self.conn.label(&format!("{}@{snap}", m.base)),
+                        what: format!(
+                            "link snapshot left for the next recovery: errno {} ({})",
+                            e.0,
+                            e.io()
+                        ),
+                    })
+                }
             }
+        }
+        // The fenced sessions are forgotten once nothing of theirs is left
+        // (else the next recovery blocklists them again).
+        if strays.is_empty() && !marker_left {
+            self.forget_sessions(guard, &fenced_sessions)?;
         }
         // A dead area goes once none of its images is left.
         for (k, id, _) in dead_areas {

@@ -18,6 +18,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmvol_format::{Control, Format};
+use vmvol_pool::backend::Liveness;
 use vmvol_pool::*;
 use vmvol_rbd::{RbdBackend, RbdOptions};
 
@@ -28,8 +29,6 @@ use crate::suite::{raw, Vol};
 const WORKER: &str = "VMVOL_RBD_TEST_CRASH_WORKER";
 /// The killed host's lease: the checking host waits this long after a kill.
 const WORKER_LEASE: Duration = Duration::from_millis(1000);
-/// Past the lease: a renewal sent just before the kill may land a little later.
-const LEASE_MARGIN: Duration = Duration::from_millis(150);
 /// Namespaces worked in parallel.
 const NAMESPACES: usize = 4;
 /// Kills of a run (`VMVOL_RBD_CRASH_ITERS` overrides).
@@ -63,26 +62,30 @@ fn crash_worker() {
     )
     .unwrap();
     let base = ImageRef::entry(EntryKind::Template, "base", DATA_IMAGE, Format::Raw);
-    // Earlier workers' linked volumes (each an overlay of a snapshot entry,
-    // itself a clone of the base): two go first, which keeps the pool small
-    // and deletes clones whose parents have snapshots.
-    let old: Vec<String> = pool
-        .list::<Vol>(EntryKind::Volume, |id, _| id.ends_with("-l"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|l| match l {
-            Listed::Ok(e) => Some(e.id),
-            Listed::Damaged(d) => Some(d.id),
-        })
-        .collect();
+    // What earlier workers left (volumes first: a snapshot entry's image
+    // is the base of a linked volume's): a few entries go first, which
+    // keeps the pool small and deletes clones whose parents have
+    // snapshots.
+    let ids = |kind| -> Vec<String> {
+        let listed = pool.list::<Vol>(kind, |id, _| id.starts_with('w')).unwrap();
+        listed
+            .into_iter()
+            .map(|l| match l {
+                Listed::Ok(e) => e.id,
+                Listed::Damaged(d) => d.id,
+            })
+            .collect()
+    };
+    let (old_volumes, old_snapshots) = (ids(EntryKind::Volume), ids(EntryKind::Snapshot));
     println!("ready");
     let phase = |p: &str| println!("phase {p}");
-    for l in old.iter().take(2) {
+    for v in old_volumes.iter().take(3) {
         phase("delete:old-volume");
-        let _ = pool.remove(EntryKind::Volume, l);
+        let _ = pool.remove(EntryKind::Volume, v);
+    }
+    for s in old_snapshots.iter().take(2) {
         phase("delete:old-snapshot");
-        let s = format!("{}-s", l.trim_end_matches("-l"));
-        let _ = pool.remove(EntryKind::Snapshot, &s);
+        let _ = pool.remove(EntryKind::Snapshot, s);
     }
     for i in 0u64.. {
         let id = format!("w{seed}-{i}");
@@ -154,6 +157,39 @@ fn rbd_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     unreachable!()
 }
 
+/// Prints what the real tools say about an image recovery left.
+fn diagnose(c: &Cluster, spec: &RbdSpec, image: &str) {
+    let full = format!("{}/{}/{image}", spec.pool, spec.namespace);
+    for args in [
+        vec!["rbd", "status", full.as_str()],
+        vec!["rbd", "lock", "ls", full.as_str()],
+        vec!["rbd", "info", full.as_str()],
+        vec!["rbd", "snap", "ls", full.as_str()],
+        vec!["ceph", "osd", "blocklist", "ls"],
+        vec![
+            "rados",
+            "--pool",
+            spec.pool.as_str(),
+            "--namespace",
+            spec.namespace.as_str(),
+            "listomapvals",
+            "vmvol.pool",
+        ],
+    ] {
+        let out = Command::new(args[0])
+            .env("CEPH_CONF", &c.conf)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        eprintln!(
+            "DIAG {args:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// What one namespace's campaign saw.
 #[derive(Default)]
 struct Tally {
@@ -168,10 +204,25 @@ struct Tally {
 /// The checking host, after a kill and the lease: open (recovery), then
 /// every invariant, in process and with one run of the real tool.
 fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
+    let t0 = Instant::now();
     let b = open(spec);
+    // The dead host's leases (its session, its staging area) lapse within
+    // a lease of the kill, give or take how late the OSD ran its last
+    // renewal on a loaded machine: wait for exactly that, not a guess.
+    let until = Instant::now() + WORKER_LEASE * 10;
+    while b.live_clients().unwrap() > 1 || b.live_staging().unwrap() > 0 {
+        assert!(
+            Instant::now() < until,
+            "{round}: the dead worker's leases did not lapse in {:?}",
+            WORKER_LEASE * 10
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t_open = t0.elapsed();
     let pool = Pool::with_backend(b.clone(), Wait::Block)
         .unwrap_or_else(|e| panic!("{round}: the next host's open (recovery) failed: {e}"));
     let rec = pool.recovered();
+    let t_pool = t0.elapsed();
     let d = pool.describe().unwrap();
     assert_eq!(d.damaged, 0, "{round}: damaged entries: {d:?}; {rec:?}");
     assert_eq!(
@@ -181,24 +232,14 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
     );
     // In process: every image belongs to an entry.
     let names: BTreeSet<String> = b.connection().list_images().unwrap().into_iter().collect();
-    for n in &names {
-        let parts: Vec<&str> = n.split('+').collect();
-        assert_eq!(parts[0], "v", "{round}: staged image left: {n}; {rec:?}");
-        let kind = EntryKind::ALL
-            .into_iter()
-            .find(|k| k.dir_name() == parts[1])
-            .unwrap();
-        assert!(
-            pool.contains(kind, parts[2]).unwrap(),
-            "{round}: image of no entry left: {n}; {rec:?}"
-        );
-    }
+    let mut entries = BTreeSet::new();
     // Every committed entry's images read.
     for kind in EntryKind::ALL {
         for l in pool.list::<Vol>(kind, |_, _| true).unwrap() {
             let Listed::Ok(e) = l else {
                 panic!("{round}: damaged entry")
             };
+            entries.insert((kind.dir_name(), e.id.clone()));
             for i in &e.images {
                 let io = pool
                     .open_image(&i.image, false)
@@ -209,6 +250,16 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
             }
         }
     }
+    for n in &names {
+        let parts: Vec<&str> = n.split('+').collect();
+        let ok = parts[0] == "v" && entries.contains(&(parts[1], parts[2].to_string()));
+        if !ok {
+            diagnose(c, spec, n);
+        }
+        assert_eq!(parts[0], "v", "{round}: staged image left: {n}; {rec:?}");
+        assert!(ok, "{round}: image of no entry left: {n}; {rec:?}");
+    }
+    let t_inproc = t0.elapsed();
     // The real tool: `rbd ls -l` opens every image and lists its snapshots
     // (one row each) and its parent. It must show the same images, and
     // every snapshot must be some image's parent.
@@ -226,6 +277,17 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
         ],
     );
     let rows = rows.as_array().unwrap();
+    if std::env::var_os("CRASH_TRACE").is_some() {
+        eprintln!(
+            "TRACE {round}: backend {:?} pool {:?} inproc {:?} cli {:?} images {} recovered {}",
+            t_open,
+            t_pool,
+            t_inproc,
+            t0.elapsed(),
+            names.len(),
+            rec.len()
+        );
+    }
     let str_of = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_string);
     let listed: BTreeSet<String> = rows
         .iter()
@@ -330,9 +392,7 @@ fn campaign(c: &'static Cluster, n: usize, kills: usize, stop: &AtomicBool) -> T
         let p = last.lock().unwrap().clone();
         *tally.phases.entry(p).or_default() += 1;
         // Another host, once the dead one's leases lapsed.
-        std::thread::sleep(
-            (killed + WORKER_LEASE + LEASE_MARGIN).saturating_duration_since(Instant::now()),
-        );
+        std::thread::sleep((killed + WORKER_LEASE).saturating_duration_since(Instant::now()));
         let t = Instant::now();
         check(c, &spec, &round);
         tally.checked += t.elapsed();
