@@ -115,6 +115,9 @@ struct LinkMarker {
     base: String,
 }
 
+/// A client session's omap key (`c.<uuid>`) and id.
+type SessionKey = (String, uuid::Uuid);
+
 /// What became of a link snapshot recovery or a remove tried to drop.
 #[derive(Debug, PartialEq, Eq)]
 enum LinkSnap {
@@ -275,6 +278,11 @@ impl RbdBackend {
     /// The lease duration.
     pub fn lease(&self) -> Duration {
         self.opts.lease
+    }
+
+    /// This client's address, as the cluster knows it (and blocklists it).
+    pub fn client_address(&self) -> String {
+        self.conn.cluster.addrs().unwrap_or_default()
     }
 
     /// Client sessions of the pool (this one included) whose lease is held:
@@ -835,7 +843,7 @@ impl RbdBackend {
     /// lease): their session keys and their addresses, with `extra` (the
     /// addresses of dead staging areas, whose session may be forgotten
     /// already); never this client's own address.
-    fn dead_clients(&self, extra: &[String]) -> Result<(Vec<(String, uuid::Uuid)>, Vec<String>)> {
+    fn dead_clients(&self, extra: &[String]) -> Result<(Vec<SessionKey>, Vec<String>)> {
         let own = self.conn.cluster.addrs().unwrap_or_default();
         let mut keys = Vec::new();
         let mut addrs: Vec<String> = extra.to_vec();
@@ -926,7 +934,7 @@ impl RbdBackend {
     }
 
     /// Forgets dead sessions (after they were fenced).
-    fn forget_sessions(&self, guard: &ExclusiveGuard, keys: &[(String, uuid::Uuid)]) -> Result<()> {
+    fn forget_sessions(&self, guard: &ExclusiveGuard, keys: &[SessionKey]) -> Result<()> {
         for (k, id) in keys {
             self.fenced(
                 guard,

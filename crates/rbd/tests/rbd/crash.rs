@@ -56,11 +56,9 @@ fn crash_worker() {
         lease: WORKER_LEASE,
         ..RbdOptions::default()
     };
-    let pool = Pool::with_backend(
-        Arc::new(RbdBackend::open(&spec, opts).unwrap()),
-        Wait::Block,
-    )
-    .unwrap();
+    let b = Arc::new(RbdBackend::open(&spec, opts).unwrap());
+    println!("client {}", b.client_address());
+    let pool = Pool::with_backend(b, Wait::Block).unwrap();
     let base = ImageRef::entry(EntryKind::Template, "base", DATA_IMAGE, Format::Raw);
     // What earlier workers left (volumes first: a snapshot entry's image
     // is the base of a linked volume's): a few entries go first, which
@@ -199,13 +197,13 @@ struct Tally {
     /// Time from spawn to "ready", and from the lease's end to checked.
     ready: Duration,
     checked: Duration,
+    /// What the checking hosts' recoveries did, by kind.
+    recovered: BTreeMap<String, usize>,
 }
 
 /// The checking host, after a kill and the lease: open (recovery), then
 /// every invariant, in process and with one run of the real tool.
-fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
-    let t0 = Instant::now();
-    let b = open(spec);
+fn check(c: &Cluster, spec: &RbdSpec, b: &Arc<RbdBackend>, round: &str, tally: &mut Tally) {
     // The dead host's leases (its session, its staging area) lapse within
     // a lease of the kill, give or take how late the OSD ran its last
     // renewal on a loaded machine: wait for exactly that, not a guess.
@@ -218,11 +216,16 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let t_open = t0.elapsed();
     let pool = Pool::with_backend(b.clone(), Wait::Block)
         .unwrap_or_else(|e| panic!("{round}: the next host's open (recovery) failed: {e}"));
     let rec = pool.recovered();
-    let t_pool = t0.elapsed();
+    for r in &rec {
+        if r.what.contains("left for the next") || r.what.contains("more ") {
+            eprintln!("{round}: recovery: {}: {}", r.path.display(), r.what);
+        }
+        let what = r.what.split(':').next().unwrap_or_default().to_string();
+        *tally.recovered.entry(what).or_default() += 1;
+    }
     let d = pool.describe().unwrap();
     assert_eq!(d.damaged, 0, "{round}: damaged entries: {d:?}; {rec:?}");
     assert_eq!(
@@ -259,7 +262,6 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
         assert_eq!(parts[0], "v", "{round}: staged image left: {n}; {rec:?}");
         assert!(ok, "{round}: image of no entry left: {n}; {rec:?}");
     }
-    let t_inproc = t0.elapsed();
     // The real tool: `rbd ls -l` opens every image and lists its snapshots
     // (one row each) and its parent. It must show the same images, and
     // every snapshot must be some image's parent.
@@ -277,17 +279,6 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
         ],
     );
     let rows = rows.as_array().unwrap();
-    if std::env::var_os("CRASH_TRACE").is_some() {
-        eprintln!(
-            "TRACE {round}: backend {:?} pool {:?} inproc {:?} cli {:?} images {} recovered {}",
-            t_open,
-            t_pool,
-            t_inproc,
-            t0.elapsed(),
-            names.len(),
-            rec.len()
-        );
-    }
     let str_of = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_string);
     let listed: BTreeSet<String> = rows
         .iter()
@@ -320,8 +311,14 @@ fn check(c: &Cluster, spec: &RbdSpec, round: &str) {
 fn campaign(c: &'static Cluster, n: usize, kills: usize, stop: &AtomicBool) -> Tally {
     let spec = namespace(c);
     define(&spec, CapacityPolicy::Quota { bytes: 16 << 30 }, 100.0);
+    // The checking host: one client for the whole campaign, a host that
+    // outlives the killed ones and opens the pool (recovery) after each
+    // kill. (A client per check would also mean a librados shutdown per
+    // kill: Pacific's librados now and then aborts the process in one,
+    // `std::system_error` thrown in an io_context_pool thread.)
+    let host = open(&spec);
     {
-        let pool = Pool::with_backend(open(&spec), Wait::Block).unwrap();
+        let pool = Pool::with_backend(host.clone(), Wait::Block).unwrap();
         pool.activate().unwrap();
         let st = pool.stage().unwrap();
         let b = st
@@ -359,9 +356,13 @@ fn campaign(c: &'static Cluster, n: usize, kills: usize, stop: &AtomicBool) -> T
         let reader = {
             let out = std::io::BufReader::new(child.stdout.take().unwrap());
             let last = Arc::clone(&last);
+            let round = round.clone();
             std::thread::spawn(move || {
                 for line in out.lines() {
                     let Ok(line) = line else { break };
+                    if let Some(a) = line.split("client ").nth(1) {
+                        eprintln!("{round}: worker client {a}");
+                    }
                     if let Some(p) = line.split("phase ").nth(1) {
                         *last.lock().unwrap() = p.trim().to_string();
                     } else if line.contains("ready") {
@@ -394,7 +395,7 @@ fn campaign(c: &'static Cluster, n: usize, kills: usize, stop: &AtomicBool) -> T
         // Another host, once the dead one's leases lapsed.
         std::thread::sleep((killed + WORKER_LEASE).saturating_duration_since(Instant::now()));
         let t = Instant::now();
-        check(c, &spec, &round);
+        check(c, &spec, &host, &round, &mut tally);
         tally.checked += t.elapsed();
     }
     // No marker of a dead operation is left behind (the pool object's keys:
@@ -460,6 +461,9 @@ fn sigkill_recovery() {
         for (p, n) in t.phases {
             *total.phases.entry(p).or_default() += n;
         }
+        for (p, n) in t.recovered {
+            *total.recovered.entry(p).or_default() += n;
+        }
     }
     let mut groups: BTreeMap<&str, usize> = BTreeMap::new();
     for (p, n) in &total.phases {
@@ -468,12 +472,14 @@ fn sigkill_recovery() {
     let per = |d: Duration| d.as_millis() / total.kills.max(1) as u128;
     eprintln!(
         "sigkill_recovery: {} kills in {:.1} s over {NAMESPACES} namespaces (worker ready \
-         after {} ms, recovery + checks {} ms, per kill); last phase at the kill: {:?}",
+         after {} ms, recovery + checks {} ms, per kill); last phase at the kill: {:?}; \
+         recovery did: {:?}",
         total.kills,
         t0.elapsed().as_secs_f64(),
         per(total.ready),
         per(total.checked),
-        total.phases
+        total.phases,
+        total.recovered
     );
     assert_eq!(total.kills, kills);
     // Every phase group was hit (a few times once there are enough kills).
