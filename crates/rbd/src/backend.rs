@@ -890,17 +890,19 @@ impl RbdBackend {
     }
 
     /// Waits until none of `dead` watches any of `images`, blocklisting
-    /// them again meanwhile. An OSD drops a blocklisted client's watches
-    /// when it takes the map that blocklists it, but (Pacific) only if that
-    /// map is the last of a batch it takes at once: a map right after it
-    /// (a snapshot id taken, by anyone) leaves the watches to their timeout.
-    /// Each blocklist is a new map. Gives up after a few seconds (what is
-    /// still watched then is left for the next recovery).
+    /// them again meanwhile (each blocklist is a new OSD map, and an OSD
+    /// drops blocklisted watchers when it takes one that adds entries; it
+    /// seems to check the newest map of a batch only, and RBD snapshots
+    /// make maps all the time). Gives up after 3 s: what is still watched
+    /// then is left for the next recovery. A watch the OSD recorded after
+    /// its client's connection was gone (a kill while the watch op was in
+    /// flight) has no timer and is not seen by the blocklist check until
+    /// the OSD reloads that object's context: no client can remove it.
     fn wait_unwatched(&self, images: &[String], dead: &[String], out: &mut Vec<Recovered>) {
         let watchers = |name: &String| {
             crate::ffi::Image::open(&self.conn.io, name, true).and_then(|io| io.watchers())
         };
-        let until = Instant::now() + Duration::from_secs(5);
+        let until = Instant::now() + Duration::from_secs(3);
         let mut left: Vec<&String> = images.iter().collect();
         let mut rounds = 0;
         loop {
