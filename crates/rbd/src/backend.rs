@@ -540,8 +540,21 @@ impl RbdBackend {
                 io.raw().parent().ok().flatten()
             }
             // A remove that died half way leaves a listed image that no
-            // longer opens (its header gone): librbd's remove finishes it.
-            Err(e) => return self.conn.io.rbd_remove(&name).map_err(|_| e),
+            // longer opens (its header gone): librbd's remove finishes it,
+            // and may say ENOENT when it did.
+            Err(e) => {
+                return match self.conn.io.rbd_remove(&name) {
+                    Ok(()) => Ok(()),
+                    Err(Errno(libc::ENOENT))
+                        if self
+                            .images()
+                            .is_ok_and(|l| l.iter().all(|(n, _)| *n != name)) =>
+                    {
+                        Ok(())
+                    }
+                    Err(_) => Err(e),
+                }
+            }
         };
         // The clone goes before its link snapshot: until the snapshot is
         // gone a marker of this client's session names it, so the recovery
