@@ -114,12 +114,26 @@ struct Tenure {
     _lease: Lease,
 }
 
-/// A link snapshot being made for a clone in a staging area, or (area nil)
-/// whose clone is being removed.
+/// A link snapshot being made for a clone in staging area `area`, or whose
+/// clone is being removed by the client of session `area`. Recovery acts on
+/// it only once that area's or session's lease is gone (markers written
+/// before sessions were named carry the nil id: always dead).
 #[derive(Serialize, Deserialize)]
 struct LinkMarker {
     area: uuid::Uuid,
     base: String,
+}
+
+/// A client session's omap key (`c.<uuid>`) and id.
+type SessionKey = (String, uuid::Uuid);
+
+/// What became of a link snapshot recovery or a remove tried to drop.
+#[derive(Debug, PartialEq, Eq)]
+enum LinkSnap {
+    /// It no longer exists (removed now or before, or its image is gone).
+    Gone,
+    /// A clone still depends on it: that clone's removal takes it.
+    InUse,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -183,6 +197,19 @@ fn entry_key(kind: EntryKind, id: &str) -> String {
 
 fn record_key(kind: EntryKind, id: &str) -> String {
     format!("r.{}.{id}", kind_str(kind))
+}
+
+/// Whether two client addresses (`[v2:]IP:PORT/NONCE`, as librados and
+/// librbd print them) are the same client.
+fn same_addr(a: &str, b: &str) -> bool {
+    fn bare(a: &str) -> &str {
+        let a = a.trim_matches(|c| c == '[' || c == ']');
+        ["v1:", "v2:", "any:"]
+            .iter()
+            .find_map(|p| a.strip_prefix(p))
+            .unwrap_or(a)
+    }
+    bare(a) == bare(b)
 }
 
 fn live_oid(id: uuid::Uuid) -> String {
@@ -263,6 +290,24 @@ impl RbdBackend {
         self.opts.lease
     }
 
+    /// This client's address, as the cluster knows it (and blocklists it).
+    pub fn client_address(&self) -> String {
+        self.conn.cluster.addrs().unwrap_or_default()
+    }
+
+    /// Client sessions of the pool (this one included) whose lease is held:
+    /// hosts alive, or dead less than a lease ago. Recovery fences and
+    /// cleans up after the others only.
+    pub fn live_clients(&self) -> Result<usize> {
+        let mut n = 0;
+        for (k, _) in self.omap_prefix("c.")? {
+            if let Ok(id) = uuid::Uuid::parse_str(&k[2..]) {
+                n += usize::from(self.live_holders(id)?);
+            }
+        }
+        Ok(n)
+    }
+
     /// Test hook: stops (or resumes) renewing every lease of this client, as
     /// a stalled host would; after [`RbdBackend::lease`] they lapse.
     pub fn pause_renewals(&self, paused: bool) {
@@ -276,6 +321,19 @@ impl RbdBackend {
     }
 
     fn err(&self, what: &str, op: &'static str, e: Errno) -> Error {
+        if e.0 == libc::ESHUTDOWN {
+            // EBLOCKLISTED: another host's recovery fenced this client.
+            return Error::Fenced {
+                location: self.location.clone(),
+                op,
+                reason: format!(
+                    "this client's lease lapsed and another host's recovery blocklisted it: \
+                     the cluster refuses its operations ({}, errno {})",
+                    self.conn.label(what).display(),
+                    e.0
+                ),
+            };
+        }
         Error::Io {
             path: self.conn.label(what),
             op,
@@ -496,6 +554,73 @@ impl RbdBackend {
         s
     }
 
+    /// The id whose liveness covers this client's own markers: its session.
+    fn session_id(&self) -> uuid::Uuid {
+        self.session
+            .as_ref()
+            .map_or(uuid::Uuid::nil(), |(id, _)| *id)
+    }
+
+    /// Records marker `l.<snap>` (snapshot `snap` of image `base`) for the
+    /// staging area or session `owner`.
+    fn mark_link(&self, snap: &str, base: &str, owner: uuid::Uuid) -> Result<String> {
+        let mk = LinkMarker {
+            area: owner,
+            base: base.to_string(),
+        };
+        let kv = [(
+            format!("l.{snap}"),
+            serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
+        )];
+        self.conn
+            .io
+            .write_op(
+                POOL_OBJ,
+                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
+            )
+            .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
+        let [(k, _)] = kv;
+        Ok(k)
+    }
+
+    /// Unprotects and removes link snapshot `snap` of image `base`. If
+    /// `base` is gone by that name (moved since the marker was written),
+    /// the image holding a snapshot of that (unique) name is found by a
+    /// scan. Every outcome but an error is final, so a repeat is harmless.
+    fn drop_link_snapshot(&self, base: &str, snap: &str) -> std::result::Result<LinkSnap, Errno> {
+        let io = match crate::ffi::Image::open(&self.conn.io, base, false) {
+            Ok(io) => io,
+            Err(Errno(libc::ENOENT)) => match self.find_snapshot(snap)? {
+                Some(io) => io,
+                None => return Ok(LinkSnap::Gone),
+            },
+            Err(e) => return Err(e),
+        };
+        match io.snap_unprotect(snap) {
+            // Unprotected now, not protected, or no such snapshot.
+            Ok(()) | Err(Errno(libc::EINVAL | libc::ENOENT)) => {}
+            Err(Errno(libc::EBUSY)) => return Ok(LinkSnap::InUse),
+            Err(e) => return Err(e),
+        }
+        match io.snap_remove(snap) {
+            Ok(()) | Err(Errno(libc::ENOENT)) => Ok(LinkSnap::Gone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The image (opened writable) holding a snapshot named `snap`.
+    fn find_snapshot(&self, snap: &str) -> std::result::Result<Option<crate::ffi::Image>, Errno> {
+        for name in self.conn.io.rbd_list()? {
+            let Ok(io) = crate::ffi::Image::open(&self.conn.io, &name, false) else {
+                continue;
+            };
+            if io.snap_list().is_ok_and(|l| l.iter().any(|s| s == snap)) {
+                return Ok(Some(io));
+            }
+        }
+        Ok(None)
+    }
+
     /// Removes an image and the link snapshot it holds on its parent;
     /// refused while clones depend on one of its snapshots.
     fn remove_rbd(&self, image: &ImageRef) -> Result<()> {
@@ -506,46 +631,43 @@ impl RbdBackend {
                 io.raw().parent().ok().flatten()
             }
             // A remove that died half way leaves a listed image that no
-            // longer opens (its header gone): librbd's remove finishes it.
-            Err(e) => return self.conn.io.rbd_remove(&name).map_err(|_| e),
+            // longer opens (its header gone): librbd's remove finishes it,
+            // and may say ENOENT when it did.
+            Err(e) => {
+                return match self.conn.io.rbd_remove(&name) {
+                    Ok(()) => Ok(()),
+                    Err(Errno(libc::ENOENT))
+                        if self
+                            .images()
+                            .is_ok_and(|l| l.iter().all(|(n, _)| *n != name)) =>
+                    {
+                        Ok(())
+                    }
+                    Err(_) => Err(e),
+                }
+            }
         };
         // The clone goes before its link snapshot: until the snapshot is
-        // gone a marker names it (of no staging area), so the recovery
-        // after a crash in between removes it once no clone depends on it.
+        // gone a marker of this client's session names it, so the recovery
+        // after a crash in between (or a failure to drop the snapshot)
+        // removes it once no clone depends on it.
         let link = parent.filter(|(_, snap)| snap.starts_with(LINK_SNAP));
-        let mut marker = None;
-        if let Some((p, snap)) = &link {
-            let mk = LinkMarker {
-                area: uuid::Uuid::nil(),
-                base: p.clone(),
-            };
-            let kv = [(
-                format!("l.{snap}"),
-                serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
-            )];
-            self.conn
-                .io
-                .write_op(
-                    POOL_OBJ,
-                    &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
-                )
-                .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
-            marker = Some(kv[0].0.clone());
-        }
+        let marker = match &link {
+            Some((p, snap)) => Some(self.mark_link(snap, p, self.session_id())?),
+            None => None,
+        };
         let removed = self
             .conn
             .io
             .rbd_remove(&name)
             .map_err(|e| self.image_err(image, "remove image", e));
-        if let (Ok(()), Some((p, snap))) = (&removed, &link) {
-            if let Ok(pio) = crate::ffi::Image::open(&self.conn.io, p, false) {
-                let _ = pio.snap_unprotect(snap);
-                let _ = pio.snap_remove(snap);
+        if let (Some((p, snap)), Some(k)) = (&link, marker) {
+            // If the clone is still there the snapshot stays (in use). The
+            // marker is kept when dropping failed: the next recovery retries.
+            if self.drop_link_snapshot(p, snap).is_ok() {
+                let k = [k];
+                let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
             }
-        }
-        if let Some(k) = marker {
-            let k = [k];
-            let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);
         }
         removed
     }
@@ -632,32 +754,6 @@ impl RbdBackend {
             }
             std::thread::sleep(nap.min(limit.saturating_sub(waited)));
             nap = (nap * 2).min(Duration::from_millis(100));
-        }
-    }
-
-    /// Removes a dead area's images; if the dead client still holds some
-    /// open (watches), blocklists its address `addr` first and retries for
-    /// a few seconds. Whether all went.
-    fn remove_dead_area(&self, area: uuid::Uuid, addr: &str, out: &mut Vec<Recovered>) -> bool {
-        if self.remove_staged_images(area, Some(out)) {
-            return true;
-        }
-        if addr.is_empty() || self.conn.cluster.blocklist(addr, 3600).is_err() {
-            return false;
-        }
-        out.push(Recovered {
-            path: PathBuf::from(addr),
-            what: "dead client blocklisted: it still held images of its staging area open".into(),
-        });
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.remove_staged_images(area, Some(out)) {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -854,29 +950,111 @@ impl ChangeJournal for RbdBackend {
 }
 
 impl RbdBackend {
-    /// Blocklists the address of every client session whose lease lapsed
-    /// (a dead or stalled client) and forgets it.
-    fn fence_dead_sessions(&self, guard: &ExclusiveGuard, out: &mut Vec<Recovered>) -> Result<()> {
+    /// Clients whose session lease lapsed (dead, or stalled past their
+    /// lease): their session keys and their addresses, with `extra` (the
+    /// addresses of dead staging areas, whose session may be forgotten
+    /// already); never this client's own address.
+    fn dead_clients(&self, extra: &[String]) -> Result<(Vec<SessionKey>, Vec<String>)> {
+        let own = self.conn.cluster.addrs().unwrap_or_default();
+        let mut keys = Vec::new();
+        let mut addrs: Vec<String> = extra.to_vec();
         for (k, v) in self.omap_prefix("c.")? {
             let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
                 continue;
             };
-            if self.live_holders(id)? {
-                continue;
+            if !self.live_holders(id)? {
+                keys.push((k, id));
+                addrs.push(String::from_utf8_lossy(&v).into_owned());
             }
-            let addr = String::from_utf8_lossy(&v).into_owned();
-            if !addr.is_empty() && self.conn.cluster.blocklist(&addr, 3600).is_ok() {
-                out.push(Recovered {
-                    path: PathBuf::from(&addr),
-                    what: "dead client blocklisted: it still held images open".into(),
-                });
+        }
+        addrs.retain(|a| !a.is_empty() && !same_addr(a, &own));
+        addrs.sort_unstable();
+        addrs.dedup();
+        Ok((keys, addrs))
+    }
+
+    /// Blocklists `addrs` at the OSDs: their watches go (else removing an
+    /// image a dead client had open waits for the OSDs' watch timeout),
+    /// librbd may break the image locks they held, and anything they still
+    /// send is refused. librados returns once its OSD map carries the
+    /// blocklist. Whether all were blocklisted.
+    fn blocklist(&self, addrs: &[String], out: Option<&mut Vec<Recovered>>) -> bool {
+        let mut all = true;
+        let mut done = Vec::new();
+        for a in addrs {
+            match self.conn.cluster.blocklist(a, 3600) {
+                Ok(()) => done.push(a),
+                Err(_) => all = false,
             }
+        }
+        if let Some(out) = out {
+            out.extend(done.into_iter().map(|a| {
+                Recovered {
+                    path: PathBuf::from(a),
+                    what: "client of a lapsed lease blocklisted (its watches and image locks go \
+                       with it)"
+                        .into(),
+                }
+            }));
+        }
+        all
+    }
+
+    /// Waits until none of `dead` watches any of `images`, blocklisting
+    /// them again meanwhile (each blocklist is a new OSD map, and an OSD
+    /// drops blocklisted watchers when it takes one that adds entries; it
+    /// seems to check the newest map of a batch only, and RBD snapshots
+    /// make maps all the time). Gives up after 3 s: what is still watched
+    /// then is left for the next recovery. A watch the OSD recorded after
+    /// its client's connection was gone (a kill while the watch op was in
+    /// flight) has no timer and is not seen by the blocklist check until
+    /// the OSD reloads that object's context: no client can remove it.
+    fn wait_unwatched(&self, images: &[String], dead: &[String], out: &mut Vec<Recovered>) {
+        let watchers = |name: &String| {
+            crate::ffi::Image::open(&self.conn.io, name, true).and_then(|io| io.watchers())
+        };
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut left: Vec<&String> = images.iter().collect();
+        let mut rounds = 0;
+        loop {
+            left.retain(|n| {
+                watchers(n).is_ok_and(|w| w.iter().any(|a| dead.iter().any(|d| same_addr(a, d))))
+            });
+            if left.is_empty() || Instant::now() >= until {
+                break;
+            }
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(50));
+            self.blocklist(dead, None);
+        }
+        for n in left {
+            out.push(Recovered {
+                path: self.conn.label(n),
+                what: format!(
+                    "still watched by a blocklisted client after {rounds} more blocklists: {:?}",
+                    watchers(n)
+                ),
+            });
+        }
+        if rounds > 0 {
+            out.push(Recovered {
+                path: self.conn.label(""),
+                what: format!(
+                    "dead clients blocklisted {rounds} more times until their watches went"
+                ),
+            });
+        }
+    }
+
+    /// Forgets dead sessions (after they were fenced).
+    fn forget_sessions(&self, guard: &ExclusiveGuard, keys: &[SessionKey]) -> Result<()> {
+        for (k, id) in keys {
             self.fenced(
                 guard,
                 "recover pool",
-                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+                &[WriteStep::OmapRm(std::slice::from_ref(k))],
             )?;
-            let _ = self.conn.io.remove(&live_oid(id));
+            let _ = self.conn.io.remove(&live_oid(*id));
         }
         Ok(())
     }
@@ -1147,60 +1325,30 @@ impl Liveness for RbdBackend {
     fn recover(&self, guard: &ExclusiveGuard) -> Result<Vec<Recovered>> {
         self.check_fence(guard, "recover pool")?;
         let mut out = Vec::new();
+        // First what dead operations left, touching nothing.
         let mut live_areas = std::collections::HashSet::new();
+        let mut dead_areas = Vec::new();
         for (k, v) in self.omap_prefix("s.")? {
             let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
                 continue;
             };
             if self.live_holders(id)? {
                 live_areas.insert(id);
-                continue;
+            } else {
+                dead_areas.push((k, id, String::from_utf8_lossy(&v).into_owned()));
             }
-            let addr = String::from_utf8_lossy(&v).into_owned();
-            if !self.remove_dead_area(id, &addr, &mut out) {
-                // Still held open: keep the marker, the next recovery retries.
-                live_areas.insert(id);
-                continue;
-            }
-            self.fenced(
-                guard,
-                "recover pool",
-                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
-            )?;
-            let _ = self.conn.io.remove(&live_oid(id));
-            out.push(Recovered {
-                path: self.conn.label(&format!("staging/{}", id.simple())),
-                what: "staging area left by a dead operation".into(),
-            });
         }
-        // Link snapshots of dead operations that died before their clone
-        // existed (or whose clone recovery just removed).
+        // Link snapshots of operations that died before their clone existed
+        // or while removing it (their staging area's or session's lease is
+        // gone).
+        let mut markers = Vec::new();
         for (k, v) in self.omap_prefix("l.")? {
             let Ok(m) = serde_json::from_slice::<LinkMarker>(&v) else {
                 continue;
             };
-            if live_areas.contains(&m.area) {
-                continue;
+            if !live_areas.contains(&m.area) && !self.live_holders(m.area)? {
+                markers.push((k, m));
             }
-            let snap = &k[2..];
-            if let Ok(io) = crate::ffi::Image::open(&self.conn.io, &m.base, false) {
-                match io.snap_unprotect(snap) {
-                    Err(Errno(libc::EBUSY)) => {} // a clone depends on it: keep
-                    _ => {
-                        if io.snap_remove(snap).is_ok() {
-                            out.push(Recovered {
-                                path: self.conn.label(&format!("{}@{snap}", m.base)),
-                                what: "link snapshot left by a dead operation".into(),
-                            });
-                        }
-                    }
-                }
-            }
-            self.fenced(
-                guard,
-                "recover pool",
-                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
-            )?;
         }
         // Images of no live staging area and of no entry: a crash between
         // creating or renaming them and the commit or cleanup.
@@ -1217,33 +1365,118 @@ impl Liveness for RbdBackend {
                 ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
             })
             .collect();
-        let mut fenced_dead = false;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut fenced_sessions = Vec::new();
+        if !dead_areas.is_empty() || !markers.is_empty() || !strays.is_empty() {
+            // The dead clients may still hold those images open (their
+            // watches outlive them by the OSDs' watch timeout) or locked:
+            // fence them before touching anything.
+            let area_addrs: Vec<String> = dead_areas.iter().map(|(_, _, a)| a.clone()).collect();
+            let (keys, addrs) = self.dead_clients(&area_addrs)?;
+            if self.blocklist(&addrs, Some(&mut out)) {
+                fenced_sessions = keys;
+            }
+            let mut touch: Vec<String> = strays.iter().map(|(n, _)| n.clone()).collect();
+            touch.extend(markers.iter().map(|(_, m)| m.base.clone()));
+            touch.sort_unstable();
+            touch.dedup();
+            self.wait_unwatched(&touch, &addrs, &mut out);
+        }
+        let mut last_err = HashMap::new();
+        // Clones before their bases: passes while something goes. What
+        // stays (a clone of it is not a stray) is retried by the next
+        // recovery.
         while !strays.is_empty() {
             let before = strays.len();
-            strays.retain(|(n, r)| {
-                if self.remove_rbd(r).is_ok() {
+            strays.retain(|(n, r)| match self.remove_rbd(r) {
+                Ok(()) => {
                     out.push(Recovered {
                         path: self.conn.label(n),
-                        what: "image of no entry left by a crashed operation".into(),
+                        what: match r.owner {
+                            ImageOwner::Staging { .. } => {
+                                "image of a staging area left by a dead operation".into()
+                            }
+                            ImageOwner::Entry { .. } => {
+                                "image of no entry left by a crashed operation".into()
+                            }
+                        },
                     });
                     false
-                } else {
+                }
+                Err(e) => {
+                    last_err.insert(n.clone(), e.to_string());
                     true
                 }
             });
             if strays.len() == before {
-                // Held open by a client that died: fence the dead sessions
-                // (their watches go), then retry for a while.
-                if !fenced_dead {
-                    fenced_dead = true;
-                    self.fence_dead_sessions(guard, &mut out)?;
-                } else if Instant::now() >= deadline {
-                    break;
-                } else {
-                    std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+        }
+        for (n, _) in &strays {
+            out.push(Recovered {
+                path: self.conn.label(n),
+                what: format!(
+                    "left for the next recovery: {}",
+                    last_err.get(n).map_or("", String::as_str)
+                ),
+            });
+        }
+        // After the strays: removing a stray clone may have dropped a
+        // marker's snapshot already. A marker goes once its snapshot is
+        // gone or a clone depends on it (that clone's removal takes it);
+        // on an error it stays for the next recovery.
+        let mut marker_left = false;
+        for (k, m) in markers {
+            let snap = &k[2..];
+            match self.drop_link_snapshot(&m.base, snap) {
+                Ok(state) => {
+                    if state == LinkSnap::Gone {
+                        out.push(Recovered {
+                            path: self.conn.label(&format!("{}@{snap}", m.base)),
+                            what: "link snapshot left by a dead operation".into(),
+                        });
+                    }
+                    self.fenced(
+                        guard,
+                        "recover pool",
+                        &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+                    )?;
+                }
+                Err(e) => {
+                    marker_left = true;
+                    out.push(Recovered {
+                        path: self.conn.label(&format!("{}@{snap}", m.base)),
+                        what: format!(
+                            "link snapshot left for the next recovery: errno {} ({})",
+                            e.0,
+                            e.io()
+                        ),
+                    })
                 }
             }
+        }
+        // The fenced sessions are forgotten once nothing of theirs is left
+        // (else the next recovery blocklists them again).
+        if strays.is_empty() && !marker_left {
+            self.forget_sessions(guard, &fenced_sessions)?;
+        }
+        // A dead area goes once none of its images is left.
+        for (k, id, _) in dead_areas {
+            if strays
+                .iter()
+                .any(|(_, r)| r.owner == (ImageOwner::Staging { area: id }))
+            {
+                continue;
+            }
+            self.fenced(
+                guard,
+                "recover pool",
+                &[WriteStep::OmapRm(std::slice::from_ref(&k))],
+            )?;
+            let _ = self.conn.io.remove(&live_oid(id));
+            out.push(Recovered {
+                path: self.conn.label(&format!("staging/{}", id.simple())),
+                what: "staging area left by a dead operation".into(),
+            });
         }
         for (k, v) in self.omap_prefix("v.")? {
             let Ok(id) = uuid::Uuid::parse_str(&k[2..]) else {
@@ -1522,9 +1755,12 @@ impl ImageStore for RbdBackend {
                     .map_err(|e| self.image_err(&r, "clone image", e))
             });
         if let Err(e) = made {
-            let _ = b.raw().snap_unprotect(&snap);
-            let _ = b.raw().snap_remove(&snap);
-            unmark();
+            // The marker stays if the snapshot could not be dropped: the
+            // recovery after this area's end retries.
+            drop(b);
+            if self.drop_link_snapshot(&rbd_name(base), &snap).is_ok() {
+                unmark();
+            }
             return Err(e);
         }
         unmark();

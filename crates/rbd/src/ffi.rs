@@ -38,6 +38,13 @@ struct ClusterStatT {
 }
 
 #[repr(C)]
+struct WatcherT {
+    addr: *mut c_char,
+    id: i64,
+    cookie: u64,
+}
+
+#[repr(C)]
 struct SnapInfoT {
     id: u64,
     size: u64,
@@ -246,6 +253,8 @@ extern "C" {
     fn rbd_snap_unprotect(image: ImageT, name: *const c_char) -> c_int;
     fn rbd_snap_list(image: ImageT, snaps: *mut SnapInfoT, max: *mut c_int) -> c_int;
     fn rbd_snap_list_end(snaps: *mut SnapInfoT);
+    fn rbd_watchers_list(image: ImageT, watchers: *mut WatcherT, max: *mut usize) -> c_int;
+    fn rbd_watchers_list_cleanup(watchers: *mut WatcherT, num: usize);
     fn rbd_get_parent(image: ImageT, parent: *mut LinkedImageSpecT, snap: *mut SnapSpecT) -> c_int;
     fn rbd_linked_image_spec_cleanup(spec: *mut LinkedImageSpecT);
     fn rbd_snap_spec_cleanup(spec: *mut SnapSpecT);
@@ -1215,6 +1224,44 @@ impl Image {
             )
         })?;
         Ok(v)
+    }
+
+    /// The addresses of the clients watching the image (this handle's
+    /// own client among them).
+    pub fn watchers(&self) -> R<Vec<String>> {
+        let mut max = 8usize;
+        loop {
+            let mut v: Vec<WatcherT> = (0..max)
+                .map(|_| WatcherT {
+                    addr: ptr::null_mut(),
+                    id: 0,
+                    cookie: 0,
+                })
+                .collect();
+            let mut n = max;
+            // SAFETY: open image; `v` has room for `n` entries.
+            let rc = unsafe { rbd_watchers_list(self.h, v.as_mut_ptr(), &mut n) };
+            if rc == -libc::ERANGE && n > max && n < 1 << 16 {
+                max = n;
+                continue;
+            }
+            check(rc)?;
+            let n = n.min(max);
+            let addrs = v[..n]
+                .iter()
+                .filter(|w| !w.addr.is_null())
+                .map(|w| {
+                    // SAFETY: librbd filled `addr` with a NUL-terminated
+                    // string that stays valid until the cleanup below.
+                    unsafe { CStr::from_ptr(w.addr) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            // SAFETY: frees the strings filled in above, once.
+            unsafe { rbd_watchers_list_cleanup(v.as_mut_ptr(), n) };
+            return Ok(addrs);
+        }
     }
 
     /// The image's parent (image name, snapshot name) if it is a clone.
