@@ -75,7 +75,10 @@ log file = $dir/log/\$name.log
 mon data = $dir/mon/\$name
 osd data = $dir/osd/\$name
 osd objectstore = memstore
-memstore device bytes = 4294967296
+# Memstore counts objects by their length, not the pages written: the suite's sparse
+# 100 GiB ext4 copies and the SIGKILL campaign filled 4 GiB (OSD full, I/O timed out).
+# RAM use is the pages actually written (page set), far below this.
+memstore device bytes = 17179869184
 memstore page set = true
 memstore page size = 4096
 osd pool default size = 1

@@ -246,10 +246,14 @@ impl Export {
             return Err(self.err(OP, format!("ceph conf {}: {e}", self.source.conf.display())));
         }
         let st = self.status();
-        if st.is_running() {
-            return Ok(st);
+        match &st.state {
+            // A daemon already serving this socket is kept only if it
+            // exports what is asked now (same image, same writability).
+            ExportState::Running { pid } if daemon_args(*pid).as_deref() == Some(&args[..]) => {
+                return Ok(st);
+            }
+            _ => self.stop()?,
         }
-        self.stop()?;
         if let Some(dir) = self.socket.parent() {
             std::fs::create_dir_all(dir).map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
@@ -402,6 +406,25 @@ fn is_our_daemon(pid: u32, socket: &Path) -> bool {
         prev_export = a == "--export";
     }
     false
+}
+
+/// The `--blockdev`/`--export` arguments process `pid` runs with (what
+/// [`Export::args`] gives), or `None` if it cannot be read.
+fn daemon_args(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let all: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let mut out = Vec::new();
+    let mut it = all.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--blockdev" || a == "--export" {
+            out.push(a.clone());
+            out.push(it.next()?.clone());
+        }
+    }
+    Some(out)
 }
 
 /// Whether a Unix socket bound to `socket` is listening (`/proc/net/unix`:

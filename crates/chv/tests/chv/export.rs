@@ -133,6 +133,18 @@ fn start_status_stop_restart() {
     assert_ne!(pid2, pid);
     ro.restart_if_dead().unwrap();
     assert_eq!(pid_of(&ro), ro_pid);
+    // The same disk asked read-only now: the writable daemon is replaced,
+    // never reused, and the new one exports read-only.
+    let rw_as_ro = Export::new("volume w (vdd)", rw.source.clone(), false, d.path(), "vdd");
+    assert!(rw_as_ro.start().unwrap().is_running());
+    let pid3 = pid_of(&rw_as_ro);
+    assert!(pid3 != pid2 && !alive(pid2));
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid3}/cmdline")).unwrap();
+    assert!(cmdline.contains("read-only=on") && cmdline.contains("writable=off"));
+    // And back: writable again, a new daemon.
+    assert!(rw.start().unwrap().is_running());
+    let pid2 = pid_of(&rw);
+    assert!(pid2 != pid3 && !alive(pid3));
 
     // Stop: the daemon is gone and so are its files; stopping again is fine.
     rw.stop().unwrap();

@@ -191,12 +191,16 @@ fn rbd_volumes_are_recorded_raw() {
     let id = crate::compress::blank_ext4(&vols, "asked-qcow2", 64 * MIB);
     let d = vols.describe_volume("ceph", "asked-qcow2").unwrap();
     assert_eq!(d.format, Format::Raw);
+    // What a VMM opens: the RBD image of the raw data image (through a
+    // vhost-user-blk export).
+    let AttachTarget::Rbd(t) = &d.path else {
+        panic!("{:?}", d.path)
+    };
     assert_eq!(
-        d.path,
-        AttachTarget::BlockIo {
-            image: ImageRef::entry(EntryKind::Volume, &id, DATA_IMAGE, Format::Raw)
-        }
+        (t.pool.as_str(), t.namespace.as_str(), t.snapshot.as_ref()),
+        (spec.pool.as_str(), spec.namespace.as_str(), None)
     );
+    assert_eq!(t.image, image_of(EntryKind::Volume, &id));
     let tpl = vols
         .create_template_from_volume("ceph", "tpl", "asked-qcow2", &ctl)
         .unwrap();
@@ -255,12 +259,16 @@ fn rbd_volumes_are_recorded_raw() {
     let att = vols.attach_instance(&req, &mut |_| Ok(())).unwrap();
     let disk = &att.disks[0];
     assert_eq!(disk.volume.format, Format::Raw);
-    let AttachTarget::BlockIo { image } = &disk.target else {
+    let AttachTarget::Rbd(t) = &disk.target else {
         panic!("{:?}", disk.target)
     };
-    assert_eq!(image.format, Format::Raw);
-    assert_ne!(image.name, DATA_IMAGE, "the overlay is what the guest gets");
-    let ovl = RbdBackend::image_name(image);
+    let ovl = t.image.clone();
+    assert!(ovl.ends_with("+raw"), "raw overlay image: {ovl}");
+    assert_ne!(
+        ovl,
+        image_of(EntryKind::Volume, &restored.id),
+        "the overlay is what the guest gets"
+    );
     let restored_img = image_of(EntryKind::Volume, &restored.id);
     assert_eq!(parent_of(c, &spec, &ovl).as_deref(), Some(&*restored_img));
     vols.detach_instance("vm1").unwrap();
