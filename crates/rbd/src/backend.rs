@@ -1719,22 +1719,7 @@ impl ImageStore for RbdBackend {
         // removes it. Until the clone exists a marker names the snapshot,
         // so recovery can remove it if this process dies in between.
         let snap = format!("{LINK_SNAP}{}", uuid::Uuid::new_v4().simple());
-        let marker = format!("l.{snap}");
-        let mk = LinkMarker {
-            area: area.id,
-            base: rbd_name(base),
-        };
-        let kv = [(
-            marker.clone(),
-            serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
-        )];
-        self.conn
-            .io
-            .write_op(
-                POOL_OBJ,
-                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
-            )
-            .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
+        let marker = self.mark_link(&snap, &rbd_name(base), area.id)?;
         let unmark = || {
             let k = [marker.clone()];
             let _ = self.conn.io.write_op(POOL_OBJ, &[WriteStep::OmapRm(&k)]);

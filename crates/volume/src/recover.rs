@@ -6,7 +6,7 @@ use vmvol_pool::{EntryKind, ImageOwner, Listed, Pool};
 
 use crate::error::{Error, Result};
 use crate::record::{BaseLink, SnapshotRecord, TemplateRecord, VolumeRecord};
-use crate::snapshot::{finish_merge, finish_snapshot, MERGED_IMAGE};
+use crate::snapshot::{finish_merge, finish_snapshot, merged_image};
 
 /// Runs recovery on `pool` (named `name`) under its exclusive lock.
 pub(crate) fn recover(pool: &Pool, name: &str) -> Result<()> {
@@ -30,12 +30,7 @@ pub(crate) fn recover(pool: &Pool, name: &str) -> Result<()> {
                     .map_err(Error::pool(&object, OP))?;
                 for l in rows {
                     let Listed::Ok(e) = l else { continue };
-                    let Some(merged) = e
-                        .images
-                        .iter()
-                        .find(|i| i.image.name == MERGED_IMAGE)
-                        .map(|i| i.image.clone())
-                    else {
+                    let Some(merged) = merged_image(&e.images) else {
                         continue;
                     };
                     let backing = t

@@ -2,7 +2,7 @@
 //! for raw ones; delete with optional merge into the dependents.
 
 use vmvol_format::{Control, Prealloc};
-use vmvol_pool::{EntryKind, ImageRef, ImageSpec, Listed, PoolTxn, DATA_IMAGE};
+use vmvol_pool::{EntryKind, ImageRef, ImageSpec, ImageSummary, Listed, PoolTxn, DATA_IMAGE};
 
 use crate::create::{commit_new, reserve_split};
 use crate::error::{Error, Result};
@@ -15,6 +15,14 @@ use crate::volumes::{
 
 /// Image name a merge builds its replacement under (recovery finishes it).
 pub(crate) const MERGED_IMAGE: &str = "merged";
+
+/// The replacement an unfinished merge left among an entry's images.
+pub(crate) fn merged_image(images: &[ImageSummary]) -> Option<ImageRef> {
+    images
+        .iter()
+        .find(|i| i.image.name == MERGED_IMAGE)
+        .map(|i| i.image.clone())
+}
 
 impl Volumes {
     /// Snapshots detached volume `volume`. qcow2: its current image becomes
@@ -380,12 +388,7 @@ pub(crate) fn finish_merge(
     let e = t
         .get::<serde_json::Value>(kind, id)
         .map_err(Error::pool(&object, OP))?;
-    let Some(merged) = e
-        .images
-        .iter()
-        .find(|i| i.image.name == MERGED_IMAGE)
-        .map(|i| i.image.clone())
-    else {
+    let Some(merged) = merged_image(&e.images) else {
         return Ok(());
     };
     // Record first: from here on the merged image is the one that counts.

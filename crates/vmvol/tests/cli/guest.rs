@@ -534,6 +534,24 @@ pub(super) fn attach(root: &Path, dir: &Path, name: &str, volumes: &[&str]) -> V
     disks
 }
 
+/// The archive volume S is made from: `base.txt` and `sub/deep.txt`
+/// (what the guest scenarios read back), as `DIR/s.tar`.
+pub(super) fn s_tarball(dir: &Path) -> PathBuf {
+    let tree = dir.join("s-tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("base.txt"), "base\n").unwrap();
+    std::fs::write(tree.join("sub/deep.txt"), "deep\n").unwrap();
+    let tarball = dir.join("s.tar");
+    let (ok, out) = run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("."));
+    assert!(ok, "tar: {out}");
+    tarball
+}
+
 fn path_of(d: &DiskConfig) -> PathBuf {
     d.path.clone().unwrap()
 }
@@ -573,18 +591,7 @@ fn linux_guests_mount_rw_ro_and_both_overlay_kinds() {
             "volume", "create", "w", "--size", "64M", "--format", "raw", "--ext4",
         ],
     );
-    let tree = dir.join("s-tree");
-    std::fs::create_dir_all(tree.join("sub")).unwrap();
-    std::fs::write(tree.join("base.txt"), "base\n").unwrap();
-    std::fs::write(tree.join("sub/deep.txt"), "deep\n").unwrap();
-    let tarball = dir.join("s.tar");
-    let (ok, out) = run(Command::new("tar")
-        .arg("-C")
-        .arg(&tree)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg("."));
-    assert!(ok, "tar: {out}");
+    let tarball = s_tarball(dir);
     vol_ok(
         &root,
         &[

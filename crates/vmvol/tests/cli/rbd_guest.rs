@@ -25,8 +25,8 @@ use vmvol::chv::DiskConfig;
 
 use super::cluster;
 use super::guest::{
-    assert_guest, attach, boot, ext4_raw, find_kit, missing, require_tool, run, wait_all, MIB,
-    SCENARIO_B, SCENARIO_BC, SCENARIO_C,
+    assert_guest, attach, boot, ext4_raw, find_kit, missing, require_tool, run, s_tarball,
+    wait_all, MIB, SCENARIO_B, SCENARIO_BC, SCENARIO_C,
 };
 use super::{vol_json, vol_ok};
 
@@ -143,18 +143,7 @@ fn linux_guests_reach_rbd_volumes_over_vhost_user() {
             "volume", "create", "w", "--pool", "r", "--size", "64M", "--ext4",
         ],
     );
-    let tree = dir.join("s-tree");
-    std::fs::create_dir_all(tree.join("sub")).unwrap();
-    std::fs::write(tree.join("base.txt"), "base\n").unwrap();
-    std::fs::write(tree.join("sub/deep.txt"), "deep\n").unwrap();
-    let tarball = dir.join("s.tar");
-    let (ok, out) = run(Command::new("tar")
-        .arg("-C")
-        .arg(&tree)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg("."));
-    assert!(ok, "tar: {out}");
+    let tarball = s_tarball(dir);
     vol_ok(
         &root,
         &[
