@@ -249,14 +249,11 @@ impl RbdBackend {
         let id = uuid::Uuid::new_v4();
         let lease = b.take_live(id)?;
         let addr = b.conn.cluster.addrs().unwrap_or_default();
-        let kv = [(format!("c.{}", id.simple()), addr.into_bytes())];
-        b.conn
-            .io
-            .write_op(
-                POOL_OBJ,
-                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
-            )
-            .map_err(|e| b.err(POOL_OBJ, "record client session", e))?;
+        b.put_pool_key(
+            format!("c.{}", id.simple()),
+            addr.into_bytes(),
+            "record client session",
+        )?;
         b.session = Some((id, lease));
         Ok(b)
     }
@@ -568,17 +565,20 @@ impl RbdBackend {
             area: owner,
             base: base.to_string(),
         };
-        let kv = [(
-            format!("l.{snap}"),
-            serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?,
-        )];
+        let value = serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?;
+        self.put_pool_key(format!("l.{snap}"), value, "record link snapshot")
+    }
+
+    /// Sets one key of the pool object (which must exist) and returns it.
+    fn put_pool_key(&self, key: String, value: Vec<u8>, op: &'static str) -> Result<String> {
+        let kv = [(key, value)];
         self.conn
             .io
             .write_op(
                 POOL_OBJ,
                 &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
             )
-            .map_err(|e| self.err(POOL_OBJ, "record link snapshot", e))?;
+            .map_err(|e| self.err(POOL_OBJ, op, e))?;
         let [(k, _)] = kv;
         Ok(k)
     }
@@ -1283,14 +1283,11 @@ impl Liveness for RbdBackend {
         // Our address, so that recovery can fence us if we die holding
         // images open (their watches would block removal for minutes).
         let addr = self.conn.cluster.addrs().unwrap_or_default();
-        let kv = [(format!("s.{}", id.simple()), addr.into_bytes())];
-        self.conn
-            .io
-            .write_op(
-                POOL_OBJ,
-                &[WriteStep::AssertExists, WriteStep::OmapSet(&kv)],
-            )
-            .map_err(|e| self.err(POOL_OBJ, "record staging area", e))?;
+        self.put_pool_key(
+            format!("s.{}", id.simple()),
+            addr.into_bytes(),
+            "record staging area",
+        )?;
         Ok(StagingArea {
             id,
             // The marker stays until commit or recovery; the hold only
