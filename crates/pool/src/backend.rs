@@ -388,6 +388,34 @@ pub trait ImageStore {
         id: &str,
         name: &str,
     ) -> Result<ImageRef>;
+    /// Whether the store snapshots its images itself
+    /// ([`ImageStore::snapshot_image`]): RBD does (an RBD snapshot of the
+    /// image); local files do not (the volume layer then takes an external
+    /// snapshot: the image moves into the snapshot entry and the volume
+    /// continues on an overlay linked to it).
+    fn native_snapshots(&self) -> bool {
+        false
+    }
+    /// Takes a read-only, point-in-time snapshot of committed image `image`
+    /// inside the store and makes it image `name` of existing entry
+    /// `kind/id`. It shares `image`'s data and stays readable, linkable and
+    /// copyable after `image`'s entry is removed. Idempotent: if the entry
+    /// has that snapshot already, it is returned as it is (so recovery can
+    /// finish a crashed snapshot). Stores without native snapshots refuse.
+    fn snapshot_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        let _ = (guard, kind, id, name);
+        Err(crate::Error::InvalidImage {
+            image: image.to_string(),
+            reason: "this pool's storage takes no native snapshots".into(),
+        })
+    }
 }
 
 /// Space figures. Contract: `fs_stats().available` is what can still be

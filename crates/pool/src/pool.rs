@@ -691,6 +691,12 @@ impl Pool {
         self.inner.backend.linked_format()
     }
 
+    /// Whether the storage snapshots images itself (RBD); see
+    /// [`PoolTxn::snapshot_image`].
+    pub fn native_snapshots(&self) -> bool {
+        self.inner.backend.native_snapshots()
+    }
+
     /// What recovery removed at open (or the last [`Pool::refresh`]).
     pub fn recovered(&self) -> Vec<Recovered> {
         self.inner
@@ -1430,6 +1436,28 @@ impl PoolTxn<'_> {
         if let Some((k, i)) = from {
             p.rescan(idx, k, i)?;
         }
+        p.rescan(idx, kind, id)?;
+        r
+    }
+
+    /// Takes a native, read-only snapshot of committed `image` and makes
+    /// it image `name` of existing entry `kind/id` (only where
+    /// [`Pool::native_snapshots`]); idempotent, so recovery can finish it.
+    pub fn snapshot_image(
+        &mut self,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        validate_name(name)?;
+        let g = guard_of(&self.held, self.pool)?;
+        let p = self.pool;
+        let idx = &mut *self.idx;
+        idx.require_active("snapshot image")?;
+        Pool::existing(idx, kind, id)?;
+        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
+        let r = p.inner.backend.snapshot_image(g, image, kind, id, name);
         p.rescan(idx, kind, id)?;
         r
     }

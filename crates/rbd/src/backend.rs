@@ -12,8 +12,10 @@
 //!   omap s.<uuid>            a staging area; live while vmvol.live.<uuid> is locked
 //!   omap v.<uuid>            a reservation (JSON); live likewise
 //! vmvol.live.<uuid>          lock "live": the lease of one staging area or reservation
+//!   omap n.<kind>.<id>.<name>  a native snapshot (see `native`)
 //! RBD image v+<kind>+<id>+<name>+<fmt>   an entry's image
 //! RBD image s+<uuid>+<name>+<fmt>        a staged image
+//! RBD image h+<rbd id>                   an image kept for native snapshots
 //! ```
 //! Names of the pool may contain '.', never '+', so image names parse back.
 //! Every write of the pool object under the exclusive lock carries
@@ -44,6 +46,10 @@ use crate::ffi::{Errno, WriteStep};
 use crate::image::RbdImage;
 use crate::lease::{assert_locked_input, Kind, Lease};
 use crate::Connection;
+
+mod native;
+pub use native::NativeSnapshot;
+use native::{dir_string, HELD, NATIVE_SNAP};
 
 const POOL_OBJ: &str = "vmvol.pool";
 const LOCK: &str = "vmvol.pool";
@@ -415,16 +421,14 @@ impl RbdBackend {
             .map_err(|e| self.err(POOL_OBJ, "read pool object", e))
     }
 
-    fn images(&self) -> Result<Vec<(String, ImageRef)>> {
-        let names = self
-            .conn
+    /// Every image name of the namespace, as `rbd ls` shows them (images
+    /// whose removal was interrupted included: librbd lists them from its
+    /// trash until a remove finishes them).
+    fn all_names(&self) -> Result<Vec<String>> {
+        self.conn
             .io
             .rbd_list()
-            .map_err(|e| self.err("", "list images", e))?;
-        Ok(names
-            .into_iter()
-            .filter_map(|n| parse_name(&n).map(|r| (n, r)))
-            .collect())
+            .map_err(|e| self.err("", "list images", e))
     }
 
     /// Our images whose RBD name starts with `prefix`, read from librbd's
@@ -456,15 +460,7 @@ impl RbdBackend {
             .into_iter()
             .filter_map(|(k, v)| {
                 let n = k.strip_prefix(DIR_NAME)?.to_string();
-                // The value is an encoded string: u32 length, then the id.
-                let id = v
-                    .get(..4)
-                    .and_then(|l| <[u8; 4]>::try_from(l).ok())
-                    .map(u32::from_le_bytes)
-                    .zip(v.get(4..))
-                    .filter(|(l, id)| *l as usize == id.len())
-                    .map(|(_, id)| String::from_utf8_lossy(id).into_owned())
-                    .unwrap_or_default();
+                let id = dir_string(&v).unwrap_or_default();
                 parse_name(&n).map(|r| (n, r, id))
             })
             .collect())
@@ -508,7 +504,22 @@ impl RbdBackend {
             .collect())
     }
 
+    /// Opens an entry's or staged image; a native snapshot read-only.
     fn open_raw(&self, image: &ImageRef, writable: bool) -> Result<RbdImage> {
+        if let Some(v) = self.view_of(image)? {
+            if writable {
+                return Err(Error::InvalidImage {
+                    image: image.to_string(),
+                    reason: "a snapshot is read-only".into(),
+                });
+            }
+            return self.open_view(image, &v);
+        }
+        self.open_plain(image, writable)
+    }
+
+    /// Opens the RBD image named after `image` (no native snapshot).
+    fn open_plain(&self, image: &ImageRef, writable: bool) -> Result<RbdImage> {
         let name = rbd_name(image);
         RbdImage::open(&self.conn.io, &name, self.conn.label(&name), writable).map_err(
             |e| match e {
@@ -622,29 +633,43 @@ impl RbdBackend {
     }
 
     /// Removes an image and the link snapshot it holds on its parent;
-    /// refused while clones depend on one of its snapshots.
+    /// refused while clones depend on one of its snapshots. An image that
+    /// native snapshots still view is kept (renamed `h+<id>`) instead.
     fn remove_rbd(&self, image: &ImageRef) -> Result<()> {
-        let name = rbd_name(image);
-        let parent = match self.open_raw(image, true) {
+        self.remove_named(&rbd_name(image), &image.to_string())
+    }
+
+    /// [`RbdBackend::remove_rbd`] of RBD image `name` (`what` in messages).
+    fn remove_named(&self, name: &str, what: &str) -> Result<()> {
+        let opened = crate::ffi::Image::open(&self.conn.io, name, false);
+        let parent = match opened {
             Ok(io) => {
-                self.drop_snapshots(image, &io)?;
-                io.raw().parent().ok().flatten()
+                if self.hold_if_viewed(name, &io)? {
+                    return Ok(());
+                }
+                self.drop_snapshots(what, &io, true)?;
+                io.parent().ok().flatten()
             }
             // A remove that died half way leaves a listed image that no
             // longer opens (its header gone): librbd's remove finishes it,
             // and may say ENOENT when it did.
             Err(e) => {
-                return match self.conn.io.rbd_remove(&name) {
+                let err = if e.0 == libc::ENOENT {
+                    Error::ImageNotFound {
+                        image: what.to_string(),
+                    }
+                } else {
+                    self.err(name, "open image", e)
+                };
+                return match self.conn.io.rbd_remove(name) {
                     Ok(()) => Ok(()),
                     Err(Errno(libc::ENOENT))
-                        if self
-                            .images()
-                            .is_ok_and(|l| l.iter().all(|(n, _)| *n != name)) =>
+                        if self.all_names().is_ok_and(|l| l.iter().all(|n| n != name)) =>
                     {
                         Ok(())
                     }
-                    Err(_) => Err(e),
-                }
+                    Err(_) => Err(err),
+                };
             }
         };
         // The clone goes before its link snapshot: until the snapshot is
@@ -656,11 +681,15 @@ impl RbdBackend {
             Some((p, snap)) => Some(self.mark_link(snap, p, self.session_id())?),
             None => None,
         };
-        let removed = self
-            .conn
-            .io
-            .rbd_remove(&name)
-            .map_err(|e| self.image_err(image, "remove image", e));
+        let removed = self.conn.io.rbd_remove(name).map_err(|e| {
+            if e.0 == libc::ENOENT {
+                Error::ImageNotFound {
+                    image: what.to_string(),
+                }
+            } else {
+                self.err(name, "remove image", e)
+            }
+        });
         if let (Some((p, snap)), Some(k)) = (&link, marker) {
             // If the clone is still there the snapshot stays (in use). The
             // marker is kept when dropping failed: the next recovery retries.
@@ -672,31 +701,37 @@ impl RbdBackend {
         removed
     }
 
-    /// Removes the image's link snapshots whose clones are gone; refused
-    /// (nothing removed that matters) if a clone depends on one.
-    fn drop_snapshots(&self, image: &ImageRef, io: &RbdImage) -> Result<()> {
+    /// Removes the image's link snapshots (and native ones if `native`:
+    /// those no view names) whose clones are gone; refused (nothing
+    /// removed that matters) if a clone depends on one.
+    fn drop_snapshots(&self, what: &str, io: &crate::ffi::Image, native: bool) -> Result<()> {
         let snaps = io
-            .raw()
             .snap_list()
-            .map_err(|e| self.image_err(image, "list snapshots", e))?;
+            .map_err(|e| self.err(what, "list snapshots", e))?;
         for s in snaps {
-            match io.raw().snap_unprotect(&s) {
+            if !native && s.starts_with(NATIVE_SNAP) {
+                continue;
+            }
+            match io.snap_unprotect(&s) {
                 Ok(()) => {}
-                Err(Errno(libc::EINVAL)) => {} // not protected
+                // Not protected; or half removed (a remove killed midway
+                // leaves it listed): the remove below finishes it.
+                Err(Errno(libc::EINVAL | libc::ENOENT)) => {}
                 Err(Errno(libc::EBUSY)) => {
                     return Err(Error::InvalidImage {
-                        image: image.to_string(),
+                        image: what.to_string(),
                         reason: format!(
                             "linked images depend on it (clones of its snapshot {s}); \
                              remove them first"
                         ),
                     })
                 }
-                Err(e) => return Err(self.image_err(image, "unprotect snapshot", e)),
+                Err(e) => return Err(self.err(what, "unprotect snapshot", e)),
             }
-            io.raw()
-                .snap_remove(&s)
-                .map_err(|e| self.image_err(image, "remove snapshot", e))?;
+            match io.snap_remove(&s) {
+                Ok(()) | Err(Errno(libc::ENOENT)) => {}
+                Err(e) => return Err(self.err(what, "remove snapshot", e)),
+            }
         }
         Ok(())
     }
@@ -1146,6 +1181,11 @@ impl RecordStore for RbdBackend {
             .into_iter()
             .map(|(_, r, rbd_id)| self.quick_summary(&r, &rbd_id))
             .collect();
+        images.extend(
+            self.entry_views(kind, id)?
+                .iter()
+                .map(|(_, r, v)| RbdBackend::view_summary(r, v)),
+        );
         images.sort_by(|a, b| a.image.name.cmp(&b.image.name));
         let rec_len = record.as_ref().map_or(0, |r| r.len() as u64);
         Ok(Some(ScannedEntry {
@@ -1230,17 +1270,26 @@ impl RecordStore for RbdBackend {
             .into_iter()
             .map(|(_, r, _)| r)
             .collect();
-        // Refuse before removing anything if a clone depends on an image.
+        let views = self.entry_views(kind, id)?;
+        // Refuse before removing anything if a clone depends on an image
+        // or on a native snapshot (native snapshots of the entry's images
+        // are other entries': they stay).
         for r in &mine {
-            let io = self.open_raw(r, true)?;
-            self.drop_snapshots(r, &io)?;
+            let io = self.open_plain(r, true)?;
+            self.drop_snapshots(&r.to_string(), io.raw(), false)?;
+        }
+        for (_, r, v) in &views {
+            self.unprotect_view(r, v)?;
         }
         // The entry goes first (atomically); a crash or failure after it
-        // leaves images of no entry, which recovery removes.
+        // leaves images and snapshots of no entry, which recovery removes.
         let rm = [entry_key(kind, id), record_key(kind, id)];
         self.fenced(guard, "remove entry", &[WriteStep::OmapRm(&rm)])?;
         for r in &mine {
             let _ = self.remove_rbd(r);
+        }
+        for (k, r, v) in &views {
+            let _ = self.drop_view(None, k, r, v);
         }
         Ok(())
     }
@@ -1354,16 +1403,42 @@ impl Liveness for RbdBackend {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        let mut strays: Vec<(String, ImageRef)> = self
-            .images()?
-            .into_iter()
+        let names = self.all_names()?;
+        let mut strays: Vec<(String, ImageRef)> = names
+            .iter()
+            .filter_map(|n| parse_name(n).map(|r| (n.clone(), r)))
             .filter(|(_, r)| match &r.owner {
                 ImageOwner::Staging { area } => !live_areas.contains(area),
                 ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
             })
             .collect();
+        // Native snapshots of no entry (a crash after their entry went) and
+        // held images that no snapshot views any more.
+        let views = self.all_views()?;
+        let is_orphan = |r: &ImageRef| match &r.owner {
+            ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
+            ImageOwner::Staging { .. } => true,
+        };
+        let kept: std::collections::HashSet<String> = views
+            .iter()
+            .filter(|(_, r, _)| !is_orphan(r))
+            .map(|(_, _, v)| v.image_id.clone())
+            .collect();
+        let orphan_views: Vec<_> = views.into_iter().filter(|(_, r, _)| is_orphan(r)).collect();
+        // From the listing, not the directory: a held image whose removal
+        // was interrupted is only in librbd's trash.
+        let released: Vec<(String, String)> = names
+            .iter()
+            .filter_map(|n| Some((n.clone(), n.strip_prefix(HELD)?.to_string())))
+            .filter(|(_, id)| !kept.contains(id))
+            .collect();
         let mut fenced_sessions = Vec::new();
-        if !dead_areas.is_empty() || !markers.is_empty() || !strays.is_empty() {
+        if !dead_areas.is_empty()
+            || !markers.is_empty()
+            || !strays.is_empty()
+            || !orphan_views.is_empty()
+            || !released.is_empty()
+        {
             // The dead clients may still hold those images open (their
             // watches outlive them by the OSDs' watch timeout) or locked:
             // fence them before touching anything.
@@ -1374,9 +1449,32 @@ impl Liveness for RbdBackend {
             }
             let mut touch: Vec<String> = strays.iter().map(|(n, _)| n.clone()).collect();
             touch.extend(markers.iter().map(|(_, m)| m.base.clone()));
+            for (_, _, v) in &orphan_views {
+                touch.extend(self.name_of_id(&v.image_id)?);
+            }
+            touch.extend(released.iter().map(|(n, _)| n.clone()));
             touch.sort_unstable();
             touch.dedup();
             self.wait_unwatched(&touch, &addrs, &mut out);
+        }
+        // Snapshots before the strays: a stray an orphan snapshot views is
+        // removed rather than held.
+        let mut view_left = false;
+        for (k, r, v) in &orphan_views {
+            let at = self.conn.label(&format!("{}@{}", v.image_id, v.snap));
+            match self.drop_view(None, k, r, v) {
+                Ok(()) => out.push(Recovered {
+                    path: at,
+                    what: "snapshot of no entry left by a crashed operation".into(),
+                }),
+                Err(e) => {
+                    view_left = true;
+                    out.push(Recovered {
+                        path: at,
+                        what: format!("snapshot left for the next recovery: {e}"),
+                    });
+                }
+            }
         }
         let mut last_err = HashMap::new();
         // Clones before their bases: passes while something goes. What
@@ -1417,8 +1515,27 @@ impl Liveness for RbdBackend {
                 ),
             });
         }
-        // After the strays: removing a stray clone may have dropped a
-        // marker's snapshot already. A marker goes once its snapshot is
+        // Held images whose last snapshot went before their release.
+        for (name, id) in &released {
+            if self.viewed(id)? || !self.all_names()?.contains(name) {
+                continue; // viewed again, or released with an orphan snapshot
+            }
+            match self.remove_named(name, name) {
+                Ok(()) => out.push(Recovered {
+                    path: self.conn.label(name),
+                    what: "image kept for snapshots that are gone".into(),
+                }),
+                Err(e) => {
+                    view_left = true;
+                    out.push(Recovered {
+                        path: self.conn.label(name),
+                        what: format!("held image left for the next recovery: {e}"),
+                    });
+                }
+            }
+        }
+        // After the strays and held images: removing a clone may have
+        // dropped a marker's snapshot already. A marker goes once its snapshot is
         // gone or a clone depends on it (that clone's removal takes it);
         // on an error it stays for the next recovery.
         let mut marker_left = false;
@@ -1453,7 +1570,7 @@ impl Liveness for RbdBackend {
         }
         // The fenced sessions are forgotten once nothing of theirs is left
         // (else the next recovery blocklists them again).
-        if strays.is_empty() && !marker_left {
+        if strays.is_empty() && !marker_left && !view_left {
             self.forget_sessions(guard, &fenced_sessions)?;
         }
         // A dead area goes once none of its images is left.
@@ -1684,7 +1801,10 @@ impl ImageStore for RbdBackend {
         }
         let r = staged_ref(area, name, Format::Raw)?;
         self.refuse_existing(&r)?;
-        let b = self.open_raw(base, true)?;
+        if let Some(v) = self.view_of(base)? {
+            return self.link_view(&r, base, &v, size);
+        }
+        let b = self.open_plain(base, true)?;
         let bsize = b.size();
         let size = size.unwrap_or(bsize);
         if size < bsize {
@@ -1752,6 +1872,21 @@ impl ImageStore for RbdBackend {
         Ok(r)
     }
 
+    fn native_snapshots(&self) -> bool {
+        true
+    }
+
+    fn snapshot_image(
+        &self,
+        guard: &ExclusiveGuard,
+        image: &ImageRef,
+        kind: EntryKind,
+        id: &str,
+        name: &str,
+    ) -> Result<ImageRef> {
+        self.take_snapshot(guard, image, kind, id, name)
+    }
+
     fn copy_full(
         &self,
         area: &StagingArea,
@@ -1798,6 +1933,9 @@ impl ImageStore for RbdBackend {
     }
 
     fn image_summary(&self, image: &ImageRef) -> Result<ImageSummary> {
+        if let Some(v) = self.view_of(image)? {
+            return Ok(RbdBackend::view_summary(image, &v));
+        }
         let s = self.summary(image, true);
         if s.virtual_size.is_none() {
             // Not found and other open failures are errors here.
@@ -1849,19 +1987,37 @@ impl ImageStore for RbdBackend {
 
     fn remove_image(&self, guard: &ExclusiveGuard, image: &ImageRef) -> Result<()> {
         self.check_fence(guard, "remove image")?;
+        if let (Some(v), ImageOwner::Entry { kind, id }) = (self.view_of(image)?, &image.owner) {
+            let k = native::view_key(*kind, id, &image.name);
+            return self.drop_view(Some(guard), &k, image, &v);
+        }
         self.remove_rbd(image)
     }
 
     fn attach_target(&self, image: &ImageRef) -> Result<AttachTarget> {
-        self.open_raw(image, false)?;
+        let (name, snapshot) = match self.view_of(image)? {
+            Some(v) => {
+                self.open_view(image, &v)?;
+                let name = self
+                    .name_of_id(&v.image_id)?
+                    .ok_or_else(|| Error::ImageNotFound {
+                        image: image.to_string(),
+                    })?;
+                (name, Some(v.snap))
+            }
+            None => {
+                self.open_plain(image, false)?;
+                (rbd_name(image), None)
+            }
+        };
         // What qemu's rbd driver opens; the image is raw to the guest
         // whatever its label (a linked image is an RBD clone).
         let spec = self.conn.spec();
         Ok(AttachTarget::Rbd(vmvol_pool::RbdTarget {
             pool: spec.pool.clone(),
             namespace: spec.namespace.clone(),
-            image: rbd_name(image),
-            snapshot: None,
+            image: name,
+            snapshot,
             conf: spec.conf.clone(),
             user: Some(spec.id.clone()).filter(|id| !id.is_empty()),
         }))
@@ -1884,6 +2040,24 @@ impl ImageStore for RbdBackend {
             });
         }
         self.refuse_existing(&to)?;
+        if let Some(v) = self.view_of(image)? {
+            // A native snapshot moves by its key, in one fenced step.
+            let ImageOwner::Entry { kind: fk, id: fid } = &image.owner else {
+                return Err(Error::InvalidImage {
+                    image: image.to_string(),
+                    reason: "a snapshot is never staged".into(),
+                });
+            };
+            let from = [native::view_key(*fk, fid, &image.name)];
+            let bytes = serde_json::to_vec(&v).map_err(|e| self.json_err(e))?;
+            let kv = [(native::view_key(kind, id, name), bytes)];
+            self.fenced(
+                guard,
+                "move image",
+                &[WriteStep::OmapRm(&from), WriteStep::OmapSet(&kv)],
+            )?;
+            return Ok(to);
+        }
         self.check_fence(guard, "move image")?;
         self.conn
             .io
@@ -1919,11 +2093,17 @@ impl SpaceFigures for RbdBackend {
         let (total, _used, avail) = self.conn.cluster.stat().unwrap_or((0, 0, 0));
         // Bytes our images hold (RBD's own accounting); the cluster's
         // figures need a mgr and are zero without one.
+        let held: u64 = self
+            .held_images()?
+            .iter()
+            .filter_map(|(_, id)| crate::figures::quick_figures(&self.conn.io, id))
+            .map(|(_, bytes)| bytes)
+            .fold(0u64, u64::saturating_add);
         let used = self
             .images_with_ids("")?
             .iter()
             .map(|(_, r, id)| self.quick_summary(r, id).host_bytes)
-            .fold(0u64, u64::saturating_add);
+            .fold(held, u64::saturating_add);
         let (total, available) = match (quota, total) {
             (q, t) if q > 0 && t > 0 => (q, q.saturating_sub(used).min(avail)),
             (q, _) if q > 0 => (q, q.saturating_sub(used)),

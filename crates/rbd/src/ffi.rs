@@ -231,6 +231,19 @@ extern "C" {
         image: *mut ImageT,
         snap: *const c_char,
     ) -> c_int;
+    fn rbd_open_by_id(
+        io: IoCtxT,
+        id: *const c_char,
+        image: *mut ImageT,
+        snap: *const c_char,
+    ) -> c_int;
+    fn rbd_open_by_id_read_only(
+        io: IoCtxT,
+        id: *const c_char,
+        image: *mut ImageT,
+        snap: *const c_char,
+    ) -> c_int;
+    fn rbd_get_id(image: ImageT, id: *mut c_char, len: usize) -> c_int;
     fn rbd_close(image: ImageT) -> c_int;
     fn rbd_get_size(image: ImageT, size: *mut u64) -> c_int;
     fn rbd_get_features(image: ImageT, features: *mut u64) -> c_int;
@@ -1029,6 +1042,39 @@ impl Image {
             h,
             io: Arc::clone(io),
         })
+    }
+
+    /// Opens the image of RBD id `id` (whatever its name now), at
+    /// snapshot `snap` (read-only then) or at its head.
+    pub fn open_by_id(io: &Arc<IoCtx>, id: &str, snap: Option<&str>, read_only: bool) -> R<Image> {
+        bump(&io.counts.image_opens);
+        let i = cs(id)?;
+        let sn = snap.map(cs).transpose()?;
+        let sp = sn.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+        let mut h: ImageT = ptr::null_mut();
+        // SAFETY: valid ioctx, strings (or null: the head) and out pointer.
+        let rc = unsafe {
+            if read_only || snap.is_some() {
+                rbd_open_by_id_read_only(io.h, i.as_ptr(), &mut h, sp)
+            } else {
+                rbd_open_by_id(io.h, i.as_ptr(), &mut h, sp)
+            }
+        };
+        check(rc)?;
+        Ok(Image {
+            h,
+            io: Arc::clone(io),
+        })
+    }
+
+    /// The image's RBD id (stable across renames).
+    pub fn id(&self) -> R<String> {
+        let mut buf = vec![0u8; 64];
+        // SAFETY: open image; `buf` has room for `len` bytes.
+        let rc = unsafe { rbd_get_id(self.h, buf.as_mut_ptr().cast(), buf.len()) };
+        check(rc)?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned())
     }
 
     /// Virtual size.

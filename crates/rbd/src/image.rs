@@ -40,6 +40,25 @@ impl RbdImage {
             op: "open image",
             source: e.io(),
         })?;
+        RbdImage::wrap(img, label, writable)
+    }
+
+    /// Opens snapshot `snap` of the image of RBD id `id` (read-only).
+    pub(crate) fn open_snapshot(
+        io: &Arc<IoCtx>,
+        id: &str,
+        snap: &str,
+        label: PathBuf,
+    ) -> Result<RbdImage> {
+        let img = Image::open_by_id(io, id, Some(snap), true).map_err(|e| Error::Ceph {
+            object: label.clone(),
+            op: "open snapshot",
+            source: e.io(),
+        })?;
+        RbdImage::wrap(img, label, false)
+    }
+
+    fn wrap(img: Image, label: PathBuf, writable: bool) -> Result<RbdImage> {
         let size = img.size().map_err(|e| Error::Ceph {
             object: label.clone(),
             op: "read image size",

@@ -17,7 +17,7 @@ mod figures;
 mod image;
 mod lease;
 
-pub use backend::{RbdBackend, RbdOptions};
+pub use backend::{NativeSnapshot, RbdBackend, RbdOptions};
 pub use error::{Error, Result};
 pub use image::RbdImage;
 

@@ -239,6 +239,13 @@ pub struct SnapshotRecord {
     /// Set while the snapshot is being taken; recovery finishes it.
     #[serde(default)]
     pub pending: bool,
+    /// Taken natively by the pool's storage (an RBD snapshot of the
+    /// volume's image): the volume kept its image and its base, and the
+    /// snapshot's image is a read-only view of that image's snapshot.
+    /// Otherwise external: the volume's image became the snapshot's and the
+    /// volume continued on an overlay linked to it.
+    #[serde(default)]
+    pub native: bool,
 }
 
 impl RecordType for SnapshotRecord {

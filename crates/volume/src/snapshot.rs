@@ -25,9 +25,12 @@ pub(crate) fn merged_image(images: &[ImageSummary]) -> Option<ImageRef> {
 }
 
 impl Volumes {
-    /// Snapshots detached volume `volume`. qcow2: its current image becomes
-    /// the snapshot and the volume continues on a new overlay linked to it
-    /// (no data copied). raw: a full (reflinked where possible) copy.
+    /// Snapshots detached volume `volume`. Where the pool's storage
+    /// snapshots natively (RBD): a snapshot of the volume's image, which
+    /// keeps its image (no data copied, nothing renamed). Else qcow2: its
+    /// current image becomes the snapshot and the volume continues on a new
+    /// overlay linked to it (no data copied). raw: a full (reflinked where
+    /// possible) copy.
     pub fn create_snapshot(
         &self,
         pool: &str,
@@ -42,13 +45,14 @@ impl Volumes {
         // Images of the format the pool links (local: qcow2; RBD: raw, as
         // clones) are snapshotted by linking; others are copied.
         let linked = p.linked_format();
+        let native = p.native_snapshots();
         let v = p
             .transaction(OP, |t| {
                 Ok((|| {
                     require_free::<SnapshotRecord>(t, pool, name, OP)?;
                     let v = find::<VolumeRecord>(t, pool, volume, OP)?;
                     refuse_attached(&obj(pool, EntryKind::Volume, volume), OP, &v.record)?;
-                    if v.record.format != linked {
+                    if v.record.format != linked && !native {
                         return Ok((v, None));
                     }
                     let rec = SnapshotRecord {
@@ -61,11 +65,13 @@ impl Volumes {
                         volume_name: v.record.name.clone(),
                         base: v.record.base.clone(),
                         pending: true,
+                        native,
                     };
-                    // The volume's new overlay counts its virtual size
-                    // again (the snapshot keeps the old image's). All of it
-                    // happens under this transaction's lock: a check will
-                    // do, no reservation record.
+                    // External: the volume's new overlay counts its virtual
+                    // size again (the snapshot keeps the old image's). All
+                    // of it happens under this transaction's lock: a check
+                    // will do, no reservation record. Native: the snapshot
+                    // counts its virtual size like any entry.
                     t.require_room(v.record.size)
                         .map_err(Error::pool(&object, OP))?;
                     let sid = uuid::Uuid::new_v4().to_string();
@@ -121,6 +127,7 @@ impl Volumes {
             volume_name: v.record.name,
             base: None,
             pending: false,
+            native: false,
         };
         commit_new(self, pool, staging, &rec, OP)
     }
@@ -192,10 +199,11 @@ impl Volumes {
     }
 }
 
-/// Steps 2–4 of a qcow2 snapshot (also run by recovery): move the volume's
-/// image into the snapshot, put a new overlay on it into the volume, point
-/// the volume's record at the snapshot, clear `pending`. Each step is
-/// skipped when already done.
+/// Steps 2–4 of a linked snapshot (also run by recovery). Native: the
+/// storage snapshots the volume's image into the snapshot entry. External:
+/// move the volume's image into the snapshot, put a new overlay on it into
+/// the volume, point the volume's record at the snapshot. Then clear
+/// `pending`. Each step is skipped when already done.
 pub(crate) fn finish_snapshot(
     t: &mut PoolTxn<'_>,
     pool: &str,
@@ -214,6 +222,27 @@ pub(crate) fn finish_snapshot(
     let vol_exists = t
         .contains(EntryKind::Volume, &vid)
         .map_err(Error::pool(&object, OP))?;
+    if rec.native {
+        if vol_exists {
+            // Idempotent: a snapshot taken before a crash is kept as it is.
+            t.snapshot_image(
+                &data_ref(EntryKind::Volume, &vid, rec.format),
+                EntryKind::Snapshot,
+                sid,
+                DATA_IMAGE,
+            )
+            .map_err(Error::pool(&object, OP))?;
+        } else if !has(t, EntryKind::Snapshot, sid)? {
+            // Nothing to take: undo.
+            return t
+                .remove(EntryKind::Snapshot, sid)
+                .map_err(Error::pool(&object, OP));
+        }
+        rec.pending = false;
+        return t
+            .write_record(EntryKind::Snapshot, sid, &rec)
+            .map_err(Error::pool(&object, OP));
+    }
     // The volume's image moves into the snapshot as it is; its new overlay
     // is of the same format (only images of the pool's linked format are
     // snapshotted this way).

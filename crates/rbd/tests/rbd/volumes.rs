@@ -46,6 +46,35 @@ fn parent_of(c: &Cluster, spec: &RbdSpec, image: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `rbd info`'s parent of `image`: (image, snapshot).
+pub fn parent_snap_of(c: &Cluster, spec: &RbdSpec, image: &str) -> Option<(String, String)> {
+    let name = format!("{}/{}/{}", spec.pool, spec.namespace, image);
+    let out = ceph(c, "rbd", &["info", "--format", "json", &name]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let p = v.get("parent")?;
+    Some((
+        p.get("image")?.as_str()?.to_string(),
+        p.get("snapshot")?.as_str()?.to_string(),
+    ))
+}
+
+/// `rbd snap ls`: (name, protected) of each snapshot of `image`.
+pub fn snaps_of(c: &Cluster, spec: &RbdSpec, image: &str) -> Vec<(String, bool)> {
+    let name = format!("{}/{}/{}", spec.pool, spec.namespace, image);
+    let out = ceph(c, "rbd", &["snap", "ls", "--format", "json", &name]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["protected"].as_str() == Some("true"),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn volume_lifecycle_on_rbd() {
     let Some(c) = cluster() else { return };
@@ -222,16 +251,24 @@ fn rbd_volumes_are_recorded_raw() {
     assert_eq!(linked.record.format, Format::Raw);
     let s = vols.create_snapshot("ceph", "s", "linked", &ctl).unwrap();
     assert_eq!(s.record.format, Format::Raw);
-    // Linked, not copied: the snapshot holds the old image (a clone of
-    // the template), the volume a clone of the snapshot's.
-    let snap_img = image_of(EntryKind::Snapshot, &s.id);
+    // Native, not copied: an RBD snapshot of the volume's image (a clone
+    // of the template), protected; the volume keeps its image and base.
     let tpl_img = image_of(EntryKind::Template, &tpl.id);
-    assert_eq!(parent_of(c, &spec, &snap_img).as_deref(), Some(&*tpl_img));
     let vol_img = image_of(EntryKind::Volume, &linked.id);
-    assert_eq!(parent_of(c, &spec, &vol_img).as_deref(), Some(&*snap_img));
+    assert_eq!(parent_of(c, &spec, &vol_img).as_deref(), Some(&*tpl_img));
+    assert!(s.record.native, "{:?}", s.record);
+    let snaps = snaps_of(c, &spec, &vol_img);
+    let snap = format!("vmvol-snap-snapshots.{}.data", s.id);
+    assert!(
+        snaps.iter().any(|(n, protected)| *n == snap && *protected),
+        "{vol_img}: {snaps:?}"
+    );
+    let d = vols.describe_volume("ceph", "linked").unwrap();
+    assert_eq!(d.format, Format::Raw);
     assert_eq!(
-        vols.describe_volume("ceph", "linked").unwrap().format,
-        Format::Raw
+        d.backing.first().map(|b| b.name.as_str()),
+        Some("tpl"),
+        "the volume keeps its base"
     );
     e2fsck_clean(c, &spec, &vol_img);
     let restored = vols
@@ -249,6 +286,12 @@ fn rbd_volumes_are_recorded_raw() {
         )
         .unwrap();
     assert_eq!(restored.record.format, Format::Raw);
+    // A link to the snapshot clones the volume's image at it.
+    let restored_img = image_of(EntryKind::Volume, &restored.id);
+    assert_eq!(
+        parent_snap_of(c, &spec, &restored_img),
+        Some((vol_img.clone(), snap.clone()))
+    );
     // A block overlay: an RBD clone of the volume, attached as raw, gone
     // with the detach.
     let mut req = crate::compress::rw_request("vm1", "restored");
@@ -269,7 +312,6 @@ fn rbd_volumes_are_recorded_raw() {
         image_of(EntryKind::Volume, &restored.id),
         "the overlay is what the guest gets"
     );
-    let restored_img = image_of(EntryKind::Volume, &restored.id);
     assert_eq!(parent_of(c, &spec, &ovl).as_deref(), Some(&*restored_img));
     vols.detach_instance("vm1").unwrap();
     let ls = String::from_utf8(ceph(
@@ -279,4 +321,180 @@ fn rbd_volumes_are_recorded_raw() {
     ))
     .unwrap();
     assert!(!ls.contains(&ovl), "{ls}");
+}
+
+fn rbd_ls(c: &Cluster, spec: &RbdSpec) -> Vec<String> {
+    String::from_utf8(ceph(
+        c,
+        "rbd",
+        &["ls", "--pool", &spec.pool, "--namespace", &spec.namespace],
+    ))
+    .unwrap()
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// The last 4 KiB of a 64 MiB ext4 volume: a free block (e2fsck stays clean).
+const MARK_AT: u64 = 64 * MIB - 4096;
+
+fn write_block(b: &RbdBackend, image: &str, byte: u8) {
+    use vmvol_format::BlockIo;
+    let img = b.connection().open_image(image, true).unwrap();
+    img.write_at(&[byte; 4096], MARK_AT).unwrap();
+    img.flush().unwrap();
+}
+
+fn read_block(b: &RbdBackend, image: &str) -> u8 {
+    use vmvol_format::BlockIo;
+    let img = b.connection().open_image(image, false).unwrap();
+    let mut buf = [0u8; 4096];
+    img.read_at(&mut buf, MARK_AT).unwrap();
+    buf[0]
+}
+
+#[test]
+fn snapshots_are_rbd_snapshots_and_outlive_their_volume() {
+    // A snapshot is an RBD snapshot of the volume's image: the volume keeps
+    // writing its image, the snapshot (and a link to it) keeps the old
+    // data; deleting the volume keeps its image (renamed h+<id>) for its
+    // snapshots, deleting the last of them removes it; merges and the
+    // refusals behave as on a local pool. `rbd` is the oracle.
+    let Some(c) = cluster() else { return };
+    let (spec, _root, vols) = crate::compress::rbd_volumes(c, 8 << 30);
+    let ctl = Control::new();
+    let vid = crate::compress::blank_ext4(&vols, "v", 64 * MIB);
+    let vol_img = image_of(EntryKind::Volume, &vid);
+    let b = RbdBackend::open(&spec, RbdOptions::default()).unwrap();
+    write_block(&b, &vol_img, 1);
+    let s1 = vols.create_snapshot("ceph", "s1", "v", &ctl).unwrap();
+    write_block(&b, &vol_img, 2);
+    let s2 = vols.create_snapshot("ceph", "s2", "v", &ctl).unwrap();
+    write_block(&b, &vol_img, 3);
+    let names: Vec<String> = snaps_of(c, &spec, &vol_img)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            format!("vmvol-snap-snapshots.{}.data", s1.id),
+            format!("vmvol-snap-snapshots.{}.data", s2.id)
+        ]
+    );
+    // Nothing was copied or renamed: the pool holds one image.
+    assert_eq!(rbd_ls(c, &spec), std::slice::from_ref(&vol_img));
+    let native = b.native_snapshots_of_pool().unwrap();
+    assert_eq!(native.len(), 2, "{native:?}");
+    assert!(native
+        .iter()
+        .all(|n| n.rbd_image.as_deref() == Some(vol_img.as_str())));
+    // Each reads as the volume did when it was taken (through our open,
+    // and through `rbd export` of IMAGE@SNAP + e2fsck).
+    let pool = vols.registry().open_pool("ceph", Wait::Block).unwrap();
+    use vmvol_format::BlockIo;
+    for (s, byte) in [(&s1, 1u8), (&s2, 2u8)] {
+        let r = ImageRef::entry(EntryKind::Snapshot, &s.id, DATA_IMAGE, Format::Raw);
+        let io = pool.open_image(&r, false).unwrap();
+        let mut buf = [0u8; 4096];
+        io.read_at(&mut buf, MARK_AT).unwrap();
+        assert_eq!(buf[0], byte);
+        assert!(
+            pool.open_image(&r, true).is_err(),
+            "a snapshot is read-only"
+        );
+        // Sizes and the pool's figures come from the records, no open.
+        assert_eq!(pool.image_summary(&r).unwrap().virtual_size, Some(64 * MIB));
+    }
+    // A linked volume from s1 is a clone of the volume's image at s1.
+    let lid = vols
+        .create_volume(
+            "ceph",
+            &CreateVolume {
+                name: "from-s1".into(),
+                size: Some(128 * MIB),
+                source: VolumeSource::Snapshot {
+                    name: "s1".into(),
+                    mode: LinkMode::Linked,
+                },
+            },
+            &ctl,
+        )
+        .unwrap()
+        .id;
+    let limg = image_of(EntryKind::Volume, &lid);
+    assert_eq!(
+        parent_snap_of(c, &spec, &limg),
+        Some((
+            vol_img.clone(),
+            format!("vmvol-snap-snapshots.{}.data", s1.id)
+        ))
+    );
+    assert_eq!(read_block(&b, &limg), 1);
+    // A full copy of s2 stands alone.
+    let fid = vols
+        .create_volume(
+            "ceph",
+            &CreateVolume {
+                name: "full-s2".into(),
+                size: None,
+                source: VolumeSource::Snapshot {
+                    name: "s2".into(),
+                    mode: LinkMode::Full,
+                },
+            },
+            &ctl,
+        )
+        .unwrap()
+        .id;
+    let fimg = image_of(EntryKind::Volume, &fid);
+    assert_eq!(parent_snap_of(c, &spec, &fimg), None);
+    assert_eq!(read_block(&b, &fimg), 2);
+    e2fsck_clean(c, &spec, &fimg);
+    // s1 has a dependent: its delete is refused, nothing removed.
+    let err = vols.delete_snapshot("ceph", "s1", false).unwrap_err();
+    assert!(err.to_string().contains("from-s1"), "{err}");
+    assert_eq!(snaps_of(c, &spec, &vol_img).len(), 2);
+    // The volume goes; its image stays for its snapshots, held.
+    vols.delete_volume("ceph", "v").unwrap();
+    let ls = rbd_ls(c, &spec);
+    assert!(!ls.contains(&vol_img), "{ls:?}");
+    let held: Vec<&String> = ls.iter().filter(|n| n.starts_with("h+")).collect();
+    assert_eq!(held.len(), 1, "{ls:?}");
+    let held = held[0].clone();
+    assert_eq!(snaps_of(c, &spec, &held).len(), 2);
+    assert_eq!(
+        parent_snap_of(c, &spec, &limg).map(|p| p.0),
+        Some(held.clone()),
+        "the link follows the held image"
+    );
+    e2fsck_clean(
+        c,
+        &spec,
+        &format!("{held}@vmvol-snap-snapshots.{}.data", s2.id),
+    );
+    let pool = vols.registry().open_pool("ceph", Wait::Block).unwrap();
+    assert!(pool.recovered().is_empty(), "{:?}", pool.recovered());
+    // s2 goes: one snapshot left on the held image.
+    vols.delete_snapshot("ceph", "s2", false).unwrap();
+    assert_eq!(snaps_of(c, &spec, &held).len(), 1);
+    // s1 with merge: its dependent becomes independent of it, then the
+    // snapshot and the held image go.
+    vols.delete_snapshot("ceph", "s1", true).unwrap();
+    assert_eq!(read_block(&b, &limg), 1);
+    e2fsck_clean(c, &spec, &limg);
+    let mut ls = rbd_ls(c, &spec);
+    ls.sort();
+    let mut want = vec![limg.clone(), fimg.clone()];
+    want.sort();
+    assert_eq!(ls, want, "the held image went with its last snapshot");
+    assert!(b.native_snapshots_of_pool().unwrap().is_empty());
+    // The pool's figures equal a rescan.
+    let before = vols
+        .registry()
+        .open_pool("ceph", Wait::Block)
+        .unwrap()
+        .describe()
+        .unwrap();
+    assert_eq!(before.damaged, 0);
 }
