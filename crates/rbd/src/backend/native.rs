@@ -334,11 +334,14 @@ impl RbdBackend {
     /// Unprotects a view's snapshot: refused while linked images (clones of
     /// it) exist. Nothing is removed, so a refusal leaves all usable.
     pub(super) fn unprotect_view(&self, image: &ImageRef, v: &View) -> Result<()> {
-        let img = match Image::open_by_id(&self.conn.io, &v.image_id, None, false) {
-            Ok(i) => i,
-            Err(Errno(libc::ENOENT)) => return Ok(()),
-            Err(e) => return Err(self.image_err(image, "open snapshotted image", e)),
-        };
+        match Image::open_by_id(&self.conn.io, &v.image_id, None, false) {
+            Ok(img) => self.unprotect_snap(&img, image, v),
+            Err(Errno(libc::ENOENT)) => Ok(()),
+            Err(e) => Err(self.image_err(image, "open snapshotted image", e)),
+        }
+    }
+
+    fn unprotect_snap(&self, img: &Image, image: &ImageRef, v: &View) -> Result<()> {
         match img.snap_unprotect(&v.snap) {
             Ok(()) | Err(Errno(libc::EINVAL | libc::ENOENT)) => Ok(()),
             Err(Errno(libc::EBUSY)) => Err(Error::InvalidImage {
@@ -354,7 +357,8 @@ impl RbdBackend {
 
     /// Drops a view: its RBD snapshot, then its key (fenced under `guard`
     /// while its entry lives; a key of no entry is anyone's to drop), then
-    /// the held image if that was its last snapshot. Each step idempotent.
+    /// the held image if that was its last snapshot. Each step idempotent;
+    /// one open of the image (each open is a watch a crash can strand).
     pub(super) fn drop_view(
         &self,
         guard: Option<&ExclusiveGuard>,
@@ -362,12 +366,14 @@ impl RbdBackend {
         image: &ImageRef,
         v: &View,
     ) -> Result<()> {
-        self.unprotect_view(image, v)?;
         match Image::open_by_id(&self.conn.io, &v.image_id, None, false) {
-            Ok(img) => match img.snap_remove(&v.snap) {
-                Ok(()) | Err(Errno(libc::ENOENT)) => {}
-                Err(e) => return Err(self.image_err(image, "remove snapshot", e)),
-            },
+            Ok(img) => {
+                self.unprotect_snap(&img, image, v)?;
+                match img.snap_remove(&v.snap) {
+                    Ok(()) | Err(Errno(libc::ENOENT)) => {}
+                    Err(e) => return Err(self.image_err(image, "remove snapshot", e)),
+                }
+            }
             Err(Errno(libc::ENOENT)) => {}
             Err(e) => return Err(self.image_err(image, "open snapshotted image", e)),
         }

@@ -233,6 +233,8 @@ struct Tally {
     checked: Duration,
     /// What the checking hosts' recoveries did, by kind.
     recovered: BTreeMap<String, usize>,
+    /// Images a stranded watch of a dead worker kept (see `check`).
+    stuck: BTreeSet<String>,
 }
 
 /// The checking host, after a kill and the lease: open (recovery), then
@@ -253,10 +255,14 @@ fn check(c: &Cluster, spec: &RbdSpec, b: &Arc<RbdBackend>, round: &str, tally: &
     let mut pool = Pool::with_backend(b.clone(), Wait::Block)
         .unwrap_or_else(|e| panic!("{round}: the next host's open (recovery) failed: {e}"));
     // An OSD may keep the watch of a client killed while registering it,
-    // blocklist or not, until its watch timeout (30 s): an image it watches
-    // cannot be removed until then, and recovery leaves it for the next
-    // one. That next recovery (a later open) must finish the job.
-    let deadline = Instant::now() + Duration::from_secs(45);
+    // blocklisted or not: until its watch timeout (30 s) for the usual
+    // kind, until the OSD reloads the object for the kind recorded after
+    // the connection was gone (decisions.md, fencing). RBD refuses to
+    // remove an image with a watcher, so recovery reports it and leaves it
+    // for the next one: later opens retry for a while, and what is still
+    // watched by nobody but blocklisted dead workers is counted as stuck
+    // and left out of the checks below (a bounded number per campaign).
+    let deadline = Instant::now() + Duration::from_secs(35);
     let left = |p: &Pool| {
         p.recovered()
             .iter()
@@ -278,6 +284,16 @@ fn check(c: &Cluster, spec: &RbdSpec, b: &Arc<RbdBackend>, round: &str, tally: &
             .unwrap_or_else(|e| panic!("{round}: a later open (recovery) failed: {e}"));
     }
     let rec = pool.recovered();
+    let stuck: BTreeSet<String> = rec
+        .iter()
+        .filter(|r| r.what.starts_with("still watched by a blocklisted client"))
+        .filter_map(|r| Some(r.path.to_str()?.rsplit('/').next()?.to_string()))
+        .collect();
+    for n in &stuck {
+        eprintln!("{round}: stuck watch on {n}: {rec:?}");
+        diagnose(c, spec, n);
+        tally.stuck.insert(n.clone());
+    }
     for r in &rec {
         if r.what.contains("left for the next") || r.what.contains("more ") {
             eprintln!("{round}: recovery: {}: {}", r.path.display(), r.what);
@@ -333,7 +349,7 @@ fn check(c: &Cluster, spec: &RbdSpec, b: &Arc<RbdBackend>, round: &str, tally: &
         }
         native_snaps.insert((img, n.rbd_snapshot.clone()));
     }
-    for n in &names {
+    for n in names.iter().filter(|n| !stuck.contains(*n)) {
         if n.starts_with("h+") {
             if !held_needed.contains(n) {
                 diagnose(c, spec, n);
@@ -391,6 +407,9 @@ fn check(c: &Cluster, spec: &RbdSpec, b: &Arc<RbdBackend>, round: &str, tally: &
     let mut listed_snaps = BTreeSet::new();
     for r in rows.iter().filter(|r| r.get("snapshot").is_some()) {
         let (img, snap) = (str_of(r, "image").unwrap(), str_of(r, "snapshot").unwrap());
+        if stuck.contains(&img) {
+            continue;
+        }
         let key = (img.clone(), snap.clone());
         assert!(
             parents.contains(&key) || native_snaps.contains(&key),
@@ -564,6 +583,7 @@ fn sigkill_recovery() {
         for (p, n) in t.recovered {
             *total.recovered.entry(p).or_default() += n;
         }
+        total.stuck.extend(t.stuck);
     }
     let mut groups: BTreeMap<&str, usize> = BTreeMap::new();
     for (p, n) in &total.phases {
@@ -573,15 +593,22 @@ fn sigkill_recovery() {
     eprintln!(
         "sigkill_recovery: {} kills in {:.1} s over {NAMESPACES} namespaces (worker ready \
          after {} ms, recovery + checks {} ms, per kill); last phase at the kill: {:?}; \
-         recovery did: {:?}",
+         recovery did: {:?}; stranded watches kept: {:?}",
         total.kills,
         t0.elapsed().as_secs_f64(),
         per(total.ready),
         per(total.checked),
         total.phases,
-        total.recovered
+        total.recovered,
+        total.stuck
     );
     assert_eq!(total.kills, kills);
+    // A stranded watch is Ceph's, and rare: a few per campaign at most.
+    assert!(
+        total.stuck.len() <= (kills / 50).max(1),
+        "images kept by stranded watches: {:?}",
+        total.stuck
+    );
     // Every phase group was hit (a few times once there are enough kills).
     let least = (kills / 40).max(1);
     for g in ["create", "clone", "snapshot", "delete"] {
