@@ -7,9 +7,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use vmvol::format::{Format, Prealloc};
+use vmvol::instance::VolumeResized;
 use vmvol::pool::{AttachTarget, Registry, Wait};
 use vmvol::volume::{
-    CreateVolume, LinkMode, ListFilter, NewSize, Resized, SortKey, VolumeRow, VolumeSource, Volumes,
+    CreateVolume, LinkMode, ListFilter, NewSize, SortKey, VolumeRow, VolumeSource, Volumes,
 };
 
 use super::image::{CompressionArg, PreallocArg};
@@ -111,7 +112,9 @@ enum VolumeCmd {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Grow a volume to SIZE, or by +SIZE.
+    /// Grow a volume to SIZE, or by +SIZE. Attached read-write: an RBD
+    /// volume is grown now by its export daemon (the guest sees the new
+    /// size); for a host file, Cloud Hypervisor's request is printed.
     Resize {
         name: String,
         size: String,
@@ -321,13 +324,16 @@ pub fn run(args: VolumeArgs) -> AnyResult<()> {
                 Some(d) => NewSize::Grow(parse_size(d)?),
                 None => NewSize::To(parse_size(&size)?),
             };
-            match vols.resize_volume(&pool, &name, new)? {
-                Resized::Offline {
+            // An RBD volume attached read-write is grown by its export
+            // daemon here; a host file attached read-write needs its VMM.
+            match vmvol::instance::resize_volume(&vols, &pool, &name, new)? {
+                VolumeResized::Done {
                     old_size,
                     new_size,
+                    online,
                     note,
                 } => {
-                    let v = serde_json::json!({"name": name, "old_size": old_size, "new_size": new_size, "online": false, "note": note});
+                    let v = serde_json::json!({"name": name, "old_size": old_size, "new_size": new_size, "online": online, "note": note});
                     report(out.output, &v, |_| {
                         println!(
                             "Volume {name} resized from {} to {}; {note}",
@@ -336,7 +342,7 @@ pub fn run(args: VolumeArgs) -> AnyResult<()> {
                         );
                     })?;
                 }
-                Resized::Online(on) => {
+                VolumeResized::Vmm(on) => {
                     // The CLI cannot reach the VMM: print the request and
                     // leave the size unrecorded until the caller confirms.
                     let v = serde_json::json!({"name": name, "online": true, "request": on.request, "note": on.note});

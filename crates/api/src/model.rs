@@ -213,13 +213,15 @@ pub struct ResizeVolumeRequest {
 pub struct ResizeResult {
     /// Volume name.
     pub name: String,
-    /// Whether the VMM must grow it (attached read-write).
+    /// Whether an instance has it attached read-write.
     pub online: bool,
     /// Size before.
     pub old_size: u64,
-    /// Size asked for (recorded now when offline).
+    /// Size asked for (recorded now unless `request` is set).
     pub new_size: u64,
-    /// Cloud Hypervisor's `PUT /vm.resize-disk` body when online.
+    /// Cloud Hypervisor's `PUT /vm.resize-disk` body when the VMM must
+    /// grow it (a host file attached read-write); none when vmvol grew it
+    /// (detached, or an RBD volume through its export daemon).
     #[schema(value_type = Option<Object>)]
     pub request: Option<vmvol_volume::ResizeDiskRequest>,
     /// What to tell the user.

@@ -14,6 +14,19 @@
 //! A daemon is "ours" only if `/proc/PID/cmdline` is a qemu-storage-daemon
 //! whose `--export` names our socket: a pidfile left by a daemon that died
 //! (a host reboot) and whose pid was reused never gets a signal.
+//!
+//! Each daemon also has a QMP monitor on a Unix socket beside the export's
+//! (`vhost-<device>.qmp`), through which [`Export::resize`] grows the image
+//! while the guest runs: the daemon's own librbd (which holds the image's
+//! exclusive lock) resizes it. Whether the running guest sees the new
+//! capacity depends on two programs vmvol does not control: the daemon
+//! must send the vhost-user config-change message (QEMU 7.2, Debian 12's,
+//! does not; newer QEMU's export does) and the VMM must pass it on (QEMU's
+//! vhost-user-blk device does; Cloud Hypervisor v53 does not). Otherwise
+//! the guest sees it once the VMM reconnects the disk. A daemon started by an older
+//! vmvol has no monitor; it keeps serving (replacing it would cut the disk
+//! from under a running guest), but cannot be resized online until its
+//! export is started again (the instance detached and attached).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,9 +48,15 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// (connecting to the cluster; the client's own timeouts come first).
 pub const START_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How long [`Export::resize`] waits for each answer of the daemon's QMP
+/// monitor (growing an RBD image is one metadata update).
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The block node and export ids inside each daemon (one of each).
 const NODE: &str = "vmvol0";
 const EXPORT_ID: &str = "vmvol-export0";
+/// The chardev id of the daemon's QMP monitor.
+const MONITOR_ID: &str = "vmvol-qmp";
 
 /// Longest socket path `bind(2)` takes (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -169,8 +188,15 @@ impl Export {
         }
     }
 
+    /// The daemon's QMP monitor socket (`vhost-<device>.qmp`, beside the
+    /// export's socket).
+    pub fn monitor_path(&self) -> PathBuf {
+        self.socket.with_extension("qmp")
+    }
+
     /// The daemon's arguments (without `--daemonize --pidfile`):
-    /// `--blockdev driver=rbd,…` and `--export type=vhost-user-blk,…`.
+    /// `--blockdev driver=rbd,…`, `--export type=vhost-user-blk,…`, and its
+    /// QMP monitor `--chardev socket,…` `--monitor chardev=…`.
     pub fn args(&self) -> Result<Vec<String>> {
         let s = &self.source;
         let what = self.what.as_str();
@@ -209,7 +235,21 @@ impl Export {
             qemu_escape(path_str(&self.socket, what, "socket")?),
             on(self.writable)
         );
-        Ok(vec!["--blockdev".into(), dev, "--export".into(), export])
+        let monitor = self.monitor_path();
+        let chardev = format!(
+            "socket,id={MONITOR_ID},path={},server=on,wait=off",
+            qemu_escape(path_str(&monitor, what, "monitor socket")?)
+        );
+        Ok(vec![
+            "--blockdev".into(),
+            dev,
+            "--export".into(),
+            export,
+            "--chardev".into(),
+            chardev,
+            "--monitor".into(),
+            format!("chardev={MONITOR_ID}"),
+        ])
     }
 
     fn err(&self, op: &'static str, reason: impl Into<String>) -> Error {
@@ -249,7 +289,9 @@ impl Export {
         match &st.state {
             // A daemon already serving this socket is kept only if it
             // exports what is asked now (same image, same writability).
-            ExportState::Running { pid } if daemon_args(*pid).as_deref() == Some(&args[..]) => {
+            ExportState::Running { pid }
+                if daemon_args(*pid).is_some_and(|have| serves(&have, &args)) =>
+            {
                 return Ok(st);
             }
             _ => self.stop()?,
@@ -350,11 +392,219 @@ impl Export {
     }
 
     /// Stops the daemon (`SIGTERM`, then `SIGKILL` after
-    /// [`STOP_TIMEOUT`]) and removes the socket, pidfile and log.
-    /// Idempotent; a pid that is no longer our daemon gets no signal.
+    /// [`STOP_TIMEOUT`]) and removes the socket, monitor socket, pidfile
+    /// and log. Idempotent; a pid that is no longer our daemon gets no
+    /// signal.
     pub fn stop(&self) -> Result<()> {
-        stop_files(&self.what, &self.socket, &self.pidfile, &self.log)
+        stop_files(
+            &self.what,
+            &self.socket,
+            &self.pidfile,
+            &[&self.monitor_path(), &self.log],
+        )
     }
+
+    /// Grows the exported image to `new_size` bytes while the guest runs,
+    /// through the daemon's QMP monitor (`block_resize`): the daemon's
+    /// librbd resizes the image, and a daemon that implements it tells the
+    /// front end (vhost-user config change; see the module docs).
+    /// Returns the size before. Refuses to shrink, a read-only export, a
+    /// stopped or dead daemon, and one started without a monitor (by an
+    /// older vmvol: it must be started again first). The same size is a
+    /// no-op.
+    pub fn resize(&self, new_size: u64) -> Result<u64> {
+        const OP: &str = "resize export";
+        if !self.writable {
+            return Err(self.err(OP, "a read-only export cannot be resized"));
+        }
+        if new_size == 0 || !new_size.is_multiple_of(512) {
+            return Err(Error::invalid(
+                &self.what,
+                format!("size {new_size} is not a positive multiple of 512 bytes"),
+            ));
+        }
+        let pid = match self.status().state {
+            ExportState::Running { pid } => pid,
+            ExportState::Stopped => {
+                return Err(self.err(OP, "its daemon is not running (the export is stopped)"))
+            }
+            ExportState::Dead { reason } => {
+                return Err(self.err(OP, format!("its daemon is not running: {reason}")))
+            }
+        };
+        let monitor = self.monitor_path();
+        let has_monitor = daemon_args(pid).is_some_and(|a| a.iter().any(|x| x == "--monitor"))
+            && is_listening(&monitor);
+        if !has_monitor {
+            return Err(self.err(
+                OP,
+                format!(
+                    "its {DAEMON} (pid {pid}) has no QMP monitor on {} (started by an older \
+                     vmvol): it cannot be resized online until its export is started again \
+                     (detach and attach the instance)",
+                    monitor.display()
+                ),
+            ));
+        }
+        let mut qmp = Qmp::connect(&monitor).map_err(|e| self.err(OP, e))?;
+        let current = qmp.node_size(NODE).map_err(|e| self.err(OP, e))?;
+        if new_size < current {
+            return Err(self.err(
+                OP,
+                format!("shrinking from {current} to {new_size} bytes is refused"),
+            ));
+        }
+        if new_size > current {
+            qmp.execute(
+                "block_resize",
+                serde_json::json!({"node-name": NODE, "size": new_size}),
+            )
+            .map_err(|e| self.err(OP, e))?;
+            let now = qmp.node_size(NODE).map_err(|e| self.err(OP, e))?;
+            if now != new_size {
+                return Err(self.err(
+                    OP,
+                    format!("block_resize to {new_size} bytes left the image at {now} bytes"),
+                ));
+            }
+        }
+        Ok(current)
+    }
+}
+
+/// A minimal QMP client over the daemon's monitor socket: one JSON object
+/// a line each way; asynchronous events (`{"event": …}`) are skipped.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    path: PathBuf,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and leaves capabilities negotiation
+    /// mode (`qmp_capabilities`). Errors are sentences for [`Error::Export`].
+    fn connect(path: &Path) -> std::result::Result<Qmp, String> {
+        use std::os::unix::net::UnixStream;
+        let stream = UnixStream::connect(path)
+            .map_err(|e| format!("connect to QMP monitor {}: {e}", path.display()))?;
+        let timeouts = stream
+            .set_read_timeout(Some(QMP_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(QMP_TIMEOUT)));
+        let writer = stream.try_clone().and_then(|w| timeouts.map(|()| w));
+        let writer = writer.map_err(|e| format!("set up QMP monitor {}: {e}", path.display()))?;
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(stream),
+            writer,
+            path: path.to_path_buf(),
+        };
+        let greeting = q.read_message("the greeting")?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!(
+                "QMP monitor {} greeted with {greeting} (not QMP)",
+                path.display()
+            ));
+        }
+        q.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(q)
+    }
+
+    /// Reads the next message that is not an event.
+    fn read_message(
+        &mut self,
+        waiting_for: &str,
+    ) -> std::result::Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).map_err(|e| {
+                let why = if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    format!("no answer within {QMP_TIMEOUT:?}")
+                } else {
+                    e.to_string()
+                };
+                format!("QMP monitor {}: {waiting_for}: {why}", self.path.display())
+            })?;
+            if n == 0 {
+                return Err(format!(
+                    "QMP monitor {} closed the connection before {waiting_for}",
+                    self.path.display()
+                ));
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
+                format!(
+                    "QMP monitor {}: {waiting_for}: not JSON ({e}): {}",
+                    self.path.display(),
+                    line.trim()
+                )
+            })?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Runs `command` with `arguments`; its `return` value, or QMP's
+    /// error description quoted.
+    fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> std::result::Result<serde_json::Value, String> {
+        use std::io::Write;
+        let mut msg = serde_json::json!({ "execute": command, "arguments": arguments }).to_string();
+        msg.push('\n');
+        self.writer
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("QMP monitor {}: send {command}: {e}", self.path.display()))?;
+        let answer = self.read_message(&format!("the answer to {command}"))?;
+        if let Some(r) = answer.get("return") {
+            return Ok(r.clone());
+        }
+        let desc = answer
+            .get("error")
+            .and_then(|e| e.get("desc"))
+            .and_then(|d| d.as_str());
+        Err(match desc {
+            Some(d) => format!("QMP {command} failed: \"{d}\""),
+            None => format!("QMP {command}: unexpected answer {answer}"),
+        })
+    }
+
+    /// The virtual size in bytes of block node `node`.
+    fn node_size(&mut self, node: &str) -> std::result::Result<u64, String> {
+        let nodes = self.execute("query-named-block-nodes", serde_json::json!({"flat": true}))?;
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n.get("node-name").and_then(|x| x.as_str()) == Some(node))
+            .and_then(|n| n.get("image")?.get("virtual-size")?.as_u64())
+            .ok_or_else(|| format!("QMP query-named-block-nodes: no size of node {node}"))
+    }
+}
+
+/// Whether a daemon running with (block/export/monitor) arguments `have`
+/// serves what `want` asks: the same, or the same without the QMP monitor
+/// (a daemon of an older vmvol: kept rather than cut from under a running
+/// guest; [`Export::resize`] says it must be started again).
+fn serves(have: &[String], want: &[String]) -> bool {
+    let data = |a: &[String]| -> Vec<String> {
+        a.chunks(2)
+            .filter(|p| {
+                p.first()
+                    .is_some_and(|o| o == "--blockdev" || o == "--export")
+            })
+            .flatten()
+            .cloned()
+            .collect()
+    };
+    have == want || have == data(want).as_slice()
 }
 
 /// Socket, pidfile and log of the export of disk `device` in `dir`.
@@ -408,8 +658,9 @@ fn is_our_daemon(pid: u32, socket: &Path) -> bool {
     false
 }
 
-/// The `--blockdev`/`--export` arguments process `pid` runs with (what
-/// [`Export::args`] gives), or `None` if it cannot be read.
+/// The `--blockdev`/`--export`/`--chardev`/`--monitor` arguments process
+/// `pid` runs with (what [`Export::args`] gives), or `None` if it cannot be
+/// read.
 fn daemon_args(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let all: Vec<String> = raw
@@ -419,7 +670,10 @@ fn daemon_args(pid: u32) -> Option<Vec<String>> {
     let mut out = Vec::new();
     let mut it = all.iter().skip(1);
     while let Some(a) = it.next() {
-        if a == "--blockdev" || a == "--export" {
+        if matches!(
+            a.as_str(),
+            "--blockdev" | "--export" | "--chardev" | "--monitor"
+        ) {
             out.push(a.clone());
             out.push(it.next()?.clone());
         }
@@ -507,7 +761,9 @@ fn remove_if_there(p: &Path) -> Result<()> {
     }
 }
 
-fn stop_files(what: &str, socket: &Path, pidfile: &Path, log: &Path) -> Result<()> {
+/// Stops the daemon exporting on `socket` and removes `socket`, `pidfile`
+/// and the `others` (monitor socket, log).
+fn stop_files(what: &str, socket: &Path, pidfile: &Path, others: &[&Path]) -> Result<()> {
     const OP: &str = "stop export";
     let err = |reason: String| Error::Export {
         what: what.to_string(),
@@ -537,7 +793,7 @@ fn stop_files(what: &str, socket: &Path, pidfile: &Path, log: &Path) -> Result<(
             }
         }
     }
-    for p in [socket, pidfile, log] {
+    for p in [socket, pidfile].iter().chain(others) {
         remove_if_there(p)?;
     }
     Ok(())
@@ -563,7 +819,7 @@ pub fn stop_all_in(dir: &Path) -> Result<usize> {
             let name = e.ok()?.file_name().into_string().ok()?;
             let stem = name.strip_prefix(PREFIX)?;
             let (dev, ext) = stem.rsplit_once('.')?;
-            matches!(ext, "sock" | "pid" | "log").then(|| dev.to_string())
+            matches!(ext, "sock" | "pid" | "log" | "qmp").then(|| dev.to_string())
         })
         .collect();
     devices.sort();
@@ -574,7 +830,7 @@ pub fn stop_all_in(dir: &Path) -> Result<usize> {
             &format!("export {dev} in {}", dir.display()),
             &socket,
             &pidfile,
-            &log,
+            &[&socket.with_extension("qmp"), &log],
         )?;
     }
     Ok(devices.len())
@@ -612,6 +868,22 @@ mod tests {
         );
         let split = qemu_split(&a[3]);
         assert!(split.contains(&("addr.path".into(), "/x,y/vhost-vdd.sock".into())));
+        assert_eq!(
+            a[4..],
+            [
+                "--chardev",
+                "socket,id=vmvol-qmp,path=/x,,y/vhost-vdd.qmp,server=on,wait=off",
+                "--monitor",
+                "chardev=vmvol-qmp"
+            ]
+        );
+        // A daemon of an older vmvol (no monitor) still serves these args;
+        // one exporting something else does not.
+        assert!(serves(&a, &a));
+        assert!(serves(&a[..4], &a));
+        let mut other = a.clone();
+        other[1] = other[1].replace("read-only=on", "read-only=off");
+        assert!(!serves(&other, &a) && !serves(&other[..4], &a));
         let mut snap = target();
         snap.snapshot = Some("s".into());
         let e = Export::new("v", snap, true, Path::new("/d"), "vdd");

@@ -16,6 +16,13 @@
 //! by the next attach, show or detach on this host (any instance whose
 //! record is not `attached` and whose lock is free); [`restart_exports`]
 //! starts again those of an attached instance that died (a host reboot).
+//!
+//! [`resize_volume`] grows a volume whoever must do it: the volume layer
+//! when it is detached; when it is attached read-write over vhost-user
+//! (RBD), its export daemon (QMP `block_resize`; see [`Export::resize`]
+//! for when the guest sees it), after which the new size is recorded; a
+//! host file attached read-write is left to Cloud Hypervisor
+//! (`vm.resize-disk`), as [`Volumes::resize_volume`] returns it.
 
 use std::path::PathBuf;
 
@@ -25,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use vmvol_volume::{
     AttachRequest, AttachVolume, Detached, ErrorKind, InstanceDescription, InstanceRecord,
-    InstanceState, Result, Volumes,
+    InstanceState, NewSize, OnlineResize, Resized, Result, Volumes,
 };
 
 /// File name of the config disk inside the instance's files directory.
@@ -267,4 +274,90 @@ pub fn detach(vols: &Volumes, id: &str) -> Result<Detached> {
         export::stop_all_in(&dir).map_err(chv_err(id, "stop exports"))?;
     }
     vols.detach_instance(id)
+}
+
+/// What [`resize_volume`] did.
+#[derive(Debug)]
+pub enum VolumeResized {
+    /// The image grew and the volume's record says so: it was detached
+    /// (`online` false), or attached read-write over vhost-user and grown
+    /// by its export daemon under the running guest (`online` true).
+    Done {
+        /// Size before.
+        old_size: u64,
+        /// Size now (recorded).
+        new_size: u64,
+        /// Whether an instance had it attached read-write.
+        online: bool,
+        /// What to tell the user (the guest grows its own filesystem).
+        note: String,
+    },
+    /// A host file attached read-write: send `request` to the instance's
+    /// Cloud Hypervisor (`PUT /vm.resize-disk`), then
+    /// [`Volumes::confirm_resize`]; dropping it releases the reserved space.
+    Vmm(OnlineResize),
+}
+
+/// Grows volume `name` of `pool` ([`Volumes::resize_volume`]), carrying
+/// out an online resize this host can do itself: a volume attached
+/// read-write over vhost-user (RBD) is grown by the instance's export
+/// daemon ([`Export::resize`]) and then confirmed, so its record shows the
+/// new size. A host file attached read-write is returned as
+/// [`VolumeResized::Vmm`] for Cloud Hypervisor.
+pub fn resize_volume(
+    vols: &Volumes,
+    pool: &str,
+    name: &str,
+    size: NewSize,
+) -> Result<VolumeResized> {
+    let on = match vols.resize_volume(pool, name, size)? {
+        Resized::Offline {
+            old_size,
+            new_size,
+            note,
+        } => {
+            return Ok(VolumeResized::Done {
+                old_size,
+                new_size,
+                online: false,
+                note,
+            })
+        }
+        Resized::Online(on) => on,
+    };
+    let id = on.instance.clone();
+    let desc = vols.describe_instance(&id)?;
+    let socket = export::socket_path(&desc.files_dir, &on.request.id);
+    let exports = crate::instance_exports(&desc).map_err(chv_err(&id, "plan exports"))?;
+    let Some(e) = exports.iter().find(|e| e.socket == socket) else {
+        return Ok(VolumeResized::Vmm(on));
+    };
+    // A stopped or dead daemon is a state to fix (restart the exports),
+    // not an I/O failure.
+    let kind = if e.status().is_running() {
+        None
+    } else {
+        Some(ErrorKind::Refused)
+    };
+    e.resize(on.request.desired_size)
+        .map_err(|err| match kind {
+            Some(k) => {
+                vmvol_volume::Error::external(format!("instance {id}"), "resize volume", k, err)
+            }
+            None => chv_err(&id, "resize volume")(err),
+        })?;
+    let old_size = on.old_size;
+    let note = format!(
+        "grown by its export daemon, which signals instance {id}'s VMM; the guest sees the new \
+         size at once only if the daemon and the VMM pass on vhost-user config changes, else \
+         once the disk is reconnected (the VMM restarted); {}",
+        on.note
+    );
+    let new_size = vols.confirm_resize(on)?;
+    Ok(VolumeResized::Done {
+        old_size,
+        new_size,
+        online: true,
+        note,
+    })
 }

@@ -10,7 +10,7 @@
 //! | `pool` | `vmvol-pool` | storage pools: layout, capacity, reservations, records, locks |
 //! | `chv` | `vmvol-chv` | Cloud Hypervisor disks (`DiskConfig`, `--disk`), the config disk, the guest mount script |
 //! | `volume` | `vmvol-volume` | volumes, templates, snapshots: create, delete, list, describe, resize, clone, compress; instances' attachments |
-//! | [`instance`] | `vmvol-chv` (`vm`) | instances end to end: attach with the config disk, show the Cloud Hypervisor disks, detach |
+//! | [`instance`] | `vmvol-chv` (`vm`) | instances end to end: attach with the config disk, show the Cloud Hypervisor disks, resize a volume (online through its RBD export), detach |
 //! | `rbd` (feature `rbd`) | `vmvol-rbd` | pools on Ceph RBD: `rbd::register()` lets every registry define and open them |
 //!
 //! A new 64 MiB qcow2 volume, born ext4-formatted without loop devices:

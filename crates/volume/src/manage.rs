@@ -41,6 +41,9 @@ pub struct OnlineResize {
     pub id: String,
     /// Size before.
     pub old_size: u64,
+    /// The instance that has the volume attached read-write (whose VMM,
+    /// or whose vhost-user export daemon, must grow the image).
+    pub instance: String,
     /// The body of `PUT /vm.resize-disk`.
     pub request: ResizeDiskRequest,
     /// What the caller should tell the user.
@@ -140,11 +143,12 @@ impl Volumes {
                     let res = r.pop().ok_or_else(|| {
                         Error::invalid(&object, OP, format!("the size is already {new} bytes"))
                     })?;
-                    let disk_id = self.disk_id_of(&v)?;
+                    let (instance, disk_id) = self.disk_id_of(&v)?;
                     return Ok(Resized::Online(OnlineResize {
                         pool: pool.to_string(),
                         id: v.id.clone(),
                         old_size: old,
+                        instance,
                         request: ResizeDiskRequest {
                             id: disk_id,
                             desired_size: new,
@@ -379,11 +383,11 @@ impl Volumes {
 }
 
 impl Volumes {
-    /// The Cloud Hypervisor disk id of a volume attached read-write: its
-    /// device in that instance (read without the instance's lock: records
+    /// The instance that has a volume attached read-write and the Cloud
+    /// Hypervisor disk id of the volume there: its device (read without the instance's lock: records
     /// are replaced atomically, and the attachment we hold the pool lock
     /// over keeps the instance from detaching).
-    fn disk_id_of(&self, v: &Found<VolumeRecord>) -> Result<String> {
+    fn disk_id_of(&self, v: &Found<VolumeRecord>) -> Result<(String, String)> {
         let object = obj(&v.pool, EntryKind::Volume, &v.record.name);
         let inst = v
             .record
@@ -396,13 +400,14 @@ impl Volumes {
             .instance_records()?
             .read::<crate::InstanceRecord>(&inst)
             .map_err(Error::pool(&object, "online resize"))?;
-        rec.and_then(|r| r.device_of(&v.id)).ok_or_else(|| {
+        let dev = rec.and_then(|r| r.device_of(&v.id)).ok_or_else(|| {
             Error::refused(
                 &object,
                 "online resize",
                 format!("instance {inst} has no record of the volume's device"),
             )
-        })
+        })?;
+        Ok((inst, dev))
     }
 }
 

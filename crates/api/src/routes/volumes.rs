@@ -8,8 +8,9 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
 use axum::{Json, Router};
+use vmvol_chv::vm::VolumeResized;
 use vmvol_volume::{
-    CreateVolume, Found, ListFilter, NewSize, Resized, SortKey, VolumeDescription, VolumeRecord,
+    CreateVolume, Found, ListFilter, NewSize, SortKey, VolumeDescription, VolumeRecord,
     VolumeSource,
 };
 
@@ -175,8 +176,9 @@ pub(crate) async fn describe_volume(
     Ok(Json(d))
 }
 
-/// Grow a volume (shrinking is refused with 400). Attached read-write: the
-/// answer carries Cloud Hypervisor's resize request.
+/// Grow a volume (shrinking is refused with 400). Attached read-write: an
+/// RBD volume is grown by its export daemon and recorded; for a host file
+/// the answer carries Cloud Hypervisor's resize request.
 #[utoipa::path(post, path = "/api/resize-volume", tag = "volumes", request_body = ResizeVolumeRequest,
     responses((status = 200, description = "Resized", body = ResizeResult), ErrorResponses))]
 pub(crate) async fn resize_volume(
@@ -192,30 +194,33 @@ pub(crate) async fn resize_volume(
     };
     let r = st
         .blocking(move |v, _| {
-            Ok(match v.resize_volume(&req.pool, &req.name, size)? {
-                Resized::Offline {
-                    old_size,
-                    new_size,
-                    note,
-                } => ResizeResult {
-                    name: req.name,
-                    online: false,
-                    old_size,
-                    new_size,
-                    request: None,
-                    note,
+            Ok(
+                match vmvol_chv::vm::resize_volume(v, &req.pool, &req.name, size)? {
+                    VolumeResized::Done {
+                        old_size,
+                        new_size,
+                        online,
+                        note,
+                    } => ResizeResult {
+                        name: req.name,
+                        online,
+                        old_size,
+                        new_size,
+                        request: None,
+                        note,
+                    },
+                    // The service cannot reach the VMM: hand the request
+                    // back; the reservation is released when `on` drops.
+                    VolumeResized::Vmm(on) => ResizeResult {
+                        name: req.name,
+                        online: true,
+                        old_size: on.old_size,
+                        new_size: on.request.desired_size,
+                        request: Some(on.request.clone()),
+                        note: on.note.clone(),
+                    },
                 },
-                // The service cannot reach the VMM either: hand the request
-                // back; the reservation is released when `on` drops.
-                Resized::Online(on) => ResizeResult {
-                    name: req.name,
-                    online: true,
-                    old_size: on.old_size,
-                    new_size: on.request.desired_size,
-                    request: Some(on.request.clone()),
-                    note: on.note.clone(),
-                },
-            })
+            )
         })
         .await?;
     Ok(Json(r))

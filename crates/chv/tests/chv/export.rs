@@ -1,7 +1,9 @@
 //! vhost-user-blk exports against a real `qemu-storage-daemon` serving RBD
 //! images of a throwaway Ceph cluster: start, status, stop (idempotent),
 //! restart after the daemon died, a pidfile whose pid now belongs to
-//! another process, bad input. (Guests reading and writing through the
+//! another process, bad input; online resize through the daemon's QMP
+//! monitor (grow, shrink refused, a stopped export, a daemon of an older
+//! vmvol without a monitor). (Guests reading and writing through the
 //! exports: the facade's CLI tests, feature `rbd`.)
 
 use std::path::{Path, PathBuf};
@@ -91,7 +93,7 @@ fn kill9(pid: u32) {
 }
 
 fn files_gone(e: &Export) {
-    for p in [&e.socket, &e.pidfile, &e.log] {
+    for p in [&e.socket, &e.pidfile, &e.log, &e.monitor_path()] {
         assert!(!p.exists(), "{} left behind", p.display());
     }
 }
@@ -109,7 +111,7 @@ fn start_status_stop_restart() {
     let st = rw.start().unwrap();
     assert!(st.is_running() && st.writable, "{st:?}");
     let pid = pid_of(&rw);
-    assert!(rw.socket.exists() && rw.pidfile.exists());
+    assert!(rw.socket.exists() && rw.pidfile.exists() && rw.monitor_path().exists());
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(cmdline.contains("read-only=off") && cmdline.contains("writable=on"));
     // Starting again is a no-op: same daemon.
@@ -254,4 +256,101 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     assert!(export_err(e.start()).contains("at most 107"));
     assert!(!Path::new(&long).exists());
     assert_eq!(stop_all_in(d.path()).unwrap(), 0);
+}
+
+/// The image's size as `rbd info` reports it.
+fn rbd_size(c: &Cluster, spec: &RbdSpec, image: &str) -> u64 {
+    let name = format!("{}/{}/{image}", spec.pool, spec.namespace);
+    let info = cluster::ceph(c, "rbd", &["info", "--format", "json", &name]);
+    let v: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    v["size"].as_u64().unwrap()
+}
+
+fn resize_err(r: vmvol_chv::Result<u64>) -> String {
+    match r {
+        Err(e @ (Error::Export { .. } | Error::Invalid { .. })) => e.to_string(),
+        other => panic!("expected an export error, got {other:?}"),
+    }
+}
+
+#[test]
+fn resize_grows_the_image_through_the_daemon() {
+    let Some(c) = setup() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (spec, t) = image(c);
+    let mib = 1u64 << 20;
+    let e = Export::new("volume g (vdd)", t.clone(), true, d.path(), "vdd");
+    // Not running: said so, nothing touched.
+    let msg = resize_err(e.resize(48 * mib));
+    assert!(
+        msg.contains("volume g (vdd)") && msg.contains("not running"),
+        "{msg}"
+    );
+    assert_eq!(rbd_size(c, &spec, "img"), 32 * mib);
+
+    e.start().unwrap();
+    let pid = pid_of(&e);
+    // Grow: the daemon's librbd resizes the image it holds open.
+    assert_eq!(e.resize(48 * mib).unwrap(), 32 * mib);
+    assert_eq!(rbd_size(c, &spec, "img"), 48 * mib);
+    // The same size again is a no-op; the daemon is still the same one.
+    assert_eq!(e.resize(48 * mib).unwrap(), 48 * mib);
+    assert_eq!(pid_of(&e), pid);
+    // Shrinking is refused, naming the sizes; the image keeps its size.
+    let msg = resize_err(e.resize(16 * mib));
+    assert!(
+        msg.contains("volume g (vdd)") && msg.contains("shrinking") && msg.contains("50331648"),
+        "{msg}"
+    );
+    assert_eq!(rbd_size(c, &spec, "img"), 48 * mib);
+    // Not a whole number of sectors.
+    assert!(resize_err(e.resize(48 * mib + 1)).contains("multiple of 512"));
+    // A read-only export is never resized.
+    let ro = Export::new("volume g (vde)", t, false, d.path(), "vde");
+    ro.start().unwrap();
+    assert!(resize_err(ro.resize(64 * mib)).contains("read-only"));
+    ro.stop().unwrap();
+
+    // Stopped: a clear error again, and the monitor socket went with it.
+    e.stop().unwrap();
+    files_gone(&e);
+    let msg = resize_err(e.resize(64 * mib));
+    assert!(msg.contains("not running"), "{msg}");
+    assert_eq!(rbd_size(c, &spec, "img"), 48 * mib);
+}
+
+#[test]
+fn a_daemon_without_a_monitor_is_kept_but_not_resized() {
+    let Some(c) = setup() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (spec, t) = image(c);
+    let e = Export::new("volume o (vdd)", t, true, d.path(), "vdd");
+    // A daemon as an older vmvol started it: the same export, no monitor.
+    let args = e.args().unwrap();
+    let ok = Command::new("qemu-storage-daemon")
+        .args(&args[..4])
+        .arg("--daemonize")
+        .arg("--pidfile")
+        .arg(&e.pidfile)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let pid = pid_of(&e);
+    // Starting keeps it (a guest may be running on it)...
+    assert!(e.start().unwrap().is_running());
+    assert_eq!(pid_of(&e), pid);
+    // ...but it cannot be resized online, and says what to do.
+    let msg = resize_err(e.resize(64 << 20));
+    assert!(
+        msg.contains("volume o (vdd)")
+            && msg.contains("no QMP monitor")
+            && msg.contains("started again"),
+        "{msg}"
+    );
+    assert_eq!(rbd_size(c, &spec, "img"), 32 << 20);
+    e.stop().unwrap();
+    assert!(!alive(pid));
+    files_gone(&e);
 }

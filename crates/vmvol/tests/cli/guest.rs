@@ -432,6 +432,21 @@ pub(super) fn boot(
     }
 }
 
+/// Wait until guest `g` prints the line `line` on its serial console:
+/// true, or false once it exits or runs past the guest timeout first.
+pub(super) fn wait_for_line(g: &mut Guest, line: &str) -> bool {
+    loop {
+        let log = std::fs::read_to_string(&g.log).unwrap_or_default();
+        if log.lines().any(|l| l.trim_end() == line) {
+            return true;
+        }
+        if g.child.try_wait().unwrap().is_some() || g.started.elapsed() > GUEST_TIMEOUT {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Wait for every guest (killing any past the timeout); return each serial log.
 pub(super) fn wait_all(guests: &mut [Guest]) -> Vec<String> {
     loop {

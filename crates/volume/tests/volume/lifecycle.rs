@@ -330,6 +330,7 @@ fn resize_offline_online_and_shrink() {
     assert_eq!(body["desired_size"], 32 * MIB);
     // The disk id vmvol-chv gives the volume's device in that instance.
     assert_eq!(body["id"], "vdd");
+    assert_eq!(on.instance, "vm-1", "the instance that must grow it");
     assert_eq!(
         std::fs::read(env.path("default", "q")).unwrap(),
         before,
