@@ -113,8 +113,10 @@ enum VolumeCmd {
         out: OutputArg,
     },
     /// Grow a volume to SIZE, or by +SIZE. Attached read-write: an RBD
-    /// volume is grown now by its export daemon (the guest sees the new
-    /// size); for a host file, Cloud Hypervisor's request is printed.
+    /// volume is grown now by its export daemon (the guest sees it at once
+    /// only where daemon and VMM pass on vhost-user config changes, else
+    /// after a restart); for a host file, Cloud Hypervisor's request is
+    /// printed.
     Resize {
         name: String,
         size: String,
