@@ -6,7 +6,8 @@
 //!   lock "vmvol.pool"        the pool lock (cls_lock, shared/exclusive, leased)
 //!   xattr "epoch"            fencing token of the current exclusive tenure
 //!   omap config              the pool's config record
-//!   omap e.<kind>.<id>       an entry exists (its images may be damaged)
+//!   omap e.<kind>.<id>       an entry exists (its images may be damaged);
+//!                            value "views" once it has native snapshots
 //!   omap r.<kind>.<id>       the entry's record
 //!   omap jhead, j.<offset>   the change journal
 //!   omap s.<uuid>            a staging area; live while vmvol.live.<uuid> is locked
@@ -1168,9 +1169,13 @@ impl RecordStore for RbdBackend {
             .io
             .omap_get_keys(POOL_OBJ, &[&ek, &rk])
             .map_err(|e| self.err(POOL_OBJ, "read pool object", e))?;
-        if !kv.iter().any(|(k, _)| *k == ek) {
+        let Some(has_views) = kv
+            .iter()
+            .find(|(k, _)| *k == ek)
+            .map(|(_, v)| v.as_slice() == native::HAS_VIEWS)
+        else {
             return Ok(None);
-        }
+        };
         let record = kv
             .into_iter()
             .find(|(k, _)| *k == rk)
@@ -1181,11 +1186,13 @@ impl RecordStore for RbdBackend {
             .into_iter()
             .map(|(_, r, rbd_id)| self.quick_summary(&r, &rbd_id))
             .collect();
-        images.extend(
-            self.entry_views(kind, id)?
-                .iter()
-                .map(|(_, r, v)| RbdBackend::view_summary(r, v)),
-        );
+        if has_views {
+            images.extend(
+                self.entry_views(kind, id)?
+                    .iter()
+                    .map(|(_, r, v)| RbdBackend::view_summary(r, v)),
+            );
+        }
         images.sort_by(|a, b| a.image.name.cmp(&b.image.name));
         let rec_len = record.as_ref().map_or(0, |r| r.len() as u64);
         Ok(Some(ScannedEntry {
@@ -2050,7 +2057,10 @@ impl ImageStore for RbdBackend {
             };
             let from = [native::view_key(*fk, fid, &image.name)];
             let bytes = serde_json::to_vec(&v).map_err(|e| self.json_err(e))?;
-            let kv = [(native::view_key(kind, id, name), bytes)];
+            let kv = [
+                (native::view_key(kind, id, name), bytes),
+                (entry_key(kind, id), native::HAS_VIEWS.to_vec()),
+            ];
             self.fenced(
                 guard,
                 "move image",

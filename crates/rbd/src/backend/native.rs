@@ -31,6 +31,10 @@ use crate::image::RbdImage;
 pub(super) const NATIVE_SNAP: &str = "vmvol-snap-";
 /// Prefix of held images (`h+<rbd id>`).
 pub(super) const HELD: &str = "h+";
+/// Value of an entry's marker once it has views (set with its first view,
+/// never cleared): scans list views only of such entries, saving a read
+/// per scan of every other entry.
+pub(super) const HAS_VIEWS: &[u8] = b"views";
 
 /// A view: what key `n.<kind>.<id>.<name>` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -250,7 +254,7 @@ impl RbdBackend {
                 guard,
                 "record snapshot",
                 &[
-                    WriteStep::OmapSet(&[(vk, bytes)]),
+                    WriteStep::OmapSet(&[(vk, bytes), (ek.clone(), HAS_VIEWS.to_vec())]),
                     WriteStep::OmapRm(&marker),
                 ],
             )

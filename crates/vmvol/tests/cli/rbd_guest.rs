@@ -130,6 +130,42 @@ fn daemon_alive(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
 }
 
+/// Kills, when dropped, every export daemon left under the registry root
+/// (a test that fails before its detach would otherwise leave them running
+/// after the cluster is gone).
+struct Reaper(std::path::PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(dirs) = std::fs::read_dir(self.0.join("instances")) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let Ok(files) = std::fs::read_dir(d.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !(name.starts_with("vhost-") && name.ends_with(".pid")) {
+                    continue;
+                }
+                let Some(pid) = std::fs::read_to_string(f.path())
+                    .ok()
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains("qemu-storage-daemon") {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
 fn vhost(d: &DiskConfig) -> bool {
     d.vhost_user && d.path.is_none() && d.vhost_socket.is_some()
 }
@@ -151,6 +187,7 @@ fn linux_guests_reach_rbd_volumes_over_vhost_user() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let root = dir.join("reg");
+    let _reaper = Reaper(root.clone());
     vol_ok(
         &root,
         &[
