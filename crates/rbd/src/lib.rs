@@ -5,7 +5,8 @@
 //! lock as a RADOS lock with a lease renewed while held (every fenced write
 //! asserts the lock in the same atomic RADOS operation, so the cluster, not
 //! this process, refuses a stale holder), and images as RBD images (linked =
-//! snapshot + protect + clone, full = copy, grow = resize).
+//! snapshot + protect + clone, full = copy, grow = resize, snapshots =
+//! native RBD snapshots of the volume's image, see [`NativeSnapshot`]).
 //!
 //! The binding to librados/librbd is a small hand-written FFI module
 //! (`ffi`), the only place with `unsafe`.
