@@ -581,6 +581,20 @@ impl RbdBackend {
         self.put_pool_key(format!("l.{snap}"), value, "record link snapshot")
     }
 
+    /// [`RbdBackend::mark_link`] for this client's session, written under
+    /// `guard`'s fence (the marker then doubles as the fence check).
+    fn mark_link_fenced(&self, guard: &ExclusiveGuard, snap: &str, base: &str) -> Result<String> {
+        let mk = LinkMarker {
+            area: self.session_id(),
+            base: base.to_string(),
+        };
+        let value = serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?;
+        let kv = [(format!("l.{snap}"), value)];
+        self.fenced(guard, "record link snapshot", &[WriteStep::OmapSet(&kv)])?;
+        let [(k, _)] = kv;
+        Ok(k)
+    }
+
     /// Sets one key of the pool object (which must exist) and returns it.
     fn put_pool_key(&self, key: String, value: Vec<u8>, op: &'static str) -> Result<String> {
         let kv = [(key, value)];
@@ -1241,10 +1255,14 @@ impl RecordStore for RbdBackend {
                 Errno(libc::EEXIST),
             ));
         }
-        self.check_fence(guard, "commit entry")?;
         // Images first: a crash before the record leaves entry-named images
-        // with no entry, which recovery removes.
-        for (name, r) in self.area_images(area.id)? {
+        // with no entry, which recovery removes. A stale holder is stopped
+        // before it renames any (an empty area needs only the fenced write).
+        let staged = self.area_images(area.id)?;
+        if !staged.is_empty() {
+            self.check_fence(guard, "commit entry")?;
+        }
+        for (name, r) in staged {
             let to = rbd_name(&r.committed(kind, id));
             self.conn
                 .io

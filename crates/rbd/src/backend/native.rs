@@ -246,9 +246,9 @@ impl RbdBackend {
             format: image.format,
         };
         let bytes = serde_json::to_vec(&v).map_err(|e| self.json_err(e))?;
-        self.check_fence(guard, "snapshot image")?;
+        // The marker's write is fenced: a stale holder takes no snapshot.
         let base = super::rbd_name(image);
-        let marker = [self.mark_link(&v.snap, &base, self.session_id())?];
+        let marker = [self.mark_link_fenced(guard, &v.snap, &base)?];
         let made = self.make_view_snap(raw, &to, &v.snap).and_then(|()| {
             self.fenced(
                 guard,
