@@ -384,9 +384,9 @@ impl Volumes {
 
 impl Volumes {
     /// The instance that has a volume attached read-write and the Cloud
-    /// Hypervisor disk id of the volume there: its device (read without the instance's lock: records
-    /// are replaced atomically, and the attachment we hold the pool lock
-    /// over keeps the instance from detaching).
+    /// Hypervisor disk id of the volume there: its device (read without the
+    /// instance's lock: records are replaced atomically, and the attachment
+    /// we hold the pool lock over keeps the instance from detaching).
     fn disk_id_of(&self, v: &Found<VolumeRecord>) -> Result<(String, String)> {
         let object = obj(&v.pool, EntryKind::Volume, &v.record.name);
         let inst = v
