@@ -289,7 +289,7 @@ fn hostile_headers() {
     patch(&p, 32, &1u32.to_be_bytes());
     unsupported_because(&open_err(&p, &o), "encryption");
     let p = d.join("luks.qcow2");
-    qemu_img(&[
+    let args = [
         "create",
         "-q",
         "--object",
@@ -300,7 +300,26 @@ fn hostile_headers() {
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         p.to_str().unwrap(),
         "1M",
-    ]);
+    ];
+    // qemu-img times its PBKDF2 iterations by the thread's CPU time and
+    // gives up ("Unable to get accurate CPU usage") when a round measured
+    // zero, which a tick-granular clock on a VM sometimes does: again.
+    let mut tries = 0;
+    loop {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        tries += 1;
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            err.contains("accurate CPU usage") && tries < 5,
+            "qemu-img {args:?} failed ({tries} tries): {err}"
+        );
+    }
     unsupported_because(&open_err(&p, &o), "encryption");
 
     // External data file and extended L2, made by qemu-img.
