@@ -397,20 +397,13 @@ pub trait ImageStore {
         false
     }
     /// Takes a read-only, point-in-time snapshot of committed image `image`
-    /// inside the store and makes it image `name` of existing entry
-    /// `kind/id`. It shares `image`'s data and stays readable, linkable and
-    /// copyable after `image`'s entry is removed. Idempotent: if the entry
-    /// has that snapshot already, it is returned as it is (so recovery can
-    /// finish a crashed snapshot). Stores without native snapshots refuse.
-    fn snapshot_image(
-        &self,
-        guard: &ExclusiveGuard,
-        image: &ImageRef,
-        kind: EntryKind,
-        id: &str,
-        name: &str,
-    ) -> Result<ImageRef> {
-        let _ = (guard, kind, id, name);
+    /// inside the store, as image `name` of a staging area (the commit makes
+    /// it the entry's, like any staged image; a discarded or dead area's is
+    /// dropped). It shares `image`'s data and stays readable, linkable and
+    /// copyable after `image`'s entry is removed. Stores without native
+    /// snapshots refuse.
+    fn snapshot_image(&self, area: &StagingArea, name: &str, image: &ImageRef) -> Result<ImageRef> {
+        let _ = (area, name);
         Err(crate::Error::InvalidImage {
             image: image.to_string(),
             reason: "this pool's storage takes no native snapshots".into(),

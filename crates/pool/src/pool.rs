@@ -535,6 +535,12 @@ impl Staging {
         self.backend.create_linked(self.area()?, name, base, size)
     }
 
+    /// Takes a native, read-only snapshot of committed `image` as image
+    /// `name` of this area (only where [`Pool::native_snapshots`]: RBD).
+    pub fn snapshot_image(&self, name: &str, image: &ImageRef) -> Result<ImageRef> {
+        self.backend.snapshot_image(self.area()?, name, image)
+    }
+
     /// Copies everything `src` shows (its chain flattened) into a new,
     /// independent image `name` in `format` (local: reflink or
     /// `copy_file_range` where possible). Reserve physically first.
@@ -692,7 +698,7 @@ impl Pool {
     }
 
     /// Whether the storage snapshots images itself (RBD); see
-    /// [`PoolTxn::snapshot_image`].
+    /// [`Staging::snapshot_image`].
     pub fn native_snapshots(&self) -> bool {
         self.inner.backend.native_snapshots()
     }
@@ -1436,28 +1442,6 @@ impl PoolTxn<'_> {
         if let Some((k, i)) = from {
             p.rescan(idx, k, i)?;
         }
-        p.rescan(idx, kind, id)?;
-        r
-    }
-
-    /// Takes a native, read-only snapshot of committed `image` and makes
-    /// it image `name` of existing entry `kind/id` (only where
-    /// [`Pool::native_snapshots`]); idempotent, so recovery can finish it.
-    pub fn snapshot_image(
-        &mut self,
-        image: &ImageRef,
-        kind: EntryKind,
-        id: &str,
-        name: &str,
-    ) -> Result<ImageRef> {
-        validate_name(name)?;
-        let g = guard_of(&self.held, self.pool)?;
-        let p = self.pool;
-        let idx = &mut *self.idx;
-        idx.require_active("snapshot image")?;
-        Pool::existing(idx, kind, id)?;
-        p.announce(idx, g, &Change::Entry(kind, id.to_string()))?;
-        let r = p.inner.backend.snapshot_image(g, image, kind, id, name);
         p.rescan(idx, kind, id)?;
         r
     }

@@ -581,20 +581,6 @@ impl RbdBackend {
         self.put_pool_key(format!("l.{snap}"), value, "record link snapshot")
     }
 
-    /// [`RbdBackend::mark_link`] for this client's session, written under
-    /// `guard`'s fence (the marker then doubles as the fence check).
-    fn mark_link_fenced(&self, guard: &ExclusiveGuard, snap: &str, base: &str) -> Result<String> {
-        let mk = LinkMarker {
-            area: self.session_id(),
-            base: base.to_string(),
-        };
-        let value = serde_json::to_vec(&mk).map_err(|e| self.json_err(e))?;
-        let kv = [(format!("l.{snap}"), value)];
-        self.fenced(guard, "record link snapshot", &[WriteStep::OmapSet(&kv)])?;
-        let [(k, _)] = kv;
-        Ok(k)
-    }
-
     /// Sets one key of the pool object (which must exist) and returns it.
     fn put_pool_key(&self, key: String, value: Vec<u8>, op: &'static str) -> Result<String> {
         let kv = [(key, value)];
@@ -808,6 +794,10 @@ impl RbdBackend {
     }
 
     fn remove_staged_images(&self, area: uuid::Uuid, out: Option<&mut Vec<Recovered>>) -> bool {
+        // Native snapshots first (a staged snapshot of a staged image).
+        for (k, r, v) in self.area_views(area).unwrap_or_default() {
+            let _ = self.drop_view(None, &k, &r, &v);
+        }
         let mut left: Vec<(String, ImageRef)> = self.area_images(area).unwrap_or_default();
         // Clones before their bases: retry while something goes.
         let mut removed = Vec::new();
@@ -1269,11 +1259,25 @@ impl RecordStore for RbdBackend {
                 .rbd_rename(&name, &to)
                 .map_err(|e| self.image_err(&r, "move staged image into place", e))?;
         }
-        let kv = [
-            (entry_key(kind, id), Vec::new()),
+        // Staged native snapshots move by their keys, in the commit's op.
+        let views = self.area_views(area.id)?;
+        let mut kv = vec![
+            (
+                entry_key(kind, id),
+                if views.is_empty() {
+                    Vec::new()
+                } else {
+                    native::HAS_VIEWS.to_vec()
+                },
+            ),
             (record_key(kind, id), record.to_vec()),
         ];
-        let rm = [format!("s.{}", area.id.simple())];
+        let mut rm = vec![format!("s.{}", area.id.simple())];
+        for (k, r, v) in views {
+            let bytes = serde_json::to_vec(&v).map_err(|e| self.json_err(e))?;
+            kv.push((native::view_key_of(&r.committed(kind, id)), bytes));
+            rm.push(k);
+        }
         self.fenced(
             guard,
             "commit entry",
@@ -1442,7 +1446,7 @@ impl Liveness for RbdBackend {
         let views = self.all_views()?;
         let is_orphan = |r: &ImageRef| match &r.owner {
             ImageOwner::Entry { kind, id } => !entries.contains(&entry_key(*kind, id)),
-            ImageOwner::Staging { .. } => true,
+            ImageOwner::Staging { area } => !live_areas.contains(area),
         };
         let kept: std::collections::HashSet<String> = views
             .iter()
@@ -1901,15 +1905,8 @@ impl ImageStore for RbdBackend {
         true
     }
 
-    fn snapshot_image(
-        &self,
-        guard: &ExclusiveGuard,
-        image: &ImageRef,
-        kind: EntryKind,
-        id: &str,
-        name: &str,
-    ) -> Result<ImageRef> {
-        self.take_snapshot(guard, image, kind, id, name)
+    fn snapshot_image(&self, area: &StagingArea, name: &str, image: &ImageRef) -> Result<ImageRef> {
+        self.take_snapshot(area, name, image)
     }
 
     fn copy_full(
@@ -2012,9 +2009,8 @@ impl ImageStore for RbdBackend {
 
     fn remove_image(&self, guard: &ExclusiveGuard, image: &ImageRef) -> Result<()> {
         self.check_fence(guard, "remove image")?;
-        if let (Some(v), ImageOwner::Entry { kind, id }) = (self.view_of(image)?, &image.owner) {
-            let k = native::view_key(*kind, id, &image.name);
-            return self.drop_view(Some(guard), &k, image, &v);
+        if let Some(v) = self.view_of(image)? {
+            return self.drop_view(Some(guard), &native::view_key_of(image), image, &v);
         }
         self.remove_rbd(image)
     }
@@ -2067,13 +2063,7 @@ impl ImageStore for RbdBackend {
         self.refuse_existing(&to)?;
         if let Some(v) = self.view_of(image)? {
             // A native snapshot moves by its key, in one fenced step.
-            let ImageOwner::Entry { kind: fk, id: fid } = &image.owner else {
-                return Err(Error::InvalidImage {
-                    image: image.to_string(),
-                    reason: "a snapshot is never staged".into(),
-                });
-            };
-            let from = [native::view_key(*fk, fid, &image.name)];
+            let from = [native::view_key_of(image)];
             let bytes = serde_json::to_vec(&v).map_err(|e| self.json_err(e))?;
             let kv = [
                 (native::view_key(kind, id, name), bytes),

@@ -26,8 +26,9 @@ pub(crate) fn merged_image(images: &[ImageSummary]) -> Option<ImageRef> {
 
 impl Volumes {
     /// Snapshots detached volume `volume`. Where the pool's storage
-    /// snapshots natively (RBD): a snapshot of the volume's image, which
-    /// keeps its image (no data copied, nothing renamed). Else qcow2: its
+    /// snapshots natively (RBD): a snapshot of the volume's image, staged
+    /// and committed with the entry in one step; the volume keeps its image
+    /// (no data copied, nothing renamed). Else qcow2: its
     /// current image becomes the snapshot and the volume continues on a new
     /// overlay linked to it (no data copied). raw: a full (reflinked where
     /// possible) copy.
@@ -64,7 +65,8 @@ impl Volumes {
                         volume: v.id.clone(),
                         volume_name: v.record.name.clone(),
                         base: v.record.base.clone(),
-                        pending: true,
+                        // Native: staged and committed in one step.
+                        pending: !native,
                         native,
                     };
                     // External: the volume's new overlay counts its virtual
@@ -75,11 +77,23 @@ impl Volumes {
                     t.require_room(v.record.size)
                         .map_err(Error::pool(&object, OP))?;
                     let sid = uuid::Uuid::new_v4().to_string();
-                    // Step 1: the (empty) snapshot entry, marked pending.
                     let s = t.stage().map_err(Error::pool(&object, OP))?;
-                    t.commit(s, EntryKind::Snapshot, &sid, &rec)
+                    if native {
+                        // The storage's snapshot of the volume's image, in
+                        // staging; the commit makes it the entry's.
+                        s.snapshot_image(
+                            DATA_IMAGE,
+                            &data_ref(EntryKind::Volume, &v.id, v.record.format),
+                        )
                         .map_err(Error::pool(&object, OP))?;
-                    finish_snapshot(t, pool, &sid, rec.clone())?;
+                        t.commit(s, EntryKind::Snapshot, &sid, &rec)
+                            .map_err(Error::pool(&object, OP))?;
+                    } else {
+                        // Step 1: the (empty) snapshot entry, marked pending.
+                        t.commit(s, EntryKind::Snapshot, &sid, &rec)
+                            .map_err(Error::pool(&object, OP))?;
+                        finish_snapshot(t, pool, &sid, rec.clone())?;
+                    }
                     let mut rec = rec;
                     rec.pending = false;
                     Ok((
@@ -199,11 +213,12 @@ impl Volumes {
     }
 }
 
-/// Steps 2–4 of a linked snapshot (also run by recovery). Native: the
-/// storage snapshots the volume's image into the snapshot entry. External:
-/// move the volume's image into the snapshot, put a new overlay on it into
-/// the volume, point the volume's record at the snapshot. Then clear
-/// `pending`. Each step is skipped when already done.
+/// Steps 2–4 of an external snapshot (also run by recovery): move the
+/// volume's image into the snapshot, put a new overlay on it into the
+/// volume, point the volume's record at the snapshot, clear `pending`. Each
+/// step is skipped when already done. (A native snapshot is committed with
+/// its image and never pending; a pending one is kept if it has its image,
+/// else removed.)
 pub(crate) fn finish_snapshot(
     t: &mut PoolTxn<'_>,
     pool: &str,
@@ -223,16 +238,7 @@ pub(crate) fn finish_snapshot(
         .contains(EntryKind::Volume, &vid)
         .map_err(Error::pool(&object, OP))?;
     if rec.native {
-        if vol_exists {
-            // Idempotent: a snapshot taken before a crash is kept as it is.
-            t.snapshot_image(
-                &data_ref(EntryKind::Volume, &vid, rec.format),
-                EntryKind::Snapshot,
-                sid,
-                DATA_IMAGE,
-            )
-            .map_err(Error::pool(&object, OP))?;
-        } else if !has(t, EntryKind::Snapshot, sid)? {
+        if !has(t, EntryKind::Snapshot, sid)? {
             // Nothing to take: undo.
             return t
                 .remove(EntryKind::Snapshot, sid)

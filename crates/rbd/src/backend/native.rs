@@ -3,27 +3,30 @@
 //!
 //! ```text
 //! omap n.<kind>.<id>.<name>   the view: image id, snapshot name, size, features
-//! RBD snapshot vmvol-snap-<kind>.<id>.<name> of the viewed image (protected,
-//!                             so linked images can clone it)
+//! omap n.staging.<area>.<name>  a view staged in a staging area
+//! RBD snapshot vmvol-snap-<area>.<name> of the viewed image (protected, so
+//!                             linked images can clone it)
 //! RBD image h+<rbd id>        an image kept for its snapshots after its entry
 //!                             went ("held"); removed with the last of them
 //! ```
-//! The view names the image by its RBD id, which survives renames: when the
-//! volume is deleted while snapshots of it remain, its image is renamed to
-//! `h+<id>` instead of removed (where Cinder's RBD driver refuses the
-//! delete). Order of every change, so that a crash at any point leaves
-//! something recovery finishes: take — a marker `l.<snap>` of this client's
-//! session (as for link snapshots), the snapshot, then the key and the
-//! marker's removal in one fenced step (recovery drops the snapshot of a
-//! dead session's marker); drop — snapshot, then key, then the held image
-//! if that was its last snapshot.
+//! A snapshot is taken into a staging area and committed with its entry,
+//! like any staged image. The view names the image by its RBD id, which
+//! survives renames: when the volume is deleted while snapshots of it
+//! remain, its image is renamed to `h+<id>` instead of removed (where
+//! Cinder's RBD driver refuses the delete). Order of every change, so that
+//! a crash at any point leaves something recovery finishes: take — a marker
+//! `l.<snap>` of the staging area (as for link snapshots), the snapshot,
+//! then the staged key and the marker's removal in one op (recovery drops
+//! the snapshot of a dead area's marker, and dead areas' views); commit —
+//! staged keys become the entry's in the commit's fenced op; drop —
+//! snapshot, then key, then the held image if that was its last snapshot.
 
 use serde::{Deserialize, Serialize};
 use vmvol_format::{BlockIo, Format};
-use vmvol_pool::backend::{ExclusiveGuard, PoolLock};
+use vmvol_pool::backend::{ExclusiveGuard, StagingArea};
 use vmvol_pool::{EntryKind, Error, ImageOwner, ImageRef, ImageSummary, Result};
 
-use super::{entry_key, kind_of, kind_str, RbdBackend, POOL_OBJ, RBD_DIRECTORY};
+use super::{kind_of, kind_str, RbdBackend, POOL_OBJ, RBD_DIRECTORY};
 use crate::ffi::{Errno, Image, WriteStep};
 use crate::image::RbdImage;
 
@@ -65,17 +68,40 @@ pub struct NativeSnapshot {
     pub rbd_snapshot: String,
 }
 
+/// Owner part of a staged view's key (`n.staging.<area>.<name>`).
+const STAGED: &str = "staging";
+
 pub(super) fn view_key(kind: EntryKind, id: &str, name: &str) -> String {
     format!("n.{}.{id}.{name}", kind_str(kind))
 }
 
-/// The entry image a view key stands for.
+/// The view key of image `r` (an entry's or a staging area's).
+pub(super) fn view_key_of(r: &ImageRef) -> String {
+    match &r.owner {
+        ImageOwner::Entry { kind, id } => view_key(*kind, id, &r.name),
+        ImageOwner::Staging { area } => staged_prefix(*area) + &r.name,
+    }
+}
+
+/// Key prefix of staging area `area`'s views.
+pub(super) fn staged_prefix(area: uuid::Uuid) -> String {
+    format!("n.{STAGED}.{}.", area.simple())
+}
+
+/// The image a view key stands for.
 fn parse_view_key(k: &str, format: Format) -> Option<ImageRef> {
     let mut parts = k.strip_prefix("n.")?.splitn(3, '.');
-    let kind = kind_of(parts.next()?)?;
-    let id = parts.next()?;
-    let name = parts.next()?;
-    Some(ImageRef::entry(kind, id, name, format))
+    let (owner, id, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if owner == STAGED {
+        return Some(ImageRef {
+            owner: ImageOwner::Staging {
+                area: uuid::Uuid::parse_str(id).ok()?,
+            },
+            name: name.to_string(),
+            format,
+        });
+    }
+    Some(ImageRef::entry(kind_of(owner)?, id, name, format))
 }
 
 /// Decodes a librbd directory value (u32 length, then the string).
@@ -95,10 +121,7 @@ impl RbdBackend {
 
     /// The view `image` stands for, if it is one (one read).
     pub(super) fn view_of(&self, image: &ImageRef) -> Result<Option<View>> {
-        let ImageOwner::Entry { kind, id } = &image.owner else {
-            return Ok(None);
-        };
-        match self.omap_one(&view_key(*kind, id, &image.name))? {
+        match self.omap_one(&view_key_of(image))? {
             Some(v) => Ok(Some(self.decode_view(&v)?)),
             None => Ok(None),
         }
@@ -112,6 +135,18 @@ impl RbdBackend {
     ) -> Result<Vec<(String, ImageRef, View)>> {
         let mut out = Vec::new();
         for (k, bytes) in self.omap_prefix(&format!("n.{}.{id}.", kind_str(kind)))? {
+            let v = self.decode_view(&bytes)?;
+            if let Some(r) = parse_view_key(&k, v.format) {
+                out.push((k, r, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The views staged in `area`: (key, image, view).
+    pub(super) fn area_views(&self, area: uuid::Uuid) -> Result<Vec<(String, ImageRef, View)>> {
+        let mut out = Vec::new();
+        for (k, bytes) in self.omap_prefix(&staged_prefix(area))? {
             let v = self.decode_view(&bytes)?;
             if let Some(r) = parse_view_key(&k, v.format) {
                 out.push((k, r, v));
@@ -198,38 +233,28 @@ impl RbdBackend {
         })
     }
 
-    /// The seam's `snapshot_image`: key first (fenced), then the RBD
-    /// snapshot, protected so links clone it without a snapshot of their own.
+    /// The seam's `snapshot_image`: a snapshot of `image` as view `name`
+    /// of staging area `area`. A marker of the area names the snapshot
+    /// until the view's key exists (key set and marker dropped in one op),
+    /// so recovery drops the snapshot of an area that died in between; the
+    /// view itself goes with its area unless committed.
     pub(super) fn take_snapshot(
         &self,
-        guard: &ExclusiveGuard,
-        image: &ImageRef,
-        kind: EntryKind,
-        id: &str,
+        area: &StagingArea,
         name: &str,
+        image: &ImageRef,
     ) -> Result<ImageRef> {
         vmvol_pool::validate_name(name)?;
-        let to = ImageRef::entry(kind, id, name, image.format);
-        let (ek, vk) = (entry_key(kind, id), view_key(kind, id, name));
-        let kv = self
-            .conn
-            .io
-            .omap_get_keys(POOL_OBJ, &[&ek, &vk])
-            .map_err(|e| self.err(POOL_OBJ, "read pool object", e))?;
-        if !kv.iter().any(|(k, _)| *k == ek) {
+        let to = ImageRef {
+            owner: ImageOwner::Staging { area: area.id },
+            name: name.to_string(),
+            format: image.format,
+        };
+        if self.view_of(&to)?.is_some() {
             return Err(Error::InvalidImage {
                 image: to.to_string(),
-                reason: "the destination entry does not exist".into(),
+                reason: "an image of that name already exists".into(),
             });
-        }
-        if let Some((_, bytes)) = kv.iter().find(|(k, _)| *k == vk) {
-            // Taken before (a crash, or a repeat): finish what is missing.
-            let v = self.decode_view(bytes)?;
-            self.check_fence(guard, "snapshot image")?;
-            let img = Image::open_by_id(&self.conn.io, &v.image_id, None, false)
-                .map_err(|e| self.image_err(&to, "open snapshotted image", e))?;
-            self.make_view_snap(&img, &to, &v.snap)?;
-            return Ok(to);
         }
         self.refuse_existing(&to)?;
         let io = self.open_plain(image, true)?;
@@ -238,7 +263,7 @@ impl RbdBackend {
             image_id: raw
                 .id()
                 .map_err(|e| self.image_err(image, "read image id", e))?,
-            snap: format!("{NATIVE_SNAP}{}.{id}.{name}", kind_str(kind)),
+            snap: format!("{NATIVE_SNAP}{}.{name}", area.id.simple()),
             size: io.size(),
             features: raw
                 .features()
@@ -246,18 +271,20 @@ impl RbdBackend {
             format: image.format,
         };
         let bytes = serde_json::to_vec(&v).map_err(|e| self.json_err(e))?;
-        // The marker's write is fenced: a stale holder takes no snapshot.
         let base = super::rbd_name(image);
-        let marker = [self.mark_link_fenced(guard, &v.snap, &base)?];
+        let marker = [self.mark_link(&v.snap, &base, area.id)?];
         let made = self.make_view_snap(raw, &to, &v.snap).and_then(|()| {
-            self.fenced(
-                guard,
-                "record snapshot",
-                &[
-                    WriteStep::OmapSet(&[(vk, bytes), (ek.clone(), HAS_VIEWS.to_vec())]),
-                    WriteStep::OmapRm(&marker),
-                ],
-            )
+            self.conn
+                .io
+                .write_op(
+                    POOL_OBJ,
+                    &[
+                        WriteStep::AssertExists,
+                        WriteStep::OmapSet(&[(view_key_of(&to), bytes)]),
+                        WriteStep::OmapRm(&marker),
+                    ],
+                )
+                .map_err(|e| self.err(POOL_OBJ, "record snapshot", e))
         });
         if let Err(e) = made {
             // Undo now if we can; else the marker lets recovery do it.

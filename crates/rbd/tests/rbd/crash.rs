@@ -102,17 +102,18 @@ fn crash_worker() {
             phase("clone:commit");
             pool.commit(st, EntryKind::Volume, &l, &vol(&l))?;
             let img = img.committed(EntryKind::Volume, &l);
-            phase("snapshot:entry");
-            pool.commit(pool.stage()?, EntryKind::Snapshot, &s, &vol(&s))?;
             let native = i % 3 != 2;
             let from = format!("{id}-c");
             if native {
                 // What the volume layer does on RBD: an RBD snapshot of the
-                // volume's image, and a volume linked to it.
+                // volume's image, staged and committed as the entry, and a
+                // volume linked to it.
                 phase("snapshot:native");
-                let snap = pool.transaction("snapshot", |t| {
-                    t.snapshot_image(&img, EntryKind::Snapshot, &s, DATA_IMAGE)
-                })?;
+                let st = pool.stage()?;
+                st.snapshot_image(DATA_IMAGE, &img)?;
+                phase("snapshot:commit-native");
+                pool.commit(st, EntryKind::Snapshot, &s, &vol(&s))?;
+                let snap = ImageRef::entry(EntryKind::Snapshot, &s, DATA_IMAGE, Format::Raw);
                 phase("clone:from-snapshot");
                 let st = pool.stage()?;
                 st.create_linked(DATA_IMAGE, &snap, None)?;
@@ -122,6 +123,8 @@ fn crash_worker() {
                 // An external snapshot (records of earlier versions): the
                 // top moves into a snapshot entry and a new overlay on it
                 // takes its place.
+                phase("snapshot:entry");
+                pool.commit(pool.stage()?, EntryKind::Snapshot, &s, &vol(&s))?;
                 phase("snapshot:move");
                 let frozen = pool.move_image(&img, EntryKind::Snapshot, &s, DATA_IMAGE)?;
                 phase("snapshot:overlay");

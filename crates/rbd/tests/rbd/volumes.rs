@@ -58,6 +58,17 @@ pub fn parent_snap_of(c: &Cluster, spec: &RbdSpec, image: &str) -> Option<(Strin
     ))
 }
 
+/// The RBD snapshot behind snapshot entry `sid` (what the pool records).
+pub fn native_snap(spec: &RbdSpec, sid: &str) -> String {
+    let b = RbdBackend::open(spec, RbdOptions::default()).unwrap();
+    let want = ImageRef::entry(EntryKind::Snapshot, sid, DATA_IMAGE, Format::Raw);
+    let all = b.native_snapshots_of_pool().unwrap();
+    let n = all.iter().find(|n| n.image == want);
+    let n = n.unwrap_or_else(|| panic!("no native snapshot of {sid}: {all:?}"));
+    assert!(n.rbd_snapshot.starts_with("vmvol-snap-"), "{n:?}");
+    n.rbd_snapshot.clone()
+}
+
 /// `rbd snap ls`: (name, protected) of each snapshot of `image`.
 pub fn snaps_of(c: &Cluster, spec: &RbdSpec, image: &str) -> Vec<(String, bool)> {
     let name = format!("{}/{}/{}", spec.pool, spec.namespace, image);
@@ -258,7 +269,7 @@ fn rbd_volumes_are_recorded_raw() {
     assert_eq!(parent_of(c, &spec, &vol_img).as_deref(), Some(&*tpl_img));
     assert!(s.record.native, "{:?}", s.record);
     let snaps = snaps_of(c, &spec, &vol_img);
-    let snap = format!("vmvol-snap-snapshots.{}.data", s.id);
+    let snap = native_snap(&spec, &s.id);
     assert!(
         snaps.iter().any(|(n, protected)| *n == snap && *protected),
         "{vol_img}: {snaps:?}"
@@ -371,16 +382,14 @@ fn snapshots_are_rbd_snapshots_and_outlive_their_volume() {
     write_block(&b, &vol_img, 2);
     let s2 = vols.create_snapshot("ceph", "s2", "v", &ctl).unwrap();
     write_block(&b, &vol_img, 3);
+    let s2_snap = native_snap(&spec, &s2.id);
     let names: Vec<String> = snaps_of(c, &spec, &vol_img)
         .into_iter()
         .map(|(n, _)| n)
         .collect();
     assert_eq!(
         names,
-        [
-            format!("vmvol-snap-snapshots.{}.data", s1.id),
-            format!("vmvol-snap-snapshots.{}.data", s2.id)
-        ]
+        [native_snap(&spec, &s1.id), native_snap(&spec, &s2.id)]
     );
     // Nothing was copied or renamed: the pool holds one image.
     assert_eq!(rbd_ls(c, &spec), std::slice::from_ref(&vol_img));
@@ -425,10 +434,7 @@ fn snapshots_are_rbd_snapshots_and_outlive_their_volume() {
     let limg = image_of(EntryKind::Volume, &lid);
     assert_eq!(
         parent_snap_of(c, &spec, &limg),
-        Some((
-            vol_img.clone(),
-            format!("vmvol-snap-snapshots.{}.data", s1.id)
-        ))
+        Some((vol_img.clone(), native_snap(&spec, &s1.id)))
     );
     assert_eq!(read_block(&b, &limg), 1);
     // A full copy of s2 stands alone.
@@ -468,11 +474,7 @@ fn snapshots_are_rbd_snapshots_and_outlive_their_volume() {
         Some(held.clone()),
         "the link follows the held image"
     );
-    e2fsck_clean(
-        c,
-        &spec,
-        &format!("{held}@vmvol-snap-snapshots.{}.data", s2.id),
-    );
+    e2fsck_clean(c, &spec, &format!("{held}@{s2_snap}"));
     let pool = vols.registry().open_pool("ceph", Wait::Block).unwrap();
     assert!(pool.recovered().is_empty(), "{:?}", pool.recovered());
     // s2 goes: one snapshot left on the held image.
