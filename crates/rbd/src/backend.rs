@@ -219,6 +219,22 @@ fn same_addr(a: &str, b: &str) -> bool {
     bare(a) == bare(b)
 }
 
+/// A failed open of `image` in the seam's terms: not found, or an I/O error.
+fn open_error(image: &ImageRef, e: crate::Error) -> Error {
+    match e {
+        crate::Error::Ceph { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
+            Error::ImageNotFound {
+                image: image.to_string(),
+            }
+        }
+        crate::Error::Ceph { object, op, source } => Error::Io {
+            path: object,
+            op,
+            source,
+        },
+    }
+}
+
 fn live_oid(id: uuid::Uuid) -> String {
     format!("vmvol.live.{}", id.simple())
 }
@@ -522,22 +538,8 @@ impl RbdBackend {
     /// Opens the RBD image named after `image` (no native snapshot).
     fn open_plain(&self, image: &ImageRef, writable: bool) -> Result<RbdImage> {
         let name = rbd_name(image);
-        RbdImage::open(&self.conn.io, &name, self.conn.label(&name), writable).map_err(
-            |e| match e {
-                crate::Error::Ceph { source, .. }
-                    if source.raw_os_error() == Some(libc::ENOENT) =>
-                {
-                    Error::ImageNotFound {
-                        image: image.to_string(),
-                    }
-                }
-                crate::Error::Ceph { object, op, source } => Error::Io {
-                    path: object,
-                    op,
-                    source,
-                },
-            },
-        )
+        RbdImage::open(&self.conn.io, &name, self.conn.label(&name), writable)
+            .map_err(|e| open_error(image, e))
     }
 
     fn summary(&self, image: &ImageRef, with_base: bool) -> ImageSummary {

@@ -219,18 +219,8 @@ impl RbdBackend {
     /// Opens a view (read-only: the image at its snapshot).
     pub(super) fn open_view(&self, image: &ImageRef, v: &View) -> Result<RbdImage> {
         let label = self.conn.label(&format!("{}@{}", v.image_id, v.snap));
-        RbdImage::open_snapshot(&self.conn.io, &v.image_id, &v.snap, label).map_err(|e| match e {
-            crate::Error::Ceph { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
-                Error::ImageNotFound {
-                    image: image.to_string(),
-                }
-            }
-            crate::Error::Ceph { object, op, source } => Error::Io {
-                path: object,
-                op,
-                source,
-            },
-        })
+        RbdImage::open_snapshot(&self.conn.io, &v.image_id, &v.snap, label)
+            .map_err(|e| super::open_error(image, e))
     }
 
     /// The seam's `snapshot_image`: a snapshot of `image` as view `name`
