@@ -12,8 +12,9 @@
 //!   omap jhead, j.<offset>   the change journal
 //!   omap s.<uuid>            a staging area; live while vmvol.live.<uuid> is locked
 //!   omap v.<uuid>            a reservation (JSON); live likewise
+//!   omap n.<kind>.<id>.<name>, n.staging.<uuid>.<name>
+//!                            a native snapshot, committed or staged (see `native`)
 //! vmvol.live.<uuid>          lock "live": the lease of one staging area or reservation
-//!   omap n.<kind>.<id>.<name>  a native snapshot (see `native`)
 //! RBD image v+<kind>+<id>+<name>+<fmt>   an entry's image
 //! RBD image s+<uuid>+<name>+<fmt>        a staged image
 //! RBD image h+<rbd id>                   an image kept for native snapshots
