@@ -464,6 +464,16 @@ impl RbdBackend {
     /// [`RbdBackend::images_prefixed`] with each image's RBD id (empty if
     /// the directory's value does not decode).
     fn images_with_ids(&self, prefix: &str) -> Result<Vec<(String, ImageRef, String)>> {
+        Ok(self
+            .directory(prefix)?
+            .into_iter()
+            .filter_map(|(n, id)| parse_name(&n).map(|r| (n, r, id)))
+            .collect())
+    }
+
+    /// Every image of librbd's directory whose name starts with `prefix`:
+    /// (name, RBD id; empty if the directory's value does not decode).
+    fn directory(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         let keys = match self
             .conn
             .io
@@ -478,8 +488,7 @@ impl RbdBackend {
             .into_iter()
             .filter_map(|(k, v)| {
                 let n = k.strip_prefix(DIR_NAME)?.to_string();
-                let id = dir_string(&v).unwrap_or_default();
-                parse_name(&n).map(|r| (n, r, id))
+                Some((n, dir_string(&v).unwrap_or_default()))
             })
             .collect())
     }

@@ -183,23 +183,10 @@ impl RbdBackend {
 
     /// Held images: (RBD name, RBD id).
     pub(super) fn held_images(&self) -> Result<Vec<(String, String)>> {
-        let kv = match self
-            .conn
-            .io
-            .omap_all(RBD_DIRECTORY, &format!("{}{HELD}", super::DIR_NAME))
-        {
-            Ok(kv) => kv,
-            Err(Errno(libc::ENOENT)) => Vec::new(),
-            Err(e) => return Err(self.err(RBD_DIRECTORY, "list images", e)),
-        };
-        Ok(kv
+        Ok(self
+            .directory(HELD)?
             .into_iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    k.strip_prefix(super::DIR_NAME)?.to_string(),
-                    dir_string(&v)?,
-                ))
-            })
+            .filter(|(_, id)| !id.is_empty())
             .collect())
     }
 

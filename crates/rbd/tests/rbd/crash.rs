@@ -192,25 +192,20 @@ fn diagnose(c: &Cluster, spec: &RbdSpec, image: &str) {
         vec!["rbd", "info", full.as_str()],
         vec!["rbd", "snap", "ls", full.as_str()],
         vec!["ceph", "osd", "blocklist", "ls"],
+    ]
+    .into_iter()
+    .chain(["vmvol.pool", "rbd_directory"].map(|obj| {
+        let (pool, ns) = (spec.pool.as_str(), spec.namespace.as_str());
         vec![
             "rados",
             "--pool",
-            spec.pool.as_str(),
+            pool,
             "--namespace",
-            spec.namespace.as_str(),
+            ns,
             "listomapvals",
-            "vmvol.pool",
-        ],
-        vec![
-            "rados",
-            "--pool",
-            spec.pool.as_str(),
-            "--namespace",
-            spec.namespace.as_str(),
-            "listomapvals",
-            "rbd_directory",
-        ],
-    ] {
+            obj,
+        ]
+    })) {
         let out = Command::new(args[0])
             .env("CEPH_CONF", &c.conf)
             .args(&args[1..])
